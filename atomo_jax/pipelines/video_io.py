@@ -46,7 +46,7 @@ def _write_gif(path: str, frames: np.ndarray, fps: float) -> None:
 
     images = [Image.fromarray(frame) for frame in frames]
     images[0].save(path, save_all=True, append_images=images[1:], duration=max(1, round(1000 / fps)),
-                                  loop=0, optimize=False)
+                   loop=0, optimize=False)
 
 
 def write_video(path: str, frames: np.ndarray, fps: float = 8.0) -> str:
