@@ -1,0 +1,111 @@
+"""Synthetic moving-shapes videos: a deterministic, download-free data source for demos and tests.
+
+Each video shows one coloured shape (circle, square or triangle) moving at constant velocity and bouncing off the
+frame edges, over a plain or gradient background. Everything is drawn from `np.random.default_rng((seed, index))`, so
+`source[i]` is the same video in every process, worker and run.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import grain.python as grain
+
+SHAPES = ("circle", "square", "triangle")
+COLOURS = {
+    "red": (220, 40, 40),
+    "green": (40, 190, 60),
+    "blue": (40, 80, 220),
+    "yellow": (235, 210, 40),
+    "purple": (150, 60, 200),
+    "orange": (245, 140, 30),
+    "white": (245, 245, 245),
+    "black": (15, 15, 15),
+}
+
+
+def _direction_word(vx: float, vy: float) -> str:
+    """Names the dominant direction of the initial velocity (image y grows downwards)."""
+    if abs(vx) >= abs(vy):
+        return "right" if vx > 0 else "left"
+    return "down" if vy > 0 else "up"
+
+
+def _shape_mask(shape: str, cx: float, cy: float, r: float, ys: np.ndarray, xs: np.ndarray) -> np.ndarray:
+    """Boolean (H, W) mask of a shape of half-size r centred at (cx, cy)."""
+    if shape == "circle":
+        return (xs - cx) ** 2 + (ys - cy) ** 2 <= r * r
+    if shape == "square":
+        return (np.abs(xs - cx) <= r) & (np.abs(ys - cy) <= r)
+    # Upward triangle: apex at (cx, cy - r), base at y = cy + r; half-width grows linearly with depth.
+    depth = (ys - (cy - r)) / (2 * r)
+    return (depth >= 0) & (depth <= 1) & (np.abs(xs - cx) <= depth * r)
+
+
+class MovingShapesSource(grain.RandomAccessDataSource):
+    """Random-access source of `{"video": uint8 (F, H, W, 3), "caption": str}` moving-shape clips."""
+
+    def __init__(self, num_videos: int = 4096, num_frames: int = 8, resolution: int = 32, seed: int = 0):
+        if num_videos <= 0 or num_frames <= 0 or resolution < 8:
+            raise ValueError(
+                f"MovingShapesSource: need num_videos > 0, num_frames > 0, resolution >= 8; got "
+                f"num_videos={num_videos}, num_frames={num_frames}, resolution={resolution}"
+            )
+        self.num_videos = num_videos
+        self.num_frames = num_frames
+        self.resolution = resolution
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return self.num_videos
+
+    def __repr__(self) -> str:
+        return (
+            f"MovingShapesSource(num_videos={self.num_videos}, num_frames={self.num_frames}, "
+            f"resolution={self.resolution}, seed={self.seed})"
+        )
+
+    def _background(self, rng: np.random.Generator) -> np.ndarray:
+        size = self.resolution
+        c0 = rng.integers(0, 256, size=3).astype(np.float32)
+        if rng.random() < 0.5:
+            return np.broadcast_to(c0, (size, size, 3)).copy()
+        c1 = rng.integers(0, 256, size=3).astype(np.float32)
+        angle = rng.uniform(0, 2 * np.pi)
+        ys, xs = np.mgrid[0:size, 0:size].astype(np.float32) / max(size - 1, 1)
+        t = (np.cos(angle) * xs + np.sin(angle) * ys)
+        t = (t - t.min()) / max(float(t.max() - t.min()), 1e-6)
+        return c0 + (c1 - c0) * t[..., None]
+
+    def __getitem__(self, index: int) -> dict:
+        index = int(index)
+        if not 0 <= index < self.num_videos:
+            raise IndexError(f"MovingShapesSource: index {index} out of range [0, {self.num_videos})")
+        rng = np.random.default_rng((self.seed, index))
+        size, frames = self.resolution, self.num_frames
+        shape = SHAPES[rng.integers(len(SHAPES))]
+        colour_name = list(COLOURS)[rng.integers(len(COLOURS))]
+        colour = np.asarray(COLOURS[colour_name], np.float32)
+        r = rng.uniform(0.1, 0.22) * size
+        cx, cy = rng.uniform(r, size - r, size=2)
+        speed = rng.uniform(0.04, 0.12) * size
+        angle = rng.uniform(0, 2 * np.pi)
+        vx, vy = speed * np.cos(angle), speed * np.sin(angle)
+        article = "an" if colour_name[0] in "aeiou" else "a"
+        caption = f"{article} {colour_name} {shape} moving {_direction_word(vx, vy)}"
+
+        background = self._background(rng)
+        ys, xs = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
+        video = np.empty((frames, size, size, 3), np.uint8)
+        for f in range(frames):
+            mask = _shape_mask(shape, cx, cy, r, ys, xs)
+            frame = np.where(mask[..., None], colour, background)
+            video[f] = np.clip(np.rint(frame), 0, 255).astype(np.uint8)
+            # Bounce: reflect the centre back inside [r, size - r] and flip the velocity.
+            cx, cy = cx + vx, cy + vy
+            if cx < r or cx > size - r:
+                vx = -vx
+                cx = np.clip(2 * np.clip(cx, r, size - r) - cx, r, size - r)
+            if cy < r or cy > size - r:
+                vy = -vy
+                cy = np.clip(2 * np.clip(cy, r, size - r) - cy, r, size - r)
+        return {"video": video, "caption": caption}
