@@ -1,0 +1,63 @@
+"""Logical axis names carried by every parameter and activation, and the default table mapping them to mesh axes.
+
+Modules only ever name *logical* axes; which mesh axis (if any) shards each one is data, decided here and overridable
+from the config (`config.mesh.rules`). Mesh axes are ("data", "fsdp", "tensor").
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+# Parameter axes.
+EMBED = "embed"  # model width on the input side of a dense kernel / channels of norms
+MLP = "mlp"  # the output side of a dense kernel that can be split for tensor parallelism
+HEADS = "heads"  # q/k/v projection outputs (heads * head_dim)
+CONV_IN = "conv_in"  # conv kernel input channels
+CONV_OUT = "conv_out"  # conv kernel output channels
+KERNEL = "kernel_space"  # spatial / temporal extent of a conv kernel (never sharded)
+NORM = "norm"  # scale / bias of a normalisation layer
+VOCAB = "vocab"  # token / position embedding tables
+
+# Activation axes.
+BATCH = "batch"
+FRAMES = "frames"
+LENGTH = "length"
+ACT_EMBED = "act_embed"
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# Default rules: FSDP shards the large dimension of every kernel; tensor parallelism splits heads and MLP widths.
+# A logical axis may map to a tuple of mesh axes or to None (replicated).
+DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
+    (BATCH, ("data", "fsdp")),
+    (FRAMES, None),
+    (LENGTH, None),
+    (ACT_EMBED, None),
+    (EMBED, "fsdp"),
+    (MLP, "tensor"),
+    (HEADS, "tensor"),
+    (CONV_IN, "fsdp"),
+    (CONV_OUT, "tensor"),
+    (KERNEL, None),
+    (NORM, None),
+    (VOCAB, None),
+)
+
+
+def rules_from_config(rules: Sequence[Sequence] | None) -> tuple[tuple[str, str | tuple[str, ...] | None], ...]:
+    """Normalises a rules table from a config (lists become tuples); `None` gives the defaults."""
+    if rules is None:
+        return DEFAULT_RULES
+    out = []
+    for rule in rules:
+        if len(rule) != 2:
+            raise ValueError(f"config.mesh.rules: each rule must be (logical_axis, mesh_axes), got {rule!r}")
+        name, target = rule
+        if isinstance(target, list):
+            target = tuple(target)
+        for axis in (target if isinstance(target, tuple) else (target,)):
+            if axis is not None and axis not in MESH_AXES:
+                raise ValueError(f"config.mesh.rules: {name!r} maps to unknown mesh axis {axis!r}; "
+                                 f"mesh axes are {MESH_AXES}")
+        out.append((name, target))
+    return tuple(out)
