@@ -1,71 +1,240 @@
-"""grain DataLoader construction: source -> per-record transforms -> per-process batches.
+"""grain DataLoader construction: source -> per-record decode/transform (with bad-record skipping) -> batches.
 
-Batches are dicts of numpy arrays (per process, b = global_batch_size // shard_count):
+Pixel batches are dicts of numpy arrays (per process, b = global_batch_size // shard_count):
   "video"      float32 (b, F, H, W, 3) in [-1, 1]
   "cond_image" float32 (b, H, W, 3) in [-1, 1]   the conditioning frame (frame 0)
   "mask"       float32 (b, F)                    1 where the frame's latent is given to the model
   "caption"    str     (b,)                      raw captions
-  "skipped"    int32   (b,)                      bad records replaced to produce each example
+  "skipped"    int32   (b,)                      bad records skipped to produce each example (sum it for metrics)
+  "tokens"     int32   (b, 77)                   only when a `tokenize` function is given
+  "clip_image" float32 (b, 224, 224, 3)          only with data_config.clip_image=True (CLIP-normalised)
+Cached-latent batches (kind="latents") carry "latents" (b, F, h, w, 4) and "image_embeds" (b, E) instead of
+"video" / "cond_image" / "clip_image".
 
-`iter(loader)` is a grain DataLoaderIterator; `get_state()` / `set_state()` give exact resume.
+`iter(loader)` is a grain DataLoaderIterator; `get_state()` / `set_state()` restore the exact next batch (for the
+same data_config, batch size, seed, shard and worker_count).
 """
 
 from __future__ import annotations
 
-from typing import Any
+import logging
+from typing import Any, Callable
 
 import grain.python as grain
 import ml_collections
 import numpy as np
 
 from data_pipelines import transforms
+from data_pipelines.sources import LatentShardsSource, TfdsVideoSource, VideoFolderSource
 from data_pipelines.synthetic import MovingShapesSource
+from data_pipelines.video_decode import BadVideo, ClipSpec, call_with_timeout, decode_clip
+
+KINDS = ("synthetic", "folder", "tfds", "latents")
+
+Tokenizer = Callable[[str], np.ndarray]
 
 
-class SyntheticToExample(grain.RandomMapTransform):
-    """uint8 synthetic clip -> training example (scaling, conditioning frame, frame mask)."""
+class SkipLog:
+    """Per-process count of skipped records; the first `log_first` paths are logged with their reason."""
 
-    def __init__(self, frame_prediction_prob: float, num_given_frames: int):
+    def __init__(self, log_first: int = 20):
+        self.log_first = log_first
+        self.count = 0
+        self.first: list[str] = []
+
+    def record(self, error: BadVideo) -> None:
+        self.count += 1
+        if len(self.first) < self.log_first:
+            self.first.append(str(error))
+            logging.warning("data: skipping bad record %d: %s", self.count, error)
+
+
+# Skips seen in *this* process (with worker_count > 0 the workers count their own; the batch key "skipped" is what
+# reaches the trainer in every setting).
+SKIPS = SkipLog()
+
+
+def skipped_count() -> int:
+    """Records skipped so far in this process (exact only for worker_count=0; use batch["skipped"] otherwise)."""
+    return SKIPS.count
+
+
+class MakeExample(grain.RandomMapTransform):
+    """Undecoded record -> training example; a bad record is replaced by a random other one and counted."""
+
+    def __init__(
+        self,
+        source: grain.RandomAccessDataSource,
+        spec: ClipSpec,
+        *,
+        frame_prediction_prob: float = 0.0,
+        num_given_frames: int = 1,
+        decode_timeout_s: float | None = 30.0,
+        max_retries: int = 16,
+        clip_image: bool = False,
+        tokenize: Tokenizer | None = None,
+    ):
+        self.source = source
+        self.spec = spec
+        self.frame_prediction_prob = frame_prediction_prob
+        self.num_given_frames = num_given_frames
+        self.decode_timeout_s = decode_timeout_s
+        self.max_retries = max_retries
+        self.clip_image = clip_image
+        self.tokenize = tokenize
+
+    def random_map(self, element: dict, rng: np.random.Generator) -> dict:
+        skipped = 0
+        while True:
+            try:
+                pixels, caption = self._load(element, rng)
+                break
+            except BadVideo as e:
+                SKIPS.record(e)
+                skipped += 1
+                if skipped > self.max_retries:
+                    raise RuntimeError(
+                        f"data: {skipped} bad records in a row (last: {e}); the dataset looks broken"
+                    ) from e
+                element = self.source[int(rng.integers(len(self.source)))]
+        video = transforms.to_unit_range(pixels)
+        example = {
+            "video": video,
+            "cond_image": video[0].copy(),
+            "mask": transforms.frame_mask(
+                self.spec.num_frames,
+                rng,
+                frame_prediction_prob=self.frame_prediction_prob,
+                num_given_frames=self.num_given_frames,
+            ),
+            "caption": caption,
+            "skipped": np.int32(skipped),
+        }
+        if self.clip_image:
+            example["clip_image"] = transforms.clip_preprocess(example["cond_image"])
+        if self.tokenize is not None:
+            example["tokens"] = np.asarray(self.tokenize(caption), np.int32)
+        return example
+
+    def _load(self, element: dict, rng: np.random.Generator) -> tuple[np.ndarray, str]:
+        name = element.get("path") or f"record {element.get('key', '?')}"
+        caption = element.get("caption")
+        if not caption:
+            raise BadVideo(name, "missing caption")
+        if "video" in element:  # already decoded (synthetic)
+            frames = element["video"][: self.spec.num_frames]
+            if frames.shape[0] < self.spec.num_frames:
+                raise BadVideo(name, f"too short: {frames.shape[0]} frames, need {self.spec.num_frames}")
+            frames = transforms.resize_short_side(frames, self.spec.short_side or self.spec.resolution)
+            return transforms.crop(frames, self.spec.resolution, rng if self.spec.random_crop else None), caption
+        source = element.get("video_bytes", element.get("path"))
+        frames = call_with_timeout(
+            lambda: decode_clip(source, self.spec, rng, path=name), self.decode_timeout_s, name
+        )
+        return frames, caption
+
+
+class LatentToExample(grain.RandomMapTransform):
+    """Cached-latent record -> training example (latents, image embeddings, frame mask, tokens)."""
+
+    def __init__(self, num_frames: int, frame_prediction_prob: float = 0.0, num_given_frames: int = 1):
+        self.num_frames = num_frames
         self.frame_prediction_prob = frame_prediction_prob
         self.num_given_frames = num_given_frames
 
     def random_map(self, element: dict, rng: np.random.Generator) -> dict:
-        video = transforms.to_unit_range(element["video"])
-        mask = transforms.frame_mask(
-            video.shape[0],
-            rng,
-            frame_prediction_prob=self.frame_prediction_prob,
-            num_given_frames=self.num_given_frames,
-        )
-        return {
-            "video": video,
-            "cond_image": video[0].copy(),
-            "mask": mask,
-            "caption": element["caption"],
+        latents = element["latents"].astype(np.float32)
+        if latents.shape[0] != self.num_frames:
+            raise ValueError(
+                f"cached latents have {latents.shape[0]} frames but data_config.num_frames={self.num_frames}"
+            )
+        example = {
+            "latents": latents,
+            "image_embeds": element["image_embeds"].astype(np.float32),
+            "mask": transforms.frame_mask(
+                self.num_frames,
+                rng,
+                frame_prediction_prob=self.frame_prediction_prob,
+                num_given_frames=self.num_given_frames,
+            ),
+            "caption": str(element["caption"]),
             "skipped": np.int32(0),
         }
+        if "tokens" in element:
+            example["tokens"] = element["tokens"].astype(np.int32)
+        return example
 
 
-def _get(cfg: ml_collections.ConfigDict, key: str, default: Any) -> Any:
+def _get(cfg: Any, key: str, default: Any) -> Any:
     return cfg.get(key, default) if hasattr(cfg, "get") else getattr(cfg, key, default)
 
 
-def make_source_and_ops(data_config: ml_collections.ConfigDict) -> tuple[grain.RandomAccessDataSource, list]:
-    """The random-access source and the per-record transforms for `data_config.kind`."""
-    kind = _get(data_config, "kind", "synthetic")
-    mask_ops = dict(
-        frame_prediction_prob=float(_get(data_config, "frame_prediction_prob", 0.0)),
-        num_given_frames=int(_get(data_config, "num_given_frames", 1)),
+def clip_spec(data_config: ml_collections.ConfigDict, training: bool = True) -> ClipSpec:
+    """The ClipSpec described by a data config; eval (training=False) uses the first frames and a centre crop."""
+    target_fps = _get(data_config, "target_fps", None)
+    return ClipSpec(
+        num_frames=int(data_config.num_frames),
+        resolution=int(data_config.resolution),
+        stride=int(_get(data_config, "stride", 1)),
+        target_fps=float(target_fps) if target_fps else None,
+        short_side=_get(data_config, "short_side", None),
+        random_start=training and bool(_get(data_config, "random_start", True)),
+        random_crop=training and bool(_get(data_config, "random_crop", True)),
+        decode_threads=int(_get(data_config, "decode_threads", 1)),
     )
+
+
+def make_source(data_config: ml_collections.ConfigDict) -> grain.RandomAccessDataSource:
+    """The random-access source for `data_config.kind` (see KINDS)."""
+    kind = _get(data_config, "kind", "synthetic")
     if kind == "synthetic":
-        source = MovingShapesSource(
+        return MovingShapesSource(
             num_videos=int(_get(data_config, "num_videos", 4096)),
             num_frames=int(data_config.num_frames),
-            resolution=int(data_config.resolution),
+            resolution=int(_get(data_config, "source_resolution", None) or data_config.resolution),
             seed=int(_get(data_config, "source_seed", 0)),
         )
-        return source, [SyntheticToExample(**mask_ops)]
-    raise ValueError(f"data_config.kind={kind!r} is not supported; expected one of: 'synthetic'")
+    if kind == "folder":
+        return VideoFolderSource(
+            data_config.video_dir,
+            data_config.captions_file,
+            path_format=_get(data_config, "path_format", "{path}"),
+            caption_column=_get(data_config, "caption_column", "caption"),
+        )
+    if kind == "tfds":
+        return TfdsVideoSource(
+            data_config.tfds_name, _get(data_config, "tfds_split", "train"), _get(data_config, "tfds_data_dir", None)
+        )
+    if kind == "latents":
+        return LatentShardsSource.from_dir(data_config.latents_dir)
+    raise ValueError(f"data_config.kind={kind!r} is not supported; expected one of {KINDS}")
+
+
+def make_operations(
+    data_config: ml_collections.ConfigDict,
+    source: grain.RandomAccessDataSource,
+    *,
+    training: bool = True,
+    tokenize: Tokenizer | None = None,
+) -> list[grain.RandomMapTransform]:
+    """The per-record transforms (before batching) for `data_config.kind`."""
+    mask = dict(
+        frame_prediction_prob=float(_get(data_config, "frame_prediction_prob", 0.0)) if training else 0.0,
+        num_given_frames=int(_get(data_config, "num_given_frames", 1)),
+    )
+    if _get(data_config, "kind", "synthetic") == "latents":
+        return [LatentToExample(int(data_config.num_frames), **mask)]
+    return [
+        MakeExample(
+            source,
+            clip_spec(data_config, training),
+            decode_timeout_s=_get(data_config, "decode_timeout_s", 30.0),
+            max_retries=int(_get(data_config, "max_retries", 16)),
+            clip_image=bool(_get(data_config, "clip_image", False)),
+            tokenize=tokenize,
+            **mask,
+        )
+    ]
 
 
 def make_loader(
@@ -76,11 +245,15 @@ def make_loader(
     shard_index: int,
     shard_count: int,
     num_epochs: int | None = None,
+    training: bool = True,
+    tokenize: Tokenizer | None = None,
 ) -> grain.DataLoader:
     """A grain DataLoader yielding this process's share of each global batch.
 
     Records are shuffled globally by `seed` (the same permutation on every process), then split so process
-    `shard_index` of `shard_count` sees a disjoint 1/shard_count of every epoch.
+    `shard_index` of `shard_count` sees a disjoint 1/shard_count of every epoch. `tokenize(caption) -> (77,) int32`
+    adds "tokens" (it must be picklable when worker_count > 0). `training=False` gives first-frames centre crops
+    and no frame-prediction masks.
     """
     if global_batch_size % shard_count:
         raise ValueError(
@@ -88,25 +261,26 @@ def make_loader(
         )
     if not 0 <= shard_index < shard_count:
         raise ValueError(f"make_loader: shard_index={shard_index} must be in [0, shard_count={shard_count})")
-    source, ops = make_source_and_ops(data_config)
-    shard_options = grain.ShardOptions(shard_index=shard_index, shard_count=shard_count, drop_remainder=True)
+    source = make_source(data_config)
     sampler = grain.IndexSampler(
         num_records=len(source),
-        shard_options=shard_options,
+        shard_options=grain.ShardOptions(shard_index=shard_index, shard_count=shard_count, drop_remainder=True),
         shuffle=bool(_get(data_config, "shuffle", True)),
         num_epochs=num_epochs,
         seed=seed,
     )
     per_process = global_batch_size // shard_count
-    read_options = grain.ReadOptions(
-        num_threads=int(_get(data_config, "read_threads", 4)),
-        prefetch_buffer_size=int(_get(data_config, "prefetch", 16)),
-    )
     return grain.DataLoader(
         data_source=source,
         sampler=sampler,
-        operations=[*ops, grain.Batch(per_process, drop_remainder=True)],
+        operations=[
+            *make_operations(data_config, source, training=training, tokenize=tokenize),
+            grain.Batch(per_process, drop_remainder=True),
+        ],
         worker_count=int(_get(data_config, "worker_count", 0)),
         worker_buffer_size=int(_get(data_config, "worker_buffer_size", 2)),
-        read_options=read_options,
+        read_options=grain.ReadOptions(
+            num_threads=int(_get(data_config, "read_threads", 4)),
+            prefetch_buffer_size=int(_get(data_config, "prefetch", 16)),
+        ),
     )

@@ -32,3 +32,51 @@ def frame_mask(
     mask = np.zeros((num_frames,), np.float32)
     mask[:given] = 1.0
     return mask
+
+
+def to_uint8(image: np.ndarray) -> np.ndarray:
+    """float [-1, 1] -> uint8 [0, 255] (rounded, clipped)."""
+    return np.clip(np.rint((np.asarray(image, np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
+
+
+def resize_short_side(frames: np.ndarray, short_side: int) -> np.ndarray:
+    """uint8 (..., H, W, 3) -> short side `short_side`, aspect kept; bilinear (PIL), per frame."""
+    from PIL import Image  # pylint: disable=g-import-not-at-top
+
+    h, w = frames.shape[-3:-1]
+    if min(h, w) == short_side:
+        return frames
+    scale = short_side / min(h, w)
+    nh, nw = max(short_side, round(h * scale)), max(short_side, round(w * scale))
+    flat = frames.reshape(-1, h, w, 3)
+    out = np.stack([np.asarray(Image.fromarray(f).resize((nw, nh), Image.BILINEAR)) for f in flat])
+    return out.reshape(*frames.shape[:-3], nh, nw, 3)
+
+
+def crop(frames: np.ndarray, size: int, rng: np.random.Generator | None) -> np.ndarray:
+    """size x size crop of (..., H, W, C): uniform random position given an rng, centred without one."""
+    h, w = frames.shape[-3:-1]
+    if h < size or w < size:
+        raise ValueError(f"crop: frames of {h}x{w} are smaller than the crop size {size}")
+    if rng is None:
+        top, left = (h - size) // 2, (w - size) // 2
+    else:
+        top, left = int(rng.integers(0, h - size + 1)), int(rng.integers(0, w - size + 1))
+    return frames[..., top : top + size, left : left + size, :]
+
+
+def clip_preprocess(image: np.ndarray, size: int = 224) -> np.ndarray:
+    """CLIP image-encoder input from an image in [-1, 1] (H, W, 3): float32 (size, size, 3), normalised.
+
+    Same steps as transformers' CLIPImageProcessor: bicubic resize of the short side to `size`, centre crop,
+    scale to [0, 1], subtract the CLIP mean and divide by the CLIP std (channels-last here).
+    """
+    from PIL import Image  # pylint: disable=g-import-not-at-top
+
+    pixels = to_uint8(image)
+    h, w = pixels.shape[:2]
+    scale = size / min(h, w)
+    nh, nw = max(size, int(h * scale)), max(size, int(w * scale))
+    resized = np.asarray(Image.fromarray(pixels).resize((nw, nh), Image.BICUBIC))
+    cropped = crop(resized, size, None).astype(np.float32) / np.float32(255.0)
+    return (cropped - CLIP_MEAN) / CLIP_STD

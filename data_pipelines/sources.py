@@ -1,0 +1,170 @@
+"""Random-access sources of undecoded records.
+
+A record is a small dict: {"path": str} or {"video_bytes": bytes}, plus "caption" (str or None) and "key" (str).
+Decoding happens later, in the loader's per-record transform (inside grain workers), so sources stay cheap to pickle.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+from typing import Sequence
+
+import grain.python as grain
+import numpy as np
+
+
+class VideoFolderSource(grain.RandomAccessDataSource):
+    """Videos under `video_dir` listed in a CSV or JSONL captions file (WebVid-style, configurable columns).
+
+    The video path of a row is `path_format.format(**row)`, relative to `video_dir` unless absolute; e.g. WebVid
+    downloads use `path_format="{page_dir}/{videoid}.mp4"`, `caption_column="name"`. Missing files or captions are
+    not checked here (that would stat millions of files up front): the loader skips and counts them.
+    """
+
+    def __init__(
+        self,
+        video_dir: str,
+        captions_file: str,
+        *,
+        path_format: str = "{path}",
+        caption_column: str = "caption",
+    ):
+        self.video_dir = video_dir
+        self.captions_file = captions_file
+        self.path_format = path_format
+        self.caption_column = caption_column
+        rows = _read_rows(captions_file)
+        if not rows:
+            raise ValueError(f"VideoFolderSource: captions file {captions_file!r} has no rows")
+        try:
+            paths = [path_format.format(**row) for row in rows]
+        except KeyError as e:
+            raise ValueError(
+                f"VideoFolderSource: path_format={path_format!r} names column {e} which {captions_file!r} lacks; "
+                f"columns are {sorted(rows[0])}"
+            ) from None
+        if caption_column not in rows[0]:
+            raise ValueError(
+                f"VideoFolderSource: caption_column={caption_column!r} not in {captions_file!r}; "
+                f"columns are {sorted(rows[0])}"
+            )
+        self._paths = np.asarray([p if os.path.isabs(p) else os.path.join(video_dir, p) for p in paths])
+        self._captions = np.asarray([_clean_caption(row.get(caption_column)) for row in rows])
+
+    def __len__(self) -> int:
+        return len(self._paths)
+
+    def __repr__(self) -> str:
+        return (
+            f"VideoFolderSource(video_dir={self.video_dir!r}, captions_file={self.captions_file!r}, "
+            f"path_format={self.path_format!r}, caption_column={self.caption_column!r}, len={len(self)})"
+        )
+
+    def __getitem__(self, index: int) -> dict:
+        caption = str(self._captions[index])
+        return {"path": str(self._paths[index]), "caption": caption or None, "key": str(index)}
+
+
+def _clean_caption(value) -> str:
+    """Caption text, or "" for a missing one (None, NaN, empty or blank)."""
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return ""
+    return str(value).strip()
+
+
+def _read_rows(captions_file: str) -> list[dict]:
+    if captions_file.endswith((".jsonl", ".json")):
+        rows = []
+        with open(captions_file, encoding="utf-8") as f:
+            for line_no, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{captions_file}:{line_no}: not a JSON object per line ({e})") from None
+        return rows
+    if captions_file.endswith((".csv", ".tsv")):
+        with open(captions_file, encoding="utf-8", newline="") as f:
+            return list(csv.DictReader(f, delimiter="\t" if captions_file.endswith(".tsv") else ","))
+    raise ValueError(f"captions file {captions_file!r}: expected a .csv, .tsv or .jsonl file")
+
+
+class TfdsVideoSource(grain.RandomAccessDataSource):
+    """A TFDS ArrayRecord dataset written by `data_pipelines.tfds_builder`, read with `tfds.data_source`.
+
+    Records hold the encoded video file bytes; decoding happens in the loader like for a folder.
+    """
+
+    def __init__(self, name: str, split: str = "train", data_dir: str | None = None):
+        import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top  (slow import, only when used)
+
+        self.name, self.split, self.data_dir = name, split, data_dir
+        self._source = tfds.data_source(name, split=split, data_dir=data_dir)
+
+    def __len__(self) -> int:
+        return len(self._source)
+
+    def __repr__(self) -> str:
+        return f"TfdsVideoSource(name={self.name!r}, split={self.split!r}, data_dir={self.data_dir!r})"
+
+    def __getitem__(self, index: int) -> dict:
+        record = self._source[index]
+        caption = _as_str(record.get("caption"))
+        return {
+            "video_bytes": bytes(record["video_bytes"]),
+            "caption": caption or None,
+            "key": _as_str(record.get("key")) or str(index),
+        }
+
+
+def _as_str(value) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, (bytes, np.bytes_)):
+        return value.decode("utf-8").strip()
+    return str(value).strip()
+
+
+# ---- cached-latent records --------------------------------------------------------------------------------------
+
+
+def encode_record(arrays: dict[str, np.ndarray | str | int | float]) -> bytes:
+    """A flat dict of numpy arrays / strings -> bytes (npz; no pickle, so reading never runs code)."""
+    buffer = io.BytesIO()
+    np.savez(buffer, **{k: np.asarray(v) for k, v in arrays.items()})
+    return buffer.getvalue()
+
+
+def decode_record(data: bytes) -> dict[str, np.ndarray]:
+    with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+        return {k: npz[k] for k in npz.files}
+
+
+class LatentShardsSource(grain.RandomAccessDataSource):
+    """Cached latents written by `python -m data_pipelines.cache_latents` (ArrayRecord shards of npz records)."""
+
+    def __init__(self, paths: Sequence[str]):
+        if not paths:
+            raise ValueError("LatentShardsSource: no shard files given")
+        self.paths = sorted(paths)
+        self._source = grain.ArrayRecordDataSource(self.paths)
+
+    @classmethod
+    def from_dir(cls, latents_dir: str) -> "LatentShardsSource":
+        paths = [os.path.join(latents_dir, f) for f in os.listdir(latents_dir) if f.endswith(".array_record")]
+        if not paths:
+            raise ValueError(f"LatentShardsSource: no *.array_record shards in {latents_dir!r}")
+        return cls(paths)
+
+    def __len__(self) -> int:
+        return len(self._source)
+
+    def __repr__(self) -> str:
+        return f"LatentShardsSource({len(self.paths)} shards, first={self.paths[0]!r})"
+
+    def __getitem__(self, index: int) -> dict:
+        return decode_record(self._source[index])
