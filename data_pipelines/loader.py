@@ -29,7 +29,7 @@ from data_pipelines.sources import LatentShardsSource, TfdsVideoSource, VideoFol
 from data_pipelines.synthetic import MovingShapesSource
 from data_pipelines.video_decode import BadVideo, ClipSpec, call_with_timeout, decode_clip
 
-KINDS = ("synthetic", "folder", "tfds", "latents")
+KINDS = ("synthetic", "video_folder", "tfds", "latents")
 
 Tokenizer = Callable[[str], np.ndarray]
 
@@ -175,7 +175,7 @@ def clip_spec(data_config: ml_collections.ConfigDict, training: bool = True) -> 
     return ClipSpec(
         num_frames=int(data_config.num_frames),
         resolution=int(data_config.resolution),
-        stride=int(_get(data_config, "stride", 1)),
+        stride=int(_get(data_config, "frame_stride", 1)),
         target_fps=float(target_fps) if target_fps else None,
         short_side=_get(data_config, "short_side", None),
         random_start=training and bool(_get(data_config, "random_start", True)),
@@ -194,10 +194,10 @@ def make_source(data_config: ml_collections.ConfigDict) -> grain.RandomAccessDat
             resolution=int(_get(data_config, "source_resolution", None) or data_config.resolution),
             seed=int(_get(data_config, "source_seed", 0)),
         )
-    if kind == "folder":
+    if kind == "video_folder":
         return VideoFolderSource(
-            data_config.video_dir,
-            data_config.captions_file,
+            data_config.root,
+            data_config.captions,
             path_format=_get(data_config, "path_format", "{path}"),
             caption_column=_get(data_config, "caption_column", "caption"),
         )
