@@ -1,0 +1,1 @@
+"""Launchers: TPU pods (tpu_pod.py), SLURM GPU clusters (slurm.py + slurm_gpu.sbatch), this machine (local.py)."""

@@ -1,0 +1,97 @@
+r"""Submit training to a SLURM GPU cluster: one task per node driving all of its GPUs (launch/slurm_gpu.sbatch).
+
+    python launch/slurm.py --nodes=2 --gpus_per_node=8 --partition=gpu --time=24:00:00 \
+        --config=configs/X.py --workdir=/shared/runs/x --config.train.batch_size=64
+
+builds and runs one `sbatch ... launch/slurm_gpu.sbatch --config=... --workdir=... [--config.KEY=VALUE ...]` line
+(`--dry-run` prints it and runs nothing). The workdir must be on storage every node shares. The job requeues itself
+before its time limit and after preemption (--requeue), and every rerun resumes from the workdir's latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Sequence
+
+if __package__ in (None, ""):  # run as `python launch/slurm.py`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from launch.common import (REPO_ROOT, LaunchError, Runner, add_train_flags, check_config, main_wrapper,
+                           parse_env, split_overrides, train_argv)
+
+SBATCH_SCRIPT = REPO_ROOT / "launch" / "slurm_gpu.sbatch"
+
+
+def sbatch_argv(args, overrides: Sequence[str]) -> list[str]:
+    """The sbatch line: resources as flags (they override the script's #SBATCH defaults), train args after it."""
+    log_dir = Path(args.log_dir).resolve()
+    export = ["ALL", f"ATOMO_PYTHON={args.python}", *(f"{k}={v}" for k, v in parse_env(args.env).items())]
+    if any("," in item for item in export[1:]):
+        raise LaunchError("--python/--env values cannot contain ',' (sbatch --export separates variables with it)")
+    flags = [
+        f"--job-name={args.job_name}",
+        f"--nodes={args.nodes}",
+        "--ntasks-per-node=1",
+        f"--gpus-per-node={args.gpus_per_node}",
+        f"--time={args.time}",
+        f"--signal=B:USR1@{args.stop_margin_s}",
+        f"--chdir={Path(args.repo_dir).resolve()}",
+        f"--output={log_dir / '%x-%j.out'}",
+        f"--export={','.join(export)}",
+    ]
+    flags += [f"--cpus-per-task={args.cpus_per_task}"] if args.cpus_per_task else []
+    flags += [f"--partition={args.partition}"] if args.partition else []
+    flags += [f"--account={args.account}"] if args.account else []
+    flags += [f"--qos={args.qos}"] if args.qos else []
+    flags += list(args.sbatch_flag)
+    train_args = train_argv("python", args.config, args.workdir, overrides)[3:]  # the script adds python -m ...
+    return ["sbatch", *flags, str(SBATCH_SCRIPT), *train_args]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="slurm.py", description=__doc__, allow_abbrev=False,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = parser.add_argument_group("job")
+    g.add_argument("--nodes", type=int, default=1, help="nodes; one training process per node (default 1)")
+    g.add_argument("--gpus_per_node", type=int, default=8, help="GPUs per node, all used by its process (default 8)")
+    g.add_argument("--cpus_per_task", type=int, help="CPUs for each node's process (default: all CPUs of the node)")
+    g.add_argument("--time", default="24:00:00", help="time limit per run (the job requeues itself; default 24:00:00)")
+    g.add_argument("--stop_margin_s", type=int, default=300,
+                   help="seconds before the time limit at which the trainer is told to save and stop (default 300)")
+    g.add_argument("--partition")
+    g.add_argument("--account")
+    g.add_argument("--qos")
+    g.add_argument("--job_name", default="atomo_jax")
+    g.add_argument("--sbatch_flag", action="append", default=[], metavar="FLAG",
+                   help="extra sbatch flag, e.g. --sbatch_flag=--constraint=h100 (repeatable)")
+    g.add_argument("--log_dir", default=str(REPO_ROOT / "runs" / "slurm"),
+                   help="where the job's output file goes (default REPO/runs/slurm)")
+    g.add_argument("--python", default=sys.executable,
+                   help="Python on the compute nodes (default: this interpreter; its venv must be on shared storage)")
+    g.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
+                   help="extra environment for the trainer (repeatable), e.g. XLA_FLAGS=...")
+    g.add_argument("--repo_dir", default=str(REPO_ROOT), help="checkout the job runs in (shared storage)")
+    g.add_argument("--dry-run", "--dry_run", dest="dry_run", action="store_true",
+                   help="print the exact commands, one per line, and run nothing")
+    t = parser.add_argument_group("train (then --config.KEY=VALUE overrides, passed to the trainer verbatim)")
+    add_train_flags(t)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args, extra = build_parser().parse_known_args(argv)
+    overrides = split_overrides(extra)
+    if args.nodes < 1 or args.gpus_per_node < 1:
+        raise LaunchError(f"--nodes={args.nodes} --gpus_per_node={args.gpus_per_node}: both must be >= 1")
+    check_config(Path(args.repo_dir).resolve(), args.config)
+    runner = Runner(args.dry_run)
+    runner.comment(f"{args.nodes} nodes x {args.gpus_per_node} GPUs = {args.nodes * args.gpus_per_node} devices, "
+                   f"{args.nodes} jax processes")
+    runner.run(["mkdir", "-p", str(Path(args.log_dir).resolve())])
+    return runner.run(sbatch_argv(args, overrides))
+
+
+if __name__ == "__main__":
+    sys.exit(main_wrapper(main, None))
