@@ -15,7 +15,6 @@ check), quoted for the remote shell.
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import subprocess
 import sys
@@ -303,12 +302,14 @@ def wait_until_ready(pod: Pod, runner: Runner, poll_s: float) -> str | None:
 
 def do_run(args, pod: Pod, runner: Runner) -> int:
     """AOT check, then create/setup/train until training ends on a healthy pod; recreate after preemption."""
-    overrides, _ = _train_inputs(args, pod)  # validates before anything is rented
+    overrides, env = _train_inputs(args, pod)  # validates before anything is rented
     runner.cd(Path(args.repo_dir).resolve())  # the AOT check imports the shipped code and reads the config from here
     if args.skip_aot_check:
         runner.comment("AOT fit check skipped (--skip_aot_check)")
     else:
-        runner.run(aot_argv(args.config, pod.tpu, pod.num_slices, overrides))
+        # Same libtpu flags as the pod: they change scheduling and memory, and a flag libtpu rejects fails here.
+        libtpu = {k: v for k, v in env.items() if k == "LIBTPU_INIT_ARGS"}
+        runner.run(env_argv(libtpu, aot_argv(args.config, pod.tpu, pod.num_slices, overrides)))
     log_root = _log_root(args)
     if runner.dry_run:
         do_create(args, pod, runner)

@@ -112,10 +112,13 @@ def test_tpu_run_dry_run_v5p64(repo):
     cmds = commands(res.stdout)
     assert cmds[0] == ["cd", str(repo)]
     # The AOT fit check runs locally, with the same overrides, before the pod is created.
-    aot = next(i for i, c in enumerate(cmds) if c[1:3] == ["-m", "atomo_jax.aot"])
+    aot = next(i for i, c in enumerate(cmds) if "atomo_jax.aot" in c)
     create = next(i for i, c in enumerate(cmds) if c[:5] == ["gcloud", "compute", "tpus", "tpu-vm", "create"])
     assert aot < create
-    assert cmds[aot][3:] == ["--config=configs/demo.py", "--topology=v5p-64", *OVERRIDES]
+    words = cmds[aot]
+    assert words[:2] == ["env", f"LIBTPU_INIT_ARGS={tpu_pod.DEFAULT_LIBTPU_INIT_ARGS}"]  # compiled as the pod runs
+    assert words[words.index("-m") + 1:] == ["atomo_jax.aot", "--config=configs/demo.py", "--topology=v5p-64",
+                                             *OVERRIDES]
     assert cmds[create][5:] == ["pod1", "--accelerator-type=v5p-64", "--version=v2-alpha-tpuv5",
                                 "--zone=us-east5-a", "--project=proj", "--spot"]
 
@@ -261,6 +264,54 @@ def test_tpu_run_stops_when_config_does_not_fit(repo, tmp_path):
                "--config=configs/demo.py", "--workdir=gs://b/run", f"--repo_dir={repo}"], env=env)
     assert res.returncode == 1 and "atomo_jax.aot" in res.stderr
     assert not (tmp_path / "calls.jsonl").exists()  # nothing was rented
+
+
+def test_tpu_commands_run_on_a_simulated_worker(repo, tmp_path):
+    """Runs the printed setup and train commands as a worker's shell would (HOME = a fake worker home, uv faked):
+    the shipped tree unpacks, the venv gets jax[tpu] at the pinned version and the CPU torch, and the trainer gets
+    the environment and every override byte for byte."""
+    (repo / "launch").mkdir()
+    shutil.copy(LAUNCH / "tpu_worker.sh", repo / "launch" / "tpu_worker.sh")
+    home, bin_dir = tmp_path / "home", tmp_path / "bin"
+    home.mkdir()
+    bin_dir.mkdir()
+    (bin_dir / "uv").write_text(textwrap.dedent(f"""\
+        #!/usr/bin/env bash
+        echo "$*" >>{shlex.quote(str(tmp_path / 'uv.log'))}
+        last="${{@: -1}}"
+        if [[ "$1" == venv ]]; then mkdir -p "$last/bin" && cp {shlex.quote(str(tmp_path / 'python'))} "$last/bin/"; fi
+        for a in "$@"; do [[ -f "$a" ]] && cp "$a" {shlex.quote(str(tmp_path / 'req.txt'))}; done
+        exit 0
+    """))
+    (bin_dir / "uv").chmod(0o755)
+    # The venv's python: answers setup's version check as an installed jax[tpu] would; runs everything else.
+    (tmp_path / "python").write_text(f"#!/usr/bin/env bash\n[[ \"$2\" == *libtpu* ]] && echo 'jax 0 libtpu 0' && "
+                                     f"exit 0\nexec {shlex.quote(sys.executable)} \"$@\"\n")
+    (tmp_path / "python").chmod(0o755)
+    res = tpu("train", "--name=w", "--accelerator_type=v5p-64", "--config=configs/demo.py", "--workdir=gs://b/x",
+              f"--repo_dir={repo}", "--dry-run", "--env=EXTRA_FLAG=on", *OVERRIDES)
+    train_cmd = next(a for c in commands(res.stdout) for a in c if a.startswith("--command="))[len("--command="):]
+    setup_cmd = tpu_pod.setup_command("3.11", f"jax[tpu]=={pinned_jax()}")
+    tpu_pod.pack(repo, home / tpu_pod.REMOTE_TARBALL)  # what `scp --worker=all` puts in the worker's home
+    env = {**os.environ, "HOME": str(home), "PATH": f"{bin_dir}:{os.environ['PATH']}", "FAKE_OUT": str(tmp_path)}
+
+    setup = run(["bash", "-c", f"cd ~ && {setup_cmd}"], env=env)
+    assert setup.returncode == 0 and "jax 0 libtpu 0" in setup.stdout, setup.stdout + setup.stderr
+    assert (home / "atomo_jax_repo" / "configs" / "demo.py").is_file()
+    uv = (tmp_path / "uv.log").read_text().splitlines()
+    assert uv[0] == f"venv --allow-existing --python 3.11 {home}/atomo_venv"
+    torch_pin = re.search(r"^torch==\S+$", (REPO / "requirements.txt").read_text(), re.M).group(0)
+    assert f"--index-url https://download.pytorch.org/whl/cpu {torch_pin}" in uv[1]
+    assert uv[2].endswith(f"jax[tpu]=={pinned_jax()}")
+    assert not re.search(r"^jax\[", (tmp_path / "req.txt").read_text(), re.M)  # the CPU jax pin is dropped
+
+    train = run(["bash", "-c", f"cd ~ && {train_cmd}"], env=env)
+    assert train.returncode == 0, train.stdout + train.stderr
+    rec = json.loads((tmp_path / "process_0.json").read_text())
+    assert rec["argv"] == ["--config=configs/demo.py", "--workdir=gs://b/x", *OVERRIDES]
+    assert rec["env"]["EXTRA_FLAG"] == "on" and rec["env"]["JAX_PLATFORMS"] == "tpu,cpu"
+    assert rec["env"]["LIBTPU_INIT_ARGS"] == tpu_pod.DEFAULT_LIBTPU_INIT_ARGS
+    assert "fake trainer 0 started" in (home / "atomo_logs" / "train.log").read_text()
 
 
 # ---------------------------------------------------------------------------------------------- TPU worker script
