@@ -165,6 +165,24 @@ class LatentToExample(grain.RandomMapTransform):
         return example
 
 
+class CaptionTokenizer:
+    """Picklable caption -> (77,) int32 CLIP ids; the tokenizer files are loaded lazily (once per worker)."""
+
+    def __init__(self, folder: str):
+        self.folder = folder
+        self._tokenizer = None
+
+    def __getstate__(self) -> dict:
+        return {"folder": self.folder, "_tokenizer": None}
+
+    def __call__(self, caption: str) -> np.ndarray:
+        from atomo_jax.models import tokenizer as tok  # pylint: disable=g-import-not-at-top
+
+        if self._tokenizer is None:
+            self._tokenizer = tok.load_clip_tokenizer(self.folder)
+        return tok.tokenize(self._tokenizer, [caption])[0]
+
+
 def _get(cfg: Any, key: str, default: Any) -> Any:
     return cfg.get(key, default) if hasattr(cfg, "get") else getattr(cfg, key, default)
 
@@ -252,7 +270,8 @@ def make_loader(
 
     Records are shuffled globally by `seed` (the same permutation on every process), then split so process
     `shard_index` of `shard_count` sees a disjoint 1/shard_count of every epoch. `tokenize(caption) -> (77,) int32`
-    adds "tokens" (it must be picklable when worker_count > 0). `training=False` gives first-frames centre crops
+    adds "tokens" (it must be picklable when worker_count > 0); without it, data_config.tokenizer_dir (a CLIP
+    tokenizer folder) does the same. `training=False` gives first-frames centre crops
     and no frame-prediction masks.
     """
     if global_batch_size % shard_count:
@@ -262,6 +281,8 @@ def make_loader(
     if not 0 <= shard_index < shard_count:
         raise ValueError(f"make_loader: shard_index={shard_index} must be in [0, shard_count={shard_count})")
     source = make_source(data_config)
+    if tokenize is None and _get(data_config, "tokenizer_dir", None):
+        tokenize = CaptionTokenizer(data_config.tokenizer_dir)
     sampler = grain.IndexSampler(
         num_records=len(source),
         shard_options=grain.ShardOptions(shard_index=shard_index, shard_count=shard_count, drop_remainder=True),

@@ -333,3 +333,15 @@ def test_to_global_assembles_sharded_arrays():
     np.testing.assert_array_equal(np.asarray(out["video"]), batch["video"])
     assert isinstance(out["caption"], np.ndarray)
 
+
+
+def test_caption_tokens_from_tokenizer_dir(tmp_path):
+    from atomo_jax.models.tokenizer import build_clip_tokenizer_files, load_clip_tokenizer, tokenize
+
+    build_clip_tokenizer_files(str(tmp_path))
+    cfg = ml_collections.ConfigDict(dict(kind="synthetic", num_videos=8, num_frames=4, resolution=16,
+                                         tokenizer_dir=str(tmp_path)))
+    batch = take(make_loader(cfg, global_batch_size=2, seed=0, shard_index=0, shard_count=1), 1)[0]
+    assert batch["tokens"].shape == (2, 77) and batch["tokens"].dtype == np.int32
+    want = tokenize(load_clip_tokenizer(str(tmp_path)), batch["caption"].tolist())
+    np.testing.assert_array_equal(batch["tokens"], want)
