@@ -21,9 +21,9 @@ from diffusers.loaders.single_file_utils import convert_ldm_clip_checkpoint, con
 from safetensors.torch import save_file
 
 from atomo_jax.convert import torch_io
-from atomo_jax.convert.clip import text_params_from_torch, text_param_shapes, vision_param_shapes, \
-    vision_params_from_torch
-from atomo_jax.convert.vae import vae_param_shapes, vae_params_from_torch
+from atomo_jax.convert.clip import load_image_encoder, load_text_encoder, text_params_from_torch, \
+    text_param_shapes, vision_param_shapes, vision_params_from_torch
+from atomo_jax.convert.vae import load_vae, vae_config_from_diffusers, vae_param_shapes, vae_params_from_torch
 from atomo_jax.models.clip import CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModelWithProjection
 from atomo_jax.models.pixel_autoencoder import PixelAutoencoder, PixelAutoencoderConfig
 from atomo_jax.models.tokenizer import TokenizerError, build_clip_tokenizer_files, load_clip_tokenizer, \
@@ -112,7 +112,8 @@ def diffusers_vae_to_ldm(sd, num_blocks):
     for key, v in sd.items():
         k = re.sub(r"encoder\.down_blocks\.(\d+)\.resnets\.", r"encoder.down.\1.block.", key)
         k = re.sub(r"encoder\.down_blocks\.(\d+)\.downsamplers\.0\.", r"encoder.down.\1.downsample.", k)
-        k = re.sub(r"decoder\.up_blocks\.(\d+)\.resnets\.", lambda m: f"decoder.up.{num_blocks - 1 - int(m[1])}.block.", k)
+        k = re.sub(r"decoder\.up_blocks\.(\d+)\.resnets\.",
+                   lambda m: f"decoder.up.{num_blocks - 1 - int(m[1])}.block.", k)
         k = re.sub(r"decoder\.up_blocks\.(\d+)\.upsamplers\.0\.",
                    lambda m: f"decoder.up.{num_blocks - 1 - int(m[1])}.upsample.", k)
         k = re.sub(r"mid_block\.resnets\.(\d)\.", lambda m: f"mid.block_{int(m[1]) + 1}.", k)
@@ -155,6 +156,13 @@ def test_vae_single_file_matches_diffusers_oracle(tiny_vae, tmp_path):
         params = vae_params_from_torch(torch_io.load_state_dict(tmp_path / name), cfg)
         jax.tree.map(np.testing.assert_array_equal, params, reference)
         assert rel(nchw(AutoencoderKL(cfg).apply(params, x, method="encode")[0]), expected) < TOL
+    # A diffusers folder: config.json gives the config.
+    tiny_vae.save_pretrained(tmp_path / "vae")
+    folder_cfg, params = load_vae(tmp_path / "vae")
+    assert folder_cfg == cfg
+    jax.tree.map(np.testing.assert_array_equal, params, reference)
+    with pytest.raises(ValueError, match="shift_factor=0.1"):
+        vae_config_from_diffusers({**tiny_vae.config, "shift_factor": 0.1})
 
 
 # ----------------------------------------------------------------------------------------------------- CLIP
@@ -192,7 +200,7 @@ def test_clip_text_parity(eos_token_id):
 
 
 @pytest.mark.parametrize("hidden_act", ["gelu", "quick_gelu"])
-def test_clip_vision_parity(hidden_act):
+def test_clip_vision_parity(hidden_act, tmp_path):
     torch.manual_seed(0)
     ref = perturb(transformers.CLIPVisionModelWithProjection(
         transformers.CLIPVisionConfig(**TINY_VISION, hidden_act=hidden_act)))
@@ -205,6 +213,10 @@ def test_clip_vision_parity(hidden_act):
     assert rel(got.image_embeds, want.image_embeds.numpy()) < TOL
     assert rel(got.last_hidden_state, want.last_hidden_state.numpy()) < TOL
     assert rel(got.penultimate_hidden_state, want.hidden_states[-2].numpy()) < TOL
+    ref.save_pretrained(tmp_path)  # an image_encoder folder, as IP-Adapter ships it
+    folder_cfg, from_folder = load_image_encoder(tmp_path)
+    assert folder_cfg == cfg
+    jax.tree.map(np.testing.assert_array_equal, from_folder, params)
 
 
 def test_text_encoder_single_file_matches_transformers_oracle(tmp_path):
@@ -230,8 +242,9 @@ def test_text_encoder_single_file_matches_transformers_oracle(tmp_path):
     got = CLIPTextModel(cfg).apply(params, jnp.asarray(ids))
     assert rel(got.last_hidden_state, want.last_hidden_state.numpy()) < TOL
     assert rel(got.pooled_output, want.pooler_output.numpy()) < TOL
-    # The same weights from the transformers folder give the same params.
-    from_folder = text_params_from_torch(torch_io.load_state_dict(tmp_path), cfg)
+    # The same weights from the transformers folder (config.json read) give the same params.
+    folder_cfg, from_folder = load_text_encoder(tmp_path)
+    assert folder_cfg == cfg
     jax.tree.map(np.testing.assert_array_equal, from_folder, params)
 
 

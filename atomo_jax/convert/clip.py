@@ -7,13 +7,16 @@ transformers keys (`text_model.embeddings.token_embedding.weight`, ...).
 
 from __future__ import annotations
 
+import dataclasses
+import json
+from pathlib import Path
 from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from atomo_jax.convert.torch_io import convert_state_dict
+from atomo_jax.convert.torch_io import convert_state_dict, load_state_dict
 from atomo_jax.models.clip import CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModelWithProjection
 
 LDM_TEXT_PREFIXES = ("cond_stage_model.transformer.",)
@@ -65,3 +68,48 @@ def vision_params_from_torch(state_dict: Mapping[str, np.ndarray], config: CLIPV
     """transformers `CLIPVisionModelWithProjection` state dict -> `{"params": ...}`."""
     return convert_state_dict(state_dict, vision_param_shapes(config), rename=_rename_vision,
                               embeddings=_VISION_EMBEDDINGS, source=source, prefix="params")
+
+
+def _from_transformers(cls: type, config: Mapping[str, Any], sub: str) -> Any:
+    """transformers config.json dict -> our dataclass: shared field names; a full CLIPConfig gives its `sub` part."""
+    config = config.get(sub) or config
+    if isinstance(config.get("image_size"), (list, tuple)) or isinstance(config.get("patch_size"), (list, tuple)):
+        raise ValueError(f"only square CLIP images/patches are supported, got image_size={config.get('image_size')}, "
+                         f"patch_size={config.get('patch_size')}")
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in config.items() if k in names and v is not None})
+
+
+def text_config_from_transformers(config: Mapping[str, Any]) -> CLIPTextConfig:
+    return _from_transformers(CLIPTextConfig, config, "text_config")
+
+
+def vision_config_from_transformers(config: Mapping[str, Any]) -> CLIPVisionConfig:
+    return _from_transformers(CLIPVisionConfig, config, "vision_config")
+
+
+def _read_config(path: Path) -> dict[str, Any] | None:
+    file = path / "config.json"
+    return json.loads(file.read_text()) if file.is_file() else None
+
+
+def load_text_encoder(path: str | Path, config: CLIPTextConfig | None = None) -> tuple[CLIPTextConfig, dict]:
+    """A transformers CLIPTextModel folder (config.json read unless `config` is given) or a full original SD
+    checkpoint (SD 1.5 text config unless given) -> (config, {"params": ...})."""
+    path = Path(path)
+    if config is None:
+        raw = _read_config(path)
+        config = text_config_from_transformers(raw) if raw else CLIPTextConfig()
+    return config, text_params_from_torch(load_state_dict(path), config, source=str(path))
+
+
+def load_image_encoder(path: str | Path, config: CLIPVisionConfig | None = None) -> tuple[CLIPVisionConfig, dict]:
+    """A transformers CLIPVisionModelWithProjection folder (e.g. IP-Adapter's `models/image_encoder`) ->
+    (config, {"params": ...}); the folder's config.json is read unless `config` is given."""
+    path = Path(path)
+    if config is None:
+        raw = _read_config(path)
+        if raw is None:
+            raise FileNotFoundError(f"{path}: no config.json; pass a CLIPVisionConfig for a bare weight file")
+        config = vision_config_from_transformers(raw)
+    return config, vision_params_from_torch(load_state_dict(path), config, source=str(path))
