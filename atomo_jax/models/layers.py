@@ -37,7 +37,7 @@ def conv(features: int, kernel_size: Sequence[int], *, strides: Sequence[int] | 
          dtype: Dtype = jnp.float32, name: str | None = None) -> nn.Conv:
     """Channels-last convolution; kernel is (*spatial, in, out)."""
     kernel_init = nn.initializers.zeros_init() if zero_init else torch_default_init
-    names = (ax.KERNEL,) * len(kernel_size) + (ax.CONV_IN, ax.CONV_OUT)
+    names = ax.KERNEL[:len(kernel_size)] + (ax.CONV_IN, ax.CONV_OUT)
     return nn.Conv(features, tuple(kernel_size), strides=strides, padding=padding, use_bias=use_bias, dtype=dtype,
                    param_dtype=jnp.float32, name=name, kernel_init=_init(kernel_init, names),
                    bias_init=_init(nn.initializers.zeros_init(), (ax.CONV_OUT,)))

@@ -14,7 +14,7 @@ MLP = "mlp"  # the output side of a dense kernel that can be split for tensor pa
 HEADS = "heads"  # q/k/v projection outputs (heads * head_dim)
 CONV_IN = "conv_in"  # conv kernel input channels
 CONV_OUT = "conv_out"  # conv kernel output channels
-KERNEL = "kernel_space"  # spatial / temporal extent of a conv kernel (never sharded)
+KERNEL = ("kernel_0", "kernel_1", "kernel_2")  # extents of a conv kernel, one name per dim (never sharded)
 NORM = "norm"  # scale / bias of a normalisation layer
 VOCAB = "vocab"  # token / position embedding tables
 
@@ -38,7 +38,7 @@ DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     (HEADS, "tensor"),
     (CONV_IN, "fsdp"),
     (CONV_OUT, "tensor"),
-    (KERNEL, None),
+    *((k, None) for k in KERNEL),
     (NORM, None),
     (VOCAB, None),
 )

@@ -1,0 +1,32 @@
+"""Training entry point.
+
+  python -m atomo_jax.train --config=configs/demo.py --workdir=/tmp/atomo_demo [--config.train.num_steps=50 ...]
+
+Rerunning with the same --workdir resumes from its latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file with get_config().",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, TensorBoard logs and samples.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    sys.path.insert(0, os.getcwd())  # configs import each other as `configs.*`
+    from atomo_jax.training.loop import train_and_evaluate
+    result = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    print(f"[train] done at step {result['step']}", flush=True)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,103 @@
+"""orbax checkpoints of the train state + data iterator + config, and loading a trained model for inference.
+
+A workdir holds `checkpoints/<step>/{state,data,config}`. orbax writes each step into a temporary directory and
+renames it only when complete, so a save interrupted by a kill is never picked up by restore.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import grain.python as grain
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+from etils import epath
+
+from atomo_jax.training.state import TrainState, merge
+
+
+def checkpoint_dir(workdir: str) -> str:
+    return os.path.join(os.path.abspath(workdir), "checkpoints")
+
+
+class Checkpointer:
+    """Saves every `every_steps` steps (async if configured), keeps the last `keep`."""
+
+    def __init__(self, workdir: str, ckpt: ml_collections.ConfigDict):
+        options = ocp.CheckpointManagerOptions(max_to_keep=int(ckpt.keep), create=True,
+                                               enable_async_checkpointing=bool(ckpt.async_save))
+        self.every_steps = int(ckpt.every_steps)
+        self.manager = ocp.CheckpointManager(
+            checkpoint_dir(workdir), options=options,
+            item_handlers={"state": ocp.StandardCheckpointHandler(), "data": grain.PyGrainCheckpointHandler(),
+                           "config": ocp.JsonCheckpointHandler()})
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def should_save(self, step: int) -> bool:
+        return self.every_steps > 0 and step % self.every_steps == 0
+
+    def save(self, step: int, state: TrainState, data_iter: Any, config: ml_collections.ConfigDict) -> None:
+        self.manager.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state), data=grain.PyGrainCheckpointSave(data_iter),
+            config=ocp.args.JsonSave(json.loads(config.to_json_best_effort()))), force=True)
+
+    def restore(self, step: int, abstract_state: TrainState, data_iter: Any) -> TrainState:
+        restored = self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state), data=grain.PyGrainCheckpointRestore(data_iter)))
+        return restored["state"]
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def _resolve_step_dir(path: str) -> epath.Path:
+    """Accepts a workdir, its checkpoints/ dir, or one step dir; returns the step dir (latest if several)."""
+    p = epath.Path(os.path.abspath(path))
+    if not p.exists():
+        raise FileNotFoundError(f"checkpoint path {p} does not exist")
+    if (p / "state").exists():
+        return p
+    root = p / "checkpoints" if (p / "checkpoints").exists() else p
+    steps = sorted(int(d.name) for d in root.iterdir() if d.name.isdigit() and (d / "state").exists())
+    if not steps:
+        raise FileNotFoundError(f"no finished checkpoint under {root} (expected <step>/state directories)")
+    return root / str(steps[-1])
+
+
+def load_config(path: str) -> ml_collections.ConfigDict:
+    step_dir = _resolve_step_dir(path)
+    cfg_file = step_dir / "config" / "metadata"
+    if not cfg_file.exists():
+        candidates = list((step_dir / "config").glob("*"))
+        if not candidates:
+            raise FileNotFoundError(f"checkpoint {step_dir} has no config item")
+        cfg_file = candidates[0]
+    return ml_collections.ConfigDict(json.loads(cfg_file.read_text()))
+
+
+def load_inference(path: str, use_ema: bool = True,
+                   config: ml_collections.ConfigDict | None = None) -> tuple[ml_collections.ConfigDict, Any, dict]:
+    """(config, AtomoVideo, params) from a training checkpoint; params use the EMA weights when `use_ema`."""
+    from atomo_jax.models.atomo import build_model
+    from atomo_jax.training.setup import abstract_train_state
+
+    step_dir = _resolve_step_dir(path)
+    config = config or load_config(str(step_dir))
+    model = build_model(config.model)
+    abstract = abstract_train_state(config, model)
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), abstract)
+    try:
+        state = ocp.StandardCheckpointer().restore(step_dir / "state", abstract)
+    except (ValueError, KeyError) as e:
+        raise ValueError(f"checkpoint {step_dir} does not match its model config: {e}") from None
+    unet = merge(state.ema if use_ema else state.trainable, state.frozen["unet"])
+    return config, model, {**state.frozen, "unet": unet}

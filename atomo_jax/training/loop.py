@@ -1,0 +1,249 @@
+"""train_and_evaluate: the whole training run, top to bottom.
+
+mesh -> model -> state (restored, composed from pretrained parts, or random) -> grain loader -> jitted sharded step
+-> metrics / checkpoints / samples. Killed at any point, rerunning the same command resumes from the last finished
+checkpoint with the data iterator at the exact next batch.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+
+from atomo_jax.diffusion import schedule
+from atomo_jax.models.atomo import build_model
+from atomo_jax.parallel import axes, distributed
+from atomo_jax.parallel import sharding as shd
+from atomo_jax.parallel.mesh import make_mesh
+from atomo_jax.training import metrics as metrics_lib
+from atomo_jax.training.checkpoint import Checkpointer
+from atomo_jax.training.optimizer import learning_rate_schedule, make_optimizer
+from atomo_jax.training.setup import abstract_train_state, init_train_state, state_shardings
+from atomo_jax.training.state import all_finite, count_params, merge
+from atomo_jax.training.train_step import make_train_step
+
+DEVICE_KEYS = ("video", "cond_image", "mask", "latents", "image_embeds", "tokens", "context")
+
+
+class _Preemption:
+    """SIGTERM (and TPU maintenance notices) -> finish the step, save, exit 0."""
+
+    def __init__(self):
+        self.requested = False
+        signal.signal(signal.SIGTERM, self._handler)
+
+    def _handler(self, signum, frame):  # noqa: ARG002
+        logging.warning("SIGTERM received: saving a checkpoint after this step, then exiting")
+        self.requested = True
+
+    def should_stop(self, step: int) -> bool:
+        flag = self.requested
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+            flag = bool(multihost_utils.process_allgather(np.int32(flag)).max())
+            try:
+                flag = flag or multihost_utils.reached_preemption_sync_point(step)
+            except (RuntimeError, AttributeError):  # no preemption service in this runtime
+                pass
+        return flag
+
+
+def validate(config: ml_collections.ConfigDict, mesh: Any) -> None:
+    b = int(config.train.batch_size)
+    accum = int(config.train.grad_accum)
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    if b <= 0 or b % accum:
+        raise ValueError(f"config.train.batch_size={b} must be positive and divisible by grad_accum={accum}")
+    if (b // accum) % shards:
+        raise ValueError(f"config.train.batch_size={b} (per micro-batch {b // accum}) must be divisible by the "
+                         f"data x fsdp mesh size {shards}")
+    if b % jax.process_count():
+        raise ValueError(f"config.train.batch_size={b} must be divisible by the process count {jax.process_count()}")
+    if config.train.nonfinite not in ("skip", "stop"):
+        raise ValueError(f"config.train.nonfinite={config.train.nonfinite!r}: expected 'skip' or 'stop'")
+    if int(config.checkpoint.every_steps) < 0:
+        raise ValueError("config.checkpoint.every_steps must be >= 0")
+
+
+def _load_init_params(path: str, abstract_params: Any, shardings: Any) -> dict:
+    """A composed initial checkpoint (`python -m atomo_jax.convert compose`): the plain params dict."""
+    import orbax.checkpoint as ocp
+    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_params, shardings)
+    logging.info("initialising from composed checkpoint %s", path)
+    try:
+        return ocp.StandardCheckpointer().restore(os.path.abspath(path), target)
+    except (ValueError, KeyError) as e:
+        raise ValueError(f"config.init.checkpoint={path}: does not match the model config: {e}") from None
+
+
+def _held_out_image(config: ml_collections.ConfigDict, first_batch: dict) -> np.ndarray:
+    """The conditioning frame for samples: a held-out synthetic clip, else the first training example's frame."""
+    if config.data.kind == "synthetic":
+        from data_pipelines.synthetic import MovingShapesSource
+        src = MovingShapesSource(num_videos=1, num_frames=int(config.data.num_frames),
+                                 resolution=int(config.data.resolution), seed=int(config.seed) + 10_000)
+        return src[0]["video"][0].astype(np.float32)[None] / 127.5 - 1.0
+    return np.asarray(first_batch["cond_image"][:1], np.float32)
+
+
+def write_sample(model: Any, params: dict, config: ml_collections.ConfigDict, image: np.ndarray, out_dir: str,
+                 step: int, writer: metrics_lib.MetricWriter | None = None) -> dict[str, str]:
+    """Image-to-video from `image` (1, H, W, 3) in [-1, 1]: MP4, GIF and a PNG strip (conditioning frame first)."""
+    from atomo_jax.pipelines import i2v, video_io
+    sampler, guidance = i2v.configs_from(config)
+    video = i2v.image_to_video(model, params, jnp.asarray(image), jax.random.key(int(config.seed)),
+                               num_frames=int(config.sample.num_frames), sampler=sampler, guidance=guidance,
+                               progress=False).video[0]
+    frames = video_io.to_uint8(np.asarray(video))
+    base = os.path.join(out_dir, f"sample_{step:07d}")
+    paths = {ext: video_io.write_video(f"{base}.{ext}", frames, fps=float(config.sample.fps)) for ext in ("mp4", "gif")}
+    cond = video_io.to_uint8(np.asarray(image[0]))[None]
+    paths["png"] = video_io.write_png_strip(f"{base}.png", np.concatenate([cond, frames]))
+    if writer is not None:
+        writer.video(step, "samples/i2v", frames, fps=int(config.sample.fps))
+    return paths
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """Trains until `config.train.num_steps`; returns the final metrics (and sample paths on process 0)."""
+    distributed.maybe_initialize()
+    os.makedirs(workdir, exist_ok=True)
+    mesh = make_mesh(config.mesh)
+    validate(config, mesh)
+    rules = axes.rules_from_config(config.mesh.rules)
+    model = build_model(config.model)
+    tx = make_optimizer(config.train)
+    lr_fn = learning_rate_schedule(config.train)
+    alphas_cumprod = schedule.make_alphas_cumprod(
+        int(config.diffusion.num_train_timesteps), float(config.diffusion.beta_start),
+        float(config.diffusion.beta_end), config.diffusion.beta_schedule, bool(config.diffusion.rescale_zero_snr))
+    is_main = jax.process_index() == 0
+
+    with jax.set_mesh(mesh):
+        shardings = state_shardings(config, model, mesh, rules)
+        abstract = abstract_train_state(config, model)
+        checkpointer = Checkpointer(workdir, config.checkpoint)
+
+        from data_pipelines.loader import make_loader
+        loader = make_loader(config.data, global_batch_size=int(config.train.batch_size), seed=int(config.seed),
+                             shard_index=jax.process_index(), shard_count=jax.process_count())
+        data_iter = iter(loader)
+
+        latest = checkpointer.latest_step()
+        if latest is not None:
+            target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+            state = checkpointer.restore(latest, target, data_iter)
+            logging.info("resumed from step %d", latest)
+            print(f"[train] resumed from checkpoint at step {latest}", flush=True)
+        else:
+            init_params = None
+            if config.init.checkpoint:
+                params_abstract = {**abstract.frozen, "unet": merge(abstract.trainable, abstract.frozen["unet"])}
+                params_sh = {**shardings.frozen, "unet": merge(shardings.trainable, shardings.frozen["unet"])}
+                init_params = _load_init_params(config.init.checkpoint, params_abstract, params_sh)
+            state = init_train_state(config, model, shardings, init_params)
+        n_train, n_frozen = count_params(state.trainable), count_params(state.frozen)
+        print(f"[train] devices={jax.device_count()} mesh={dict(mesh.shape)} params: trainable={n_train:,} "
+              f"frozen={n_frozen:,}", flush=True)
+
+        batch_sh = {k: shd.batch_sharding(mesh, rules, 1) for k in DEVICE_KEYS}
+        step_fn = make_train_step(model=model, tx=tx, alphas_cumprod=alphas_cumprod, config=config)
+        step_jit = jax.jit(step_fn, donate_argnums=(0,), out_shardings=(shardings, shd.replicated(mesh)))
+        finite_jit = jax.jit(all_finite)
+
+        def to_device(batch: dict) -> dict:
+            out = {}
+            for k in DEVICE_KEYS:
+                if k in batch:
+                    local = np.asarray(batch[k])
+                    sh = shd.batch_sharding(mesh, rules, local.ndim)
+                    out[k] = jax.make_array_from_process_local_data(sh, local)
+            return out
+
+        writer = metrics_lib.MetricWriter(os.path.join(workdir, "tensorboard"), enabled=is_main)
+        preemption = _Preemption()
+        num_steps = int(config.train.num_steps)
+        log_every = max(1, int(config.train.log_every))
+        step = int(jax.device_get(state.step))
+        flops_per_step, peak = None, metrics_lib.peak_flops_per_device()
+        skipped_samples, last = 0, {}
+        first_batch = None
+        t_log, steps_since, wait_since = time.perf_counter(), 0, 0.0
+        saved_step = latest
+
+        def save(at: int) -> None:
+            nonlocal saved_step
+            if not bool(jax.device_get(finite_jit(state.trainable))):
+                raise FloatingPointError(f"refusing to save step {at}: parameters are not finite")
+            checkpointer.save(at, state, data_iter, config)
+            saved_step = at
+
+        while step < num_steps:
+            t0 = time.perf_counter()
+            batch = next(data_iter)
+            wait_since += time.perf_counter() - t0
+            if first_batch is None:
+                first_batch = batch
+            skipped_samples += int(np.sum(batch.get("skipped", 0)))
+            device_batch = to_device(batch)
+            if flops_per_step is None:
+                flops_per_step = metrics_lib.compiled_flops(step_jit.lower(state, device_batch).compile()) or 0.0
+            state, m = step_jit(state, device_batch)
+            step += 1
+            steps_since += 1
+            if config.train.nonfinite == "stop" and not bool(jax.device_get(m["finite"])):
+                raise FloatingPointError(f"non-finite loss or gradients at step {step}; last good checkpoint: "
+                                         f"{saved_step} (config.train.nonfinite='skip' skips such steps instead)")
+            if step % log_every == 0 or step == num_steps:
+                m = jax.device_get(m)
+                dt = time.perf_counter() - t_log
+                sps = steps_since / dt
+                last = {"loss": float(m["loss"]), "mse": float(m["mse"]), "grad_norm": float(m["grad_norm"]),
+                        "lr": float(lr_fn(step - 1)), "steps_per_s": sps,
+                        "examples_per_s": sps * int(config.train.batch_size),
+                        "data_wait_s": wait_since / steps_since, "skipped_samples": float(skipped_samples),
+                        "skipped_steps": float(jax.device_get(state.skipped_steps))}
+                if flops_per_step:
+                    last["tflops_per_device"] = flops_per_step * sps / 1e12
+                    if peak:
+                        last["mfu"] = flops_per_step * sps / peak
+                writer.scalars(step, last)
+                writer.progress(step, num_steps, last)
+                t_log, steps_since, wait_since = time.perf_counter(), 0, 0.0
+            if checkpointer.should_save(step):
+                save(step)
+            if int(config.sample.every_steps) > 0 and step % int(config.sample.every_steps) == 0 and is_main:
+                _sample(model, state, config, first_batch, workdir, step, writer)
+            if preemption.should_stop(step):
+                save(step)
+                checkpointer.close()
+                print(f"[train] preempted: saved step {step}, exiting", flush=True)
+                return {"step": step, "preempted": True, **last}
+
+        if saved_step != step:
+            save(step)
+        checkpointer.close()
+        result: dict[str, Any] = {"step": step, **last}
+        if is_main and first_batch is not None:
+            result["samples"] = _sample(model, state, config, first_batch, workdir, step, writer)
+        elif is_main:  # resumed at the end: still leave a sample
+            result["samples"] = _sample(model, state, config, next(data_iter), workdir, step, writer)
+        writer.close()
+        return result
+
+
+def _sample(model: Any, state: Any, config: ml_collections.ConfigDict, first_batch: dict, workdir: str, step: int,
+            writer: metrics_lib.MetricWriter) -> dict[str, str]:
+    params = jax.device_get({**state.frozen, "unet": merge(state.ema, state.frozen["unet"])})
+    paths = write_sample(model, params, config, _held_out_image(config, first_batch),
+                         os.path.join(workdir, "samples"), step, writer)
+    print(f"[train] sample written: {paths['mp4']} {paths['gif']} {paths['png']}", flush=True)
+    return paths
