@@ -37,6 +37,9 @@ REMOTE_REPO = "atomo_jax_repo"
 REMOTE_LOG = "atomo_logs/train.log"
 REMOTE_PYTHON = '"$HOME/atomo_venv/bin/python"'  # expanded by the remote shell, hence not shell-quoted
 
+# The config's data parallelism across slices (over DCN); must equal the number of slices.
+DCN_KEY = "mesh.dcn_data"
+
 # Flags that let XLA overlap collectives with compute on TPU (the set MaxText uses on v4/v5p). Replace or empty with
 # --libtpu_init_args if a libtpu version rejects one.
 DEFAULT_LIBTPU_INIT_ARGS = " ".join([
@@ -243,11 +246,11 @@ def _train_inputs(args, pod: Pod) -> tuple[list[str], dict[str, str]]:
     check_config(Path(args.repo_dir).resolve(), args.config)
     overrides = list(args.overrides)
     if pod.num_slices > 1:
-        dcn = override_value(overrides, "mesh.dcn_data_parallelism")
+        dcn = override_value(overrides, DCN_KEY)
         if dcn is None:
-            overrides.append(f"--config.mesh.dcn_data_parallelism={pod.num_slices}")
+            overrides.append(f"--config.{DCN_KEY}={pod.num_slices}")
         elif dcn != str(pod.num_slices):
-            raise LaunchError(f"--config.mesh.dcn_data_parallelism={dcn} but --num_slices={pod.num_slices}: data "
+            raise LaunchError(f"--config.{DCN_KEY}={dcn} but --num_slices={pod.num_slices}: data "
                               "parallelism across slices must equal the number of slices")
     return overrides, train_env(args.workdir, args.libtpu_init_args, parse_env(args.env))
 
@@ -368,7 +371,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(chips)")
     g.add_argument("--num_slices", type=int, default=1,
                    help="slices over DCN; >1 uses a queued resource with --node-count and adds "
-                        "--config.mesh.dcn_data_parallelism=N (the runtime sets the MEGASCALE_* env)")
+                        f"--config.{DCN_KEY}=N (the runtime sets the MEGASCALE_* env)")
     g.add_argument("--queued", action="store_true", help="use a queued resource even for one slice")
     g.add_argument("--zone", help="e.g. us-east5-a (default: gcloud config)")
     g.add_argument("--project", help="GCP project (default: gcloud config)")

@@ -163,21 +163,21 @@ def test_tpu_multislice_dry_run(repo):
     assert res.returncode == 0, res.stderr
     cmds = commands(res.stdout)
     aot = next(c for c in cmds if "atomo_jax.aot" in c)
-    assert "--num_slices=2" in aot and "--config.mesh.dcn_data_parallelism=2" in aot
+    assert "--num_slices=2" in aot and "--config.mesh.dcn_data=2" in aot
     create = next(c for c in cmds if c[3:5] == ["queued-resources", "create"])
     assert {"--node-count=2", "--node-prefix=ms", "--accelerator-type=v5p-32"} <= set(create)
     train = next(c for c in cmds if c[3:5] == ["queued-resources", "ssh"] and "atomo_jax.train" in " ".join(c))
     assert {"--worker=all", "--node=all"} <= set(train)
     remote = next(a[len("--command="):] for a in train if a.startswith("--command="))
-    assert "--config.mesh.dcn_data_parallelism=2" in shlex.split(remote)
+    assert "--config.mesh.dcn_data=2" in shlex.split(remote)
     logs = [c for c in cmds if c[3:5] == ["queued-resources", "scp"] and c[5] == "ms:atomo_logs/train.log"]
     assert sorted((c[7], c[8]) for c in logs) == sorted((f"--worker={w}", f"--node={s}")
                                                         for s in range(2) for w in range(4))
     assert cmds[-1][3:] == ["queued-resources", "delete", "ms", "--quiet", "--force"]
 
     bad = tpu("train", "--name=ms", "--accelerator_type=v5p-32", "--num_slices=2", "--config=configs/demo.py",
-              "--workdir=gs://b/x", f"--repo_dir={repo}", "--dry-run", "--config.mesh.dcn_data_parallelism=4")
-    assert bad.returncode == 2 and "dcn_data_parallelism=4" in bad.stderr
+              "--workdir=gs://b/x", f"--repo_dir={repo}", "--dry-run", "--config.mesh.dcn_data=4")
+    assert bad.returncode == 2 and "dcn_data=4" in bad.stderr
 
 
 @pytest.mark.parametrize("args, message", [
