@@ -13,10 +13,12 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from atomo_jax.models.clip import (CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModelWithProjection,
+                                   clip_preprocess)
+from atomo_jax.models.pixel_autoencoder import PixelAutoencoder, PixelAutoencoderConfig
 from atomo_jax.models.unet import SpatioTemporalUNet, UNetConfig
+from atomo_jax.models.vae import AutoencoderKL, VAEConfig
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 PARTS = ("unet", "vae", "image_encoder", "text_encoder")
 
 
@@ -34,11 +36,9 @@ def _dataclass(cls: type, cfg: ml_collections.ConfigDict | dict, where: str) -> 
 
 def _build_vae(cfg: ml_collections.ConfigDict) -> tuple[nn.Module, float]:
     if cfg.kind == "pixel":
-        from atomo_jax.models.pixel_autoencoder import PixelAutoencoder, PixelAutoencoderConfig
         c = _dataclass(PixelAutoencoderConfig, cfg, "vae")
         return PixelAutoencoder(c), c.scaling_factor
     if cfg.kind == "sd":
-        from atomo_jax.models.vae import AutoencoderKL, VAEConfig
         c = _dataclass(VAEConfig, cfg, "vae")
         return AutoencoderKL(c), c.scaling_factor
     raise ValueError(f"config.model.vae.kind={cfg.kind!r}: expected 'pixel' or 'sd'")
@@ -46,7 +46,6 @@ def _build_vae(cfg: ml_collections.ConfigDict) -> tuple[nn.Module, float]:
 
 def _build_image_encoder(cfg: ml_collections.ConfigDict) -> nn.Module:
     if cfg.kind == "clip_vision":
-        from atomo_jax.models.clip import CLIPVisionConfig, CLIPVisionModelWithProjection
         return CLIPVisionModelWithProjection(_dataclass(CLIPVisionConfig, cfg, "image_encoder"))
     raise ValueError(f"config.model.image_encoder.kind={cfg.kind!r}: expected 'clip_vision'")
 
@@ -55,7 +54,6 @@ def _build_text_encoder(cfg: ml_collections.ConfigDict) -> nn.Module | None:
     if cfg.kind == "none":
         return None
     if cfg.kind == "clip_text":
-        from atomo_jax.models.clip import CLIPTextConfig, CLIPTextModel
         return CLIPTextModel(_dataclass(CLIPTextConfig, cfg, "text_encoder"))
     raise ValueError(f"config.model.text_encoder.kind={cfg.kind!r}: expected 'clip_text' or 'none'")
 
@@ -117,21 +115,9 @@ class AtomoVideo:
         out = out.reshape((-1,) + out.shape[2:])[:n]
         return jnp.clip(out, -1.0, 1.0).reshape((b, f) + out.shape[1:])
 
-    def preprocess_image(self, image: jax.Array) -> jax.Array:
-        """[-1, 1] image (B, H, W, 3) -> CLIP input: bicubic resize of the short side + centre crop, CLIP mean/std."""
-        b, h, w, _ = image.shape
-        scale = self.image_size / min(h, w)
-        nh, nw = max(self.image_size, round(h * scale)), max(self.image_size, round(w * scale))
-        if (nh, nw) != (h, w):
-            image = jax.image.resize(image, (b, nh, nw, 3), method="bicubic", antialias=True)
-        top, left = (nh - self.image_size) // 2, (nw - self.image_size) // 2
-        image = image[:, top:top + self.image_size, left:left + self.image_size]
-        unit = (image.astype(jnp.float32) + 1.0) * 0.5
-        return (unit - jnp.asarray(CLIP_MEAN)) / jnp.asarray(CLIP_STD)
-
     def encode_image(self, params: dict, image: jax.Array) -> jax.Array:
-        """[-1, 1] image (B, H, W, 3) -> projected CLIP image embedding (B, E)."""
-        out = self.image_encoder.apply({"params": params["image_encoder"]}, self.preprocess_image(image))
+        """[-1, 1] image (B, H, W, 3) -> projected CLIP image embedding (B, E) (CLIP preprocessing included)."""
+        out = self.image_encoder.apply({"params": params["image_encoder"]}, clip_preprocess(image, self.image_size))
         return out.image_embeds.astype(jnp.float32)
 
     def encode_text(self, params: dict, tokens: jax.Array | None, batch: int) -> jax.Array:

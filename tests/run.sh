@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Sets up a fresh venv from requirements.txt and runs the whole test suite. Usage: bash tests/run.sh [pytest args]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python3 -m venv .venv
+.venv/bin/pip install -q -r requirements.txt
+# open-clip-torch only ships the CLIP BPE vocabulary we build tokenizers from; its dependencies would pull a CUDA torch.
+.venv/bin/pip install -q --no-deps open-clip-torch==3.3.0
+if ! command -v shellcheck >/dev/null; then
+  (apt-get update -qq && apt-get install -y -qq shellcheck) >/dev/null 2>&1 || echo "warning: shellcheck not installed"
+fi
+.venv/bin/python -m pytest -q -p no:cacheprovider "${@:-tests}"
