@@ -1,0 +1,156 @@
+"""Import pretrained PyTorch weights.
+
+  python -m atomo_jax.convert compose --sd SD15 --motion mm_sd_v15_v2.ckpt --ip_adapter ip-adapter_sd15.bin \
+      --image_encoder IP-Adapter/models/image_encoder --out /ckpt/init [--config configs/base.py]
+  python -m atomo_jax.convert motion mm_sd_v15_v2.ckpt --out motion.safetensors
+  python -m atomo_jax.convert {unet,vae,clip-text,clip-vision,ip-adapter} PATH --out FILE.{safetensors,msgpack}
+
+`compose` writes one orbax checkpoint of the params dict {"unet","vae","image_encoder","text_encoder"} for
+`python -m atomo_jax.train --config.init.checkpoint=DIR`; the single-part commands write our params of one part.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+OUT_FORMATS = (".safetensors", ".msgpack")
+
+
+def _progress(total: int) -> Callable[[str], None]:
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, unit="step", file=sys.stderr, dynamic_ncols=True)
+
+    def step(name: str) -> None:
+        bar.set_description(name)
+        bar.update(1)
+        if bar.n >= total:
+            bar.close()
+
+    return step
+
+
+def write_part(params: Any, out: str | Path) -> Path:
+    """One part's params -> `.safetensors` ("/"-joined Flax paths as keys) or `.msgpack` (flax serialization)."""
+    import flax
+    import jax
+    import numpy as np
+
+    out = Path(out)
+    if out.suffix not in OUT_FORMATS:
+        raise ValueError(f"--out {out}: unknown output format {out.suffix!r}; supported: {', '.join(OUT_FORMATS)}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    params = flax.core.unfreeze(params)
+    if out.suffix == ".safetensors":
+        from safetensors.numpy import save_file
+
+        flat = flax.traverse_util.flatten_dict(params, sep="/")
+        save_file({k: np.ascontiguousarray(v) for k, v in flat.items()}, str(out))
+    else:
+        out.write_bytes(flax.serialization.msgpack_serialize(jax.tree.map(np.asarray, params)))
+    return out
+
+
+def _count(params: Any) -> str:
+    import jax
+    import numpy as np
+
+    leaves = jax.tree.leaves(params)
+    return f"{len(leaves)} tensors, {sum(int(np.prod(np.shape(x))) for x in leaves):,} parameters"
+
+
+def _part(args: argparse.Namespace) -> tuple[Any, str]:
+    """The single-part commands: (params, description)."""
+    from atomo_jax.convert import clip, compose, ip_adapter, motion, torch_io, unet, vae
+
+    if args.command in ("unet", "motion", "ip-adapter"):
+        config = compose.build_model(compose.load_config(args.config).model).unet_config
+        if args.command == "motion":
+            return motion.load_motion_modules(args.path, config), "motion modules"
+        if args.command == "ip-adapter":
+            return ip_adapter.load_ip_adapter(args.path, config), "IP-Adapter"
+        path = Path(args.path)
+        if path.is_dir() and (path / "unet").is_dir():
+            path = path / "unet"
+        state = (torch_io.load_state_dict(path) if path.is_dir() else compose.read_sd(path).unet)
+        params, report = unet.load_unet_state_dict(state, config, source=str(args.path))
+        print(report.summary())
+        return params, "UNet"
+    if args.command == "vae":
+        _, params = vae.load_vae(args.path)
+        return params["params"], "VAE"
+    if args.command == "clip-text":
+        _, params = clip.load_text_encoder(args.path)
+        return params["params"], "CLIP text encoder"
+    _, params = clip.load_image_encoder(args.path)
+    return params["params"], "CLIP vision encoder"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m atomo_jax.convert", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    c = sub.add_parser("compose", help="assemble an initial training checkpoint (orbax) from pretrained parts")
+    c.add_argument("--sd", help="SD 1.5: diffusers folder (unet/ vae/ text_encoder/) or original .safetensors/.ckpt")
+    c.add_argument("--motion", help="AnimateDiff motion modules: MotionAdapter folder or mm_sd_v15_v2-style file")
+    c.add_argument("--ip_adapter", help="IP-Adapter SD 1.5 weights (.bin or .safetensors, original or diffusers)")
+    c.add_argument("--image_encoder", help="transformers CLIPVisionModelWithProjection folder")
+    c.add_argument("--out", required=True, help="output directory (orbax checkpoint of the params dict)")
+    c.add_argument("--config", help="config file whose config.model is built (default configs/base.py)")
+    c.add_argument("--seed", type=int, default=0, help="seed of the newly initialised layers")
+    c.add_argument("--force", action="store_true", help="overwrite --out if it exists")
+    helps = {"unet": "SD UNet (diffusers folder, SD folder or original single file) -> our UNet params",
+             "vae": "AutoencoderKL (diffusers folder or original single file)",
+             "clip-text": "CLIPTextModel (transformers folder or original SD single file)",
+             "clip-vision": "CLIPVisionModelWithProjection (transformers folder)",
+             "motion": "AnimateDiff motion modules (MotionAdapter folder or original checkpoint)",
+             "ip-adapter": "IP-Adapter SD 1.5 weights (original or diffusers layout)"}
+    for name, text in helps.items():
+        p = sub.add_parser(name, help=text, description=text)
+        p.add_argument("path", help="input weights (file or folder)")
+        p.add_argument("--out", required=True, help=f"output file, one of {', '.join(OUT_FORMATS)}")
+        if name in ("unet", "motion", "ip-adapter"):
+            p.add_argument("--config", help="config file for the UNet shape (default configs/base.py)")
+    args = parser.parse_args(argv)
+    try:
+        return _run(parser, args)
+    except (ValueError, OSError) as e:  # bad input: the message names the file/key; no traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    if args.command == "compose":
+        from atomo_jax.convert import compose
+
+        if not any((args.sd, args.motion, args.ip_adapter, args.image_encoder)):
+            parser.error("compose: give at least one of --sd, --motion, --ip_adapter, --image_encoder")
+        out = Path(args.out)
+        if out.exists() and not args.force:
+            parser.error(f"--out {out} exists; choose a new directory or pass --force")
+        config = compose.load_config(args.config)
+        progress = _progress(7)
+        params, reports = compose.compose(config, sd=args.sd, motion=args.motion, ip_adapter=args.ip_adapter,
+                                          image_encoder=args.image_encoder, seed=args.seed, progress=progress)
+        progress("writing checkpoint")
+        path = compose.save_params(params, out, force=args.force)
+        for report in reports:
+            print(report.summary())
+        for part in compose.PARTS:
+            print(f"{part}: {_count(params[part])}")
+        print(f"wrote {path}  (train with --config.init.checkpoint={path})")
+        return 0
+
+    if Path(args.out).suffix not in OUT_FORMATS:
+        parser.error(f"--out {args.out}: unknown output format; supported: {', '.join(OUT_FORMATS)}")
+    params, what = _part(args)
+    path = write_part(params, args.out)
+    print(f"{what}: {_count(params)} -> {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,191 @@
+"""`python -m atomo_jax.convert`: help, compose on tiny random diffusers/transformers parts saved to disk, single-part
+commands, and clear errors on bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import flax
+import jax
+import numpy as np
+import pytest
+import torch
+from diffusers import AutoencoderKL, MotionAdapter, UNet2DConditionModel
+from safetensors.numpy import load_file, save_file
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+from atomo_jax.convert import compose, torch_io
+from atomo_jax.convert.__main__ import main
+from atomo_jax.models.atomo import build_model
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_CONFIG = '''
+import ml_collections
+from configs import demo
+
+def get_config():
+    c = demo.get_config()
+    c.model.unet.update(dict(ip_tokens=4, motion_max_seq_length=16))
+    c.model.vae = ml_collections.ConfigDict(dict(kind="sd", block_out_channels=(32, 64), layers_per_block=1,
+                                                 norm_num_groups=8, scaling_factor=0.18215))
+    c.model.text_encoder = ml_collections.ConfigDict(dict(
+        kind="clip_text", vocab_size=1000, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=77, eos_token_id=2))
+    return c
+'''
+
+
+class NotATensor:
+    """Pickled into a .ckpt: torch.load(weights_only=True) must refuse it."""
+
+
+def flat(tree) -> dict:
+    return {"/".join(k): v for k, v in flax.traverse_util.flatten_dict(dict(tree)).items()}
+
+
+@pytest.fixture(scope="module")
+def parts(tmp_path_factory) -> dict[str, Path]:
+    """Tiny random pretrained parts in their on-disk formats (matching TINY_CONFIG)."""
+    root = tmp_path_factory.mktemp("parts")
+    torch.manual_seed(0)
+    sd = root / "sd"
+    UNet2DConditionModel(sample_size=16, in_channels=4, out_channels=4, block_out_channels=(32, 64),
+                         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), layers_per_block=1, attention_head_dim=4,
+                         cross_attention_dim=32, norm_num_groups=8).save_pretrained(sd / "unet")
+    AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(32, 64), layers_per_block=1, latent_channels=4,
+                  norm_num_groups=8, down_block_types=("DownEncoderBlock2D",) * 2,
+                  up_block_types=("UpDecoderBlock2D",) * 2).save_pretrained(sd / "vae")
+    CLIPTextModel(CLIPTextConfig(vocab_size=1000, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                 num_attention_heads=4, max_position_embeddings=77, eos_token_id=2)
+                  ).save_pretrained(sd / "text_encoder")
+    (sd / "scheduler").mkdir()
+    (sd / "scheduler" / "scheduler_config.json").write_text("{}")
+    (sd / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+    adapter = MotionAdapter(block_out_channels=(32, 64), motion_layers_per_block=1, motion_num_attention_heads=4,
+                            motion_norm_num_groups=8, motion_max_seq_length=16)
+    with torch.no_grad():
+        for p in adapter.parameters():
+            p.normal_(0.0, 0.1)
+    adapter.save_pretrained(root / "motion")
+    CLIPVisionModelWithProjection(CLIPVisionConfig(
+        image_size=32, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        projection_dim=32, hidden_act="gelu")).save_pretrained(root / "image_encoder")
+    g = torch.Generator().manual_seed(1)
+    ip = {"image_proj": {"proj.weight": torch.randn(4 * 32, 32, generator=g), "proj.bias": torch.randn(128, generator=g),
+                         "norm.weight": torch.randn(32, generator=g), "norm.bias": torch.randn(32, generator=g)},
+          "ip_adapter": {}}
+    for n, hidden in ((1, 32), (3, 32), (5, 32), (7, 64)):  # attn2 of down 0, up 1 (x2), mid
+        for w in ("to_k_ip", "to_v_ip"):
+            ip["ip_adapter"][f"{n}.{w}.weight"] = torch.randn(hidden, 32, generator=g)
+    torch.save(ip, root / "ip-adapter_tiny.bin")
+    (root / "tiny_config.py").write_text(TINY_CONFIG)
+    return {"root": root, "sd": sd, "motion": root / "motion", "image_encoder": root / "image_encoder",
+            "ip": root / "ip-adapter_tiny.bin", "config": root / "tiny_config.py"}
+
+
+def test_help():
+    out = subprocess.run([sys.executable, "-m", "atomo_jax.convert", "--help"], cwd=REPO, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    for command in ("compose", "unet", "vae", "clip-text", "clip-vision", "motion", "ip-adapter"):
+        assert command in out.stdout
+    with pytest.raises(SystemExit) as e:
+        main(["compose", "--help"])
+    assert e.value.code == 0
+
+
+def test_compose_loads_reports_and_restores(parts, tmp_path, capsys):
+    out = tmp_path / "init"
+    code = main(["compose", "--sd", str(parts["sd"]), "--motion", str(parts["motion"]), "--ip_adapter",
+                 str(parts["ip"]), "--image_encoder", str(parts["image_encoder"]), "--out", str(out),
+                 "--config", str(parts["config"])])
+    captured = capsys.readouterr()
+    text = captured.out
+    assert code == 0, captured.err
+    for part in ("[unet]", "[vae]", "[text_encoder]", "[image_encoder]"):
+        assert part in text
+    unet_block = text.split("[unet]")[1].split("[vae]")[0]
+    assert "newly initialised: " in unet_block and "temp_convs" in unet_block  # only the temporal convs are new
+    assert "motion_modules" not in unet_block.split("newly initialised")[1].split("ignored")[0]
+    assert "position tables" in unet_block and "conv_in" in unet_block  # checked tables, 4 -> 9 channel note
+    assert "scheduler/" in text and "model_index.json" in text  # ignored entries of the SD folder
+
+    config = compose.load_config(parts["config"])
+    model = build_model(config.model)
+    abstract = flax.linen.meta.unbox(jax.eval_shape(lambda r: model.init(r, num_frames=8, resolution=32),
+                                                    jax.random.key(0)))
+    restored = compose.restore_params(out, abstract)
+    unet = flat(restored["unet"])
+    torch_unet = load_file(str(parts["sd"] / "unet" / "diffusion_pytorch_model.safetensors"))
+    conv_in = np.asarray(unet["conv_in/kernel"])
+    np.testing.assert_array_equal(conv_in[..., :4, :], torch_unet["conv_in.weight"].transpose(2, 3, 1, 0))
+    assert not conv_in[..., 4:, :].any()
+    torch_motion = load_file(str(parts["motion"] / "diffusion_pytorch_model.safetensors"))
+    np.testing.assert_array_equal(unet["mid_block/motion_modules_0/proj_in/kernel"],
+                                  torch_motion["mid_block.motion_modules.0.proj_in.weight"].T)
+    ip = torch.load(parts["ip"], weights_only=True)
+    np.testing.assert_array_equal(unet["mid_block/attentions_0/transformer_blocks_0/attn2/to_v_ip/kernel"],
+                                  ip["ip_adapter"]["7.to_v_ip.weight"].numpy().T)
+    assert not np.asarray(unet["down_blocks_0/temp_convs_0/conv4_conv/kernel"]).any()  # identity at start
+    vae = load_file(str(parts["sd"] / "vae" / "diffusion_pytorch_model.safetensors"))
+    restored_vae = flat(restored["vae"])
+    for key in ("encoder/conv_out/bias", "decoder/conv_out/bias"):
+        if key in restored_vae or key.startswith("encoder"):  # the decoder only where the model has one
+            np.testing.assert_array_equal(restored_vae[key], vae[key.replace("/", ".")])
+    assert flat(restored["text_encoder"]).keys() == flat(abstract["text_encoder"]).keys()
+    assert flat(restored["image_encoder"]).keys() == flat(abstract["image_encoder"]).keys()
+
+    with pytest.raises(SystemExit):  # an existing --out is refused
+        main(["compose", "--motion", str(parts["motion"]), "--out", str(out), "--config", str(parts["config"])])
+
+
+def test_single_part_commands(parts, tmp_path, capsys):
+    config = ["--config", str(parts["config"])]
+    assert main(["motion", str(parts["motion"]), "--out", str(tmp_path / "m.safetensors")] + config) == 0
+    saved = load_file(str(tmp_path / "m.safetensors"))
+    assert saved and all("motion_modules_" in k for k in saved)
+    assert main(["ip-adapter", str(parts["ip"]), "--out", str(tmp_path / "ip.msgpack")] + config) == 0
+    restored = flax.serialization.msgpack_restore((tmp_path / "ip.msgpack").read_bytes())
+    assert "image_embeds" in restored["image_proj"]
+    assert main(["clip-vision", str(parts["image_encoder"]), "--out", str(tmp_path / "v.safetensors")]) == 0
+    assert main(["vae", str(parts["sd"] / "vae"), "--out", str(tmp_path / "vae.safetensors")]) == 0
+    assert "parameters" in capsys.readouterr().out
+
+
+def test_bad_inputs_give_clear_errors(parts, tmp_path, capsys):
+    config = ["--config", str(parts["config"])]
+    good = load_file(str(parts["motion"] / "diffusion_pytorch_model.safetensors"))
+
+    def run(state: dict, name: str = "mm.safetensors") -> str:
+        save_file(state, str(tmp_path / name))
+        assert main(["motion", str(tmp_path / name), "--out", str(tmp_path / "o.safetensors")] + config) == 1
+        return capsys.readouterr().err
+
+    key = "down_blocks.1.motion_modules.0.transformer_blocks.0.attn1.to_k.weight"
+    err = run({k: v for k, v in good.items() if k != key})
+    assert "mm.safetensors" in err and "1 missing" in err and "down_blocks_1/motion_modules_0" in err
+    err = run(dict(good, **{"down_blocks.0.motion_modules.0.bogus.weight": np.zeros(2, np.float32)}))
+    assert "1 unexpected" in err and "down_blocks.0.motion_modules.0.bogus.weight" in err
+    err = run(dict(good, **{key: np.zeros((64, 3), np.float32)}))
+    assert "1 mis-shaped" in err and key in err
+
+    (tmp_path / "weights.xyz").write_bytes(b"junk")
+    assert main(["motion", str(tmp_path / "weights.xyz"), "--out", str(tmp_path / "o.safetensors")] + config) == 1
+    err = capsys.readouterr().err
+    assert "unknown weight format '.xyz'" in err and ".safetensors" in err
+
+    torch.save({"state_dict": {"w": torch.zeros(2)}, "trainer": NotATensor()}, tmp_path / "evil.ckpt")
+    for command in (["motion"], ["ip-adapter"]):
+        assert main(command + [str(tmp_path / "evil.ckpt"), "--out", str(tmp_path / "o.safetensors")] + config) == 1
+        err = capsys.readouterr().err
+        assert "evil.ckpt" in err and "weights_only=True" in err
+
+    with pytest.raises(SystemExit):  # unknown output format is refused before any work
+        main(["motion", str(parts["motion"]), "--out", str(tmp_path / "o.pt")] + config)
+    assert "supported: .safetensors, .msgpack" in capsys.readouterr().err
+    assert main(["compose", "--sd", str(parts["motion"]), "--out", str(tmp_path / "c")] + config) == 1
+    assert "not a diffusers SD folder" in capsys.readouterr().err
