@@ -114,6 +114,7 @@ def test_still_video_scores():
     assert result["motion"] == 0.0
     assert result["ssim_first"] == 1.0 and result["mse_first"] == 0.0
     assert result["clip_adjacent"] is None  # no CLIP weights given
+    assert evaluate.score_video(video[:1])["motion"] is None  # no frame pairs
 
 
 @pytest.mark.parametrize("dx, dy", [(1, 0), (4, 0), (2, -3)])

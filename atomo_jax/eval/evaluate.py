@@ -6,7 +6,7 @@ Per video (uint8 frames, (F, H, W, 3)):
 - `clip_adjacent`: mean over adjacent pairs of cos(CLIP(frame i), CLIP(frame i+1)) (AIGCBench's "GenVideo Clip").
 - `clip_text_video`: mean over frames of cos(CLIP text(prompt), CLIP(frame)).
 - `motion`: mean dense-flow magnitude in pixels between adjacent frames (`flow`, Lucas-Kanade, not RAFT).
-Metrics whose inputs are missing (no image, no CLIP weights, no prompt) are None.
+Metrics whose inputs are missing (no image, no CLIP weights, no prompt, a single frame) are None.
 """
 
 from __future__ import annotations
@@ -187,7 +187,8 @@ def score_video(frames: np.ndarray, image: np.ndarray | None = None, *, clip: An
         result["clip_adjacent"] = _mean_or_none(metrics.cosine(frame_embeds[:-1], frame_embeds[1:]))
         if prompt is not None and clip.has_text:
             result["clip_text_video"] = _mean_or_none(metrics.cosine(clip.text_embeds([prompt]), frame_embeds))
-    result["motion"] = flow.motion_score(frames)
+    if len(frames) > 1:
+        result["motion"] = flow.motion_score(frames)
     return result
 
 
@@ -204,6 +205,9 @@ def evaluate(inputs: Iterable[VideoInput], *, clip: Any = None, ssim_window: str
         frames = read_video(item.video)
         if max_frames:
             frames = frames[:max_frames]
+        if len(frames) < 2:
+            log.warning("%s has a single frame: no motion or adjacent-frame similarity (a GIF of a still video may "
+                        "have been written with its identical frames merged)", item.video)
         row: dict[str, Any] = {"video": item.video, "frames": int(frames.shape[0]),
                                "height": int(frames.shape[1]), "width": int(frames.shape[2])}
         image = None
