@@ -8,7 +8,7 @@ Tikhonov term `damping` so that textureless pixels get a zero increment instead 
 those of the mean of the first and the warped second frame (symmetric, converges in fewer iterations).
 
 It resolves smooth, textured motion to a fraction of a pixel (translations of 1-8 px on 64x64 frames: within 1%;
-(3, 2) px/frame on 512x512: 3.609 for 3.606) up to about 1/5 of the short side per frame. Like any local method it measures only the motion it
+(3, 2) px/frame on 512x512: 3.609 for 3.606) up to about 1/6 of the short side per frame. Like any local method it measures only the motion it
 can see: inside textureless regions and along straight edges (the aperture problem) it under-estimates, where RAFT
 (AIGCBench's flow network) fills motion in from context. Motion scores from this module are therefore *not*
 directly comparable to RAFT-based numbers (e.g. AtomoVideo's 3.124); compare models with the same method.
