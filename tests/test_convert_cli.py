@@ -17,7 +17,7 @@ from diffusers import AutoencoderKL, MotionAdapter, UNet2DConditionModel
 from safetensors.numpy import load_file, save_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModelWithProjection
 
-from atomo_jax.convert import compose, torch_io
+from atomo_jax.convert import compose
 from atomo_jax.convert.__main__ import main
 from atomo_jax.models.atomo import build_model
 
@@ -75,8 +75,9 @@ def parts(tmp_path_factory) -> dict[str, Path]:
         image_size=32, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
         projection_dim=32, hidden_act="gelu")).save_pretrained(root / "image_encoder")
     g = torch.Generator().manual_seed(1)
-    ip = {"image_proj": {"proj.weight": torch.randn(4 * 32, 32, generator=g), "proj.bias": torch.randn(128, generator=g),
-                         "norm.weight": torch.randn(32, generator=g), "norm.bias": torch.randn(32, generator=g)},
+    ip = {"image_proj": {"proj.weight": torch.randn(4 * 32, 32, generator=g),
+                         "proj.bias": torch.randn(128, generator=g), "norm.weight": torch.randn(32, generator=g),
+                         "norm.bias": torch.randn(32, generator=g)},
           "ip_adapter": {}}
     for n, hidden in ((1, 32), (3, 32), (5, 32), (7, 64)):  # attn2 of down 0, up 1 (x2), mid
         for w in ("to_k_ip", "to_v_ip"):
@@ -189,3 +190,20 @@ def test_bad_inputs_give_clear_errors(parts, tmp_path, capsys):
     assert "supported: .safetensors, .msgpack" in capsys.readouterr().err
     assert main(["compose", "--sd", str(parts["motion"]), "--out", str(tmp_path / "c")] + config) == 1
     assert "not a diffusers SD folder" in capsys.readouterr().err
+
+
+def test_unet_command_reads_original_single_file(parts, tmp_path, capsys):
+    from atomo_jax.convert import single_file
+
+    torch_unet = load_file(str(parts["sd"] / "unet" / "diffusion_pytorch_model.safetensors"))
+    layout = single_file.LDMUNetLayout(layers_per_block=1, down_attention=(True, False))
+    ldm = single_file.diffusers_unet_to_ldm(torch_unet, layout)
+    ldm["model_ema.decay"] = np.zeros((), np.float32)
+    save_file(ldm, str(tmp_path / "sd_tiny.safetensors"))
+    out = tmp_path / "unet.safetensors"
+    assert main(["unet", str(tmp_path / "sd_tiny.safetensors"), "--out", str(out), "--config",
+                 str(parts["config"])]) == 0, capsys.readouterr().err
+    saved = load_file(str(out))
+    np.testing.assert_array_equal(saved["down_blocks_0/resnets_0/conv1/kernel"],
+                                  torch_unet["down_blocks.0.resnets.0.conv1.weight"].transpose(2, 3, 1, 0))
+    assert "newly initialised" in capsys.readouterr().out

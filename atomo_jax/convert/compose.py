@@ -87,10 +87,6 @@ def flat(tree: Mapping[str, Any]) -> dict[str, Any]:
     return {"/".join(k): v for k, v in flax.traverse_util.flatten_dict(dict(tree)).items()}
 
 
-def unflat(mapping: Mapping[str, Any]) -> dict[str, Any]:
-    return flax.traverse_util.unflatten_dict({tuple(k.split("/")): v for k, v in mapping.items()})
-
-
 def _strip_params(variables: Mapping[str, Any]) -> dict[str, Any]:
     return flax.core.unfreeze(variables.get("params", variables))
 
