@@ -76,7 +76,7 @@ class AtomoVideo:
         """Random parameters for every part (boxed with logical axis names; `nn.unbox` for plain arrays)."""
         r_unet, r_vae, r_img, r_txt = jax.random.split(rng, 4)
         video = jnp.zeros((1, num_frames, resolution, resolution, 3), jnp.float32)
-        vae_vars = self.vae.init(r_vae, video[:, 0], method="encode")
+        vae_vars = self.vae.init(r_vae, video[:, 0])  # the full round trip creates encoder and decoder params
         latents = self.vae.apply(vae_vars, video[:, 0], method="encode")[0]
         image = jnp.zeros((1, self.image_size, self.image_size, 3), jnp.float32)
         img_vars = self.image_encoder.init(r_img, image)

@@ -1,0 +1,184 @@
+"""Our side of the GPU benchmark: the full-size train step and image-to-video sampling, timed on one device.
+
+  python bench/jax_bench.py train --batch=4 --latent=32 [--trainable=all|paper] [--remat=none] --out=r.jsonl
+  python bench/jax_bench.py sample --latent=64 --steps=25 --out=r.jsonl
+  python bench/jax_bench.py matmul --out=r.jsonl
+
+Shapes follow the peer (DESIGN.md): 9 input channels, 16 frames, 93 context tokens, CLIP image embedding 1024.
+Latents, context and image embedding come straight in (no VAE / encoders in the timed step), as for the peer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import flax.linen as nn  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from atomo_jax.models.atomo import build_model  # noqa: E402
+from atomo_jax.parallel import axes  # noqa: E402
+from atomo_jax.parallel.mesh import make_mesh  # noqa: E402
+from atomo_jax.training.setup import init_train_state, state_shardings  # noqa: E402
+from atomo_jax.training.train_step import batch_shardings, jit_train_step  # noqa: E402
+from bench.flops import count_flops  # noqa: E402
+from configs import base  # noqa: E402
+
+FRAMES, CONTEXT = 16, 93
+
+
+def bench_config(args: argparse.Namespace):
+    c = base.get_config()
+    c.model.unet.dtype = args.dtype
+    c.model.unet.attention_impl = args.attention
+    c.model.unet.remat = args.remat
+    # Timed steps take latents/embeddings directly: a weightless VAE stand-in and a tiny image encoder keep
+    # memory for the UNet (the UNet is the full-size one).
+    c.model.vae = base.ml_collections.ConfigDict(dict(kind="pixel", factor=8, scaling_factor=1.0))
+    c.model.image_encoder = base.ml_collections.ConfigDict(dict(
+        kind="clip_vision", image_size=32, patch_size=16, hidden_size=64, intermediate_size=128,
+        num_hidden_layers=1, num_attention_heads=2, projection_dim=1024))
+    c.model.text_encoder = base.ml_collections.ConfigDict(dict(kind="none"))
+    c.data.num_frames = FRAMES
+    c.data.resolution = args.latent * 8
+    c.train.batch_size = args.batch
+    c.train.trainable = (".*",) if args.trainable == "all" else ("temp_convs", "motion_modules", "^conv_in/")
+    c.train.ema_decay = 0.9999
+    c.mesh.data = 1
+    if args.tiny:  # CPU smoke test of the harness itself
+        from configs import demo
+        c.model.unet = demo.get_config().model.unet
+        c.model.unet.update(dict(cross_attention_dim=768, image_embed_dim=1024, motion_max_seq_length=32))
+    return c
+
+
+def make_batch(b: int, latent: int, rng: np.random.Generator) -> dict:
+    return {"latents": jnp.asarray(rng.standard_normal((b, FRAMES, latent, latent, 4)), jnp.float32),
+            "image_embeds": jnp.asarray(rng.standard_normal((b, 1024)), jnp.float32),
+            "context": jnp.asarray(rng.standard_normal((b, CONTEXT, 768)), jnp.float32),
+            "mask": jnp.zeros((b, FRAMES), jnp.float32).at[:, 0].set(1.0)}
+
+
+def timed(fn, n: int) -> list[float]:
+    out = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn())
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def peak_gib() -> float | None:
+    stats = jax.devices()[0].memory_stats() or {}
+    return stats.get("peak_bytes_in_use", 0) / 2 ** 30 if stats else None
+
+
+def run_train(args: argparse.Namespace) -> dict:
+    config = bench_config(args)
+    model = build_model(config.model)
+    mesh = make_mesh(config.mesh)
+    rules = axes.rules_from_config(None)
+    with jax.set_mesh(mesh):
+        shardings = state_shardings(config, model, mesh, rules)
+        state = init_train_state(config, model, shardings)
+        batches = [make_batch(args.batch, args.latent, np.random.default_rng(i)) for i in range(3)]
+        batch_sh = batch_shardings(batches[0], mesh, rules)
+        step = jit_train_step(config, model, mesh, shardings, batch_sh)
+        flops = None
+        if args.count_flops:  # counted on the plain-XLA attention path, where attention is visible matmuls
+            cfg_x = bench_config(argparse.Namespace(**{**vars(args), "attention": "xla"}))
+            flops = count_flops(jit_train_step(cfg_x, build_model(cfg_x.model), mesh, shardings, batch_sh),
+                                state, batches[0])
+        t0 = time.perf_counter()
+        compiled = step.lower(state, batches[0]).compile()
+        compile_s = time.perf_counter() - t0
+        holder = {"s": state}
+
+        def one(i=[0]):
+            i[0] += 1
+            holder["s"], m = compiled(holder["s"], batches[i[0] % 3])
+            return m["loss"]
+
+        timed(one, args.warmup)
+        times = timed(one, args.iters)
+        losses = [float(one()) for _ in range(2)]
+    med = statistics.median(times)
+    return {"kind": "train", "impl": "jax", "batch": args.batch, "latent": args.latent, "trainable": args.trainable,
+            "remat": args.remat, "attention": args.attention, "dtype": args.dtype, "s_per_step": med,
+            "times": times, "compile_s": compile_s, "model_flops": flops,
+            "tflops": flops / med / 1e12 if flops else None, "peak_gib": peak_gib(), "loss": losses[-1],
+            "device": jax.devices()[0].device_kind}
+
+
+def run_sample(args: argparse.Namespace) -> dict:
+    from atomo_jax.diffusion.guidance import Conditioning, GuidanceConfig
+    from atomo_jax.diffusion.samplers import SamplerConfig
+    from atomo_jax.pipelines import i2v
+    config = bench_config(args)
+    model = build_model(config.model)
+    params = jax.jit(lambda r: nn.unbox(model.init(r, num_frames=FRAMES, resolution=args.latent * 8)))(
+        jax.random.key(0))
+    b, lat = 1, args.latent
+    rng = np.random.default_rng(0)
+    given = jnp.zeros((b, FRAMES, lat, lat, 4)).at[:, 0].set(jnp.asarray(rng.standard_normal((b, lat, lat, 4))))
+    mask = jnp.zeros((b, FRAMES)).at[:, 0].set(1.0)
+    cond = Conditioning(mask=mask, given_latents=given,
+                        context=jnp.asarray(rng.standard_normal((b, CONTEXT, 768)), jnp.float32),
+                        empty_context=jnp.asarray(rng.standard_normal((b, CONTEXT, 768)), jnp.float32),
+                        image_embeds=jnp.asarray(rng.standard_normal((b, 1024)), jnp.float32))
+    sampler = SamplerConfig(sampler="ddim", num_steps=args.steps)
+    guidance = GuidanceConfig(image_scale=2.0, text_scale=7.5, rescale=0.7)
+    run = lambda: i2v.denoise(model, params, jax.random.key(1), cond, sampler, guidance)
+    t0 = time.perf_counter()
+    jax.block_until_ready(run())
+    first = time.perf_counter() - t0
+    times = timed(run, args.iters)
+    return {"kind": "sample", "impl": "jax", "latent": lat, "steps": args.steps, "guidance_batch": 3,
+            "s_per_video": statistics.median(times), "times": times, "first_call_s": first, "peak_gib": peak_gib(),
+            "device": jax.devices()[0].device_kind}
+
+
+def run_matmul(args: argparse.Namespace) -> dict:
+    n = 8192
+    keys = jax.random.split(jax.random.key(0), 4)
+    mats = [jax.random.normal(k, (n, n), jnp.bfloat16) for k in keys]
+    f = jax.jit(lambda a, b: a @ b)
+    jax.block_until_ready(f(mats[0], mats[1]))
+    times = timed(lambda: f(mats[0], mats[1]), 20) + timed(lambda: f(mats[2], mats[3]), 20)
+    return {"kind": "matmul", "impl": "jax", "tflops": 2 * n ** 3 / statistics.median(times) / 1e12,
+            "device": jax.devices()[0].device_kind}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("what", choices=["train", "sample", "matmul"])
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--latent", type=int, default=32)
+    p.add_argument("--trainable", choices=["all", "paper"], default="all")
+    p.add_argument("--remat", default="none")
+    p.add_argument("--attention", default="cudnn")
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--steps", type=int, default=25)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--count_flops", action="store_true")
+    p.add_argument("--tiny", action="store_true", help="demo-sized UNet: a CPU smoke test of this script")
+    p.add_argument("--out", required=True)
+    args = p.parse_args()
+    result = {"train": run_train, "sample": run_sample, "matmul": run_matmul}[args.what](args)
+    result["args"] = vars(args)
+    with open(args.out, "a") as f:
+        f.write(json.dumps(result) + "\n")
+    print(json.dumps({k: v for k, v in result.items() if k not in ("times", "args")}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
