@@ -1,0 +1,145 @@
+"""The PyTorch peer of DESIGN.md: diffusers UNet3DConditionModel, SD 1.5-sized (1.40 B params), 9 input channels,
+bf16 autocast + SDPA, fused AdamW, full fine-tune; and its sampling loop (UNet calls + DDIM scheduler).
+
+  python bench/torch_peer.py train --batch=4 --latent=32 [--compile] --out=r.jsonl
+  python bench/torch_peer.py sample --latent=64 --steps=25 --out=r.jsonl
+
+FLOPs are counted with torch's FlopCounterMode (matmul + conv + SDPA, forward + backward) on one step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+FRAMES, CONTEXT = 16, 93
+
+
+def build_unet() -> torch.nn.Module:
+    from diffusers import UNet3DConditionModel
+    return UNet3DConditionModel(in_channels=9, out_channels=4, cross_attention_dim=768, attention_head_dim=8)
+
+
+def timed(fn, n: int) -> list[float]:
+    out = []
+    for _ in range(n):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def run_train(args: argparse.Namespace) -> dict:
+    torch.manual_seed(0)
+    unet = build_unet().cuda().train()
+    opt = torch.optim.AdamW(unet.parameters(), lr=1e-5, fused=True)
+    model = torch.compile(unet) if args.compile else unet
+    b, lat = args.batch, args.latent
+    g = torch.Generator(device="cuda").manual_seed(0)
+    sample = torch.randn(b, 9, FRAMES, lat, lat, device="cuda", generator=g)
+    target = torch.randn(b, 4, FRAMES, lat, lat, device="cuda", generator=g)
+    context = torch.randn(b, CONTEXT, 768, device="cuda", generator=g)
+    t = torch.randint(0, 1000, (b,), device="cuda", generator=g)
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            pred = model(sample, t, encoder_hidden_states=context).sample
+        loss = F.mse_loss(pred.float(), target)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    flops = None
+    if args.count_flops:
+        from torch.utils.flop_counter import FlopCounterMode
+        with FlopCounterMode(display=False) as counter:
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                pred = unet(sample, t, encoder_hidden_states=context).sample
+            F.mse_loss(pred.float(), target).backward()
+        unet.zero_grad(set_to_none=True)
+        flops = float(counter.get_total_flops())
+    torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    timed(step, args.warmup)
+    warmup_s = time.perf_counter() - t0
+    times = timed(step, args.iters)
+    med = statistics.median(times)
+    return {"kind": "train", "impl": "torch_compile" if args.compile else "torch_eager", "batch": b, "latent": lat,
+            "s_per_step": med, "times": times, "warmup_s": warmup_s, "model_flops": flops,
+            "tflops": flops / med / 1e12 if flops else None,
+            "params": sum(p.numel() for p in unet.parameters()),
+            "peak_gib": torch.cuda.max_memory_allocated() / 2 ** 30, "device": torch.cuda.get_device_name()}
+
+
+@torch.no_grad()
+def run_sample(args: argparse.Namespace) -> dict:
+    from diffusers import DDIMScheduler
+    torch.manual_seed(0)
+    unet = build_unet().cuda().eval().to(torch.bfloat16)
+    sched = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                          rescale_betas_zero_snr=True, timestep_spacing="trailing", prediction_type="v_prediction",
+                          clip_sample=False)
+    lat = args.latent
+    g = torch.Generator(device="cuda").manual_seed(0)
+    cond = torch.randn(1, 5, FRAMES, lat, lat, device="cuda", generator=g, dtype=torch.bfloat16)
+    context = torch.randn(3, CONTEXT, 768, device="cuda", generator=g, dtype=torch.bfloat16)
+
+    def video():
+        sched.set_timesteps(args.steps)
+        x = torch.randn(1, 4, FRAMES, lat, lat, device="cuda", generator=g, dtype=torch.bfloat16)
+        for t in sched.timesteps:
+            inp = torch.cat([x, cond], dim=1).repeat(3, 1, 1, 1, 1)  # uncond / image / image+text
+            out = unet(inp, t, encoder_hidden_states=context).sample
+            u, i, it = out.chunk(3)
+            guided = u + 2.0 * (i - u) + 7.5 * (it - i)
+            x = sched.step(guided, t, x).prev_sample
+        return x
+
+    video()
+    torch.cuda.reset_peak_memory_stats()
+    times = timed(video, args.iters)
+    return {"kind": "sample", "impl": "torch_eager", "latent": lat, "steps": args.steps, "guidance_batch": 3,
+            "s_per_video": statistics.median(times), "times": times,
+            "peak_gib": torch.cuda.max_memory_allocated() / 2 ** 30, "device": torch.cuda.get_device_name()}
+
+
+def run_matmul(args: argparse.Namespace) -> dict:
+    n = 8192
+    a, b = (torch.randn(n, n, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    a @ b
+    times = timed(lambda: a @ b, 30)
+    return {"kind": "matmul", "impl": "torch", "tflops": 2 * n ** 3 / statistics.median(times) / 1e12,
+            "device": torch.cuda.get_device_name()}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("what", choices=["train", "sample", "matmul"])
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--latent", type=int, default=32)
+    p.add_argument("--compile", action="store_true")
+    p.add_argument("--steps", type=int, default=25)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--count_flops", action="store_true")
+    p.add_argument("--out", required=True)
+    args = p.parse_args()
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    result = {"train": run_train, "sample": run_sample, "matmul": run_matmul}[args.what](args)
+    result["args"] = vars(args)
+    with open(args.out, "a") as f:
+        f.write(json.dumps(result) + "\n")
+    print(json.dumps({k: v for k, v in result.items() if k not in ("times", "args")}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
