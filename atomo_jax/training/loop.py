@@ -2,11 +2,13 @@
 
 mesh -> model -> state (restored, composed from pretrained parts, or random) -> grain loader -> jitted sharded step
 -> metrics / checkpoints / samples. Killed at any point, rerunning the same command resumes from the last finished
-checkpoint with the data iterator at the exact next batch.
+checkpoint with the data iterator at the exact next batch and the RNG where it was, so the loss sequence continues
+bit for bit. Process 0 appends every step's loss to `<workdir>/losses.jsonl` (one {"step", "loss"} object a line).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -18,17 +20,16 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from atomo_jax.diffusion import schedule
 from atomo_jax.models.atomo import build_model
 from atomo_jax.parallel import axes, distributed
 from atomo_jax.parallel import sharding as shd
 from atomo_jax.parallel.mesh import make_mesh
 from atomo_jax.training import metrics as metrics_lib
 from atomo_jax.training.checkpoint import Checkpointer
-from atomo_jax.training.optimizer import learning_rate_schedule, make_optimizer
+from atomo_jax.training.optimizer import learning_rate_schedule
 from atomo_jax.training.setup import abstract_train_state, init_train_state, state_shardings
 from atomo_jax.training.state import all_finite, count_params, merge
-from atomo_jax.training.train_step import make_train_step
+from atomo_jax.training.train_step import batch_shardings, jit_train_step
 
 DEVICE_KEYS = ("video", "cond_image", "mask", "latents", "image_embeds", "tokens", "context")
 
@@ -94,6 +95,51 @@ def _held_out_image(config: ml_collections.ConfigDict, first_batch: dict) -> np.
     return np.asarray(first_batch["cond_image"][:1], np.float32)
 
 
+def _sample_image(model: Any, params: dict, config: ml_collections.ConfigDict, first_batch: dict) -> np.ndarray:
+    """Latent-cache batches carry no pixels: the conditioning frame is then the decoded first cached frame."""
+    if config.data.kind == "latents" or "cond_image" not in first_batch:
+        latents = jnp.asarray(np.asarray(first_batch["latents"][:1, :1], np.float32))
+        return np.asarray(model.decode_latents(params, latents)[:, 0])
+    return _held_out_image(config, first_batch)
+
+
+class LossLog:
+    """`losses.jsonl` in the workdir: every step's loss, written by process 0 at log and save points. On resume the
+    lines past the restored step are dropped, so the file always reads as one run."""
+
+    def __init__(self, workdir: str, enabled: bool, resumed_at: int | None):
+        self.path = os.path.join(workdir, "losses.jsonl")
+        self.enabled = enabled
+        self.pending: list[tuple[int, jax.Array]] = []
+        if enabled and os.path.exists(self.path):
+            keep = []
+            with open(self.path) as f:
+                for line in f:
+                    try:
+                        rec = json.loads(line)
+                    except json.JSONDecodeError:  # a line cut by a kill
+                        continue
+                    if resumed_at is not None and rec["step"] <= resumed_at:
+                        keep.append(line if line.endswith("\n") else line + "\n")
+            with open(self.path, "w") as f:
+                f.writelines(keep)
+
+    def add(self, step: int, loss: jax.Array) -> None:
+        if self.enabled:
+            self.pending.append((step, loss))
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        values = jax.device_get([v for _, v in self.pending])
+        with open(self.path, "a") as f:
+            for (step, _), v in zip(self.pending, values):
+                f.write(json.dumps({"step": step, "loss": float(v)}) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        self.pending = []
+
+
 def write_sample(model: Any, params: dict, config: ml_collections.ConfigDict, image: np.ndarray, out_dir: str,
                  step: int, writer: metrics_lib.MetricWriter | None = None) -> dict[str, str]:
     """Image-to-video from `image` (1, H, W, 3) in [-1, 1]: MP4, GIF and a PNG strip (conditioning frame first)."""
@@ -120,11 +166,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     validate(config, mesh)
     rules = axes.rules_from_config(config.mesh.rules)
     model = build_model(config.model)
-    tx = make_optimizer(config.train)
     lr_fn = learning_rate_schedule(config.train)
-    alphas_cumprod = schedule.make_alphas_cumprod(
-        int(config.diffusion.num_train_timesteps), float(config.diffusion.beta_start),
-        float(config.diffusion.beta_end), config.diffusion.beta_schedule, bool(config.diffusion.rescale_zero_snr))
     is_main = jax.process_index() == 0
 
     with jax.set_mesh(mesh):
@@ -154,9 +196,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         print(f"[train] devices={jax.device_count()} mesh={dict(mesh.shape)} params: trainable={n_train:,} "
               f"frozen={n_frozen:,}", flush=True)
 
-        batch_sh = {k: shd.batch_sharding(mesh, rules, 1) for k in DEVICE_KEYS}
-        step_fn = make_train_step(model=model, tx=tx, alphas_cumprod=alphas_cumprod, config=config)
-        step_jit = jax.jit(step_fn, donate_argnums=(0,), out_shardings=(shardings, shd.replicated(mesh)))
+        step_jit = None  # built at the first batch, whose keys fix the batch shardings
         finite_jit = jax.jit(all_finite)
 
         def to_device(batch: dict) -> dict:
@@ -170,6 +210,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
         writer = metrics_lib.MetricWriter(os.path.join(workdir, "tensorboard"), enabled=is_main)
         preemption = _Preemption()
+        loss_log = LossLog(workdir, is_main, latest)
         num_steps = int(config.train.num_steps)
         log_every = max(1, int(config.train.log_every))
         step = int(jax.device_get(state.step))
@@ -183,6 +224,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             nonlocal saved_step
             if not bool(jax.device_get(finite_jit(state.trainable))):
                 raise FloatingPointError(f"refusing to save step {at}: parameters are not finite")
+            loss_log.flush()
             checkpointer.save(at, state, data_iter, config)
             saved_step = at
 
@@ -194,10 +236,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 first_batch = batch
             skipped_samples += int(np.sum(batch.get("skipped", 0)))
             device_batch = to_device(batch)
-            if flops_per_step is None:
-                flops_per_step = metrics_lib.compiled_flops(step_jit.lower(state, device_batch).compile()) or 0.0
+            if step_jit is None:
+                # Compiled once ahead of time: the executable gives the FLOPs and runs every step.
+                step_jit = jit_train_step(config, model, mesh, shardings, batch_shardings(device_batch, mesh, rules))
+                step_jit = step_jit.lower(state, device_batch).compile()
+                flops_per_step = metrics_lib.compiled_flops(step_jit) or 0.0
             state, m = step_jit(state, device_batch)
             step += 1
+            loss_log.add(step, m["loss"])
             steps_since += 1
             if config.train.nonfinite == "stop" and not bool(jax.device_get(m["finite"])):
                 raise FloatingPointError(f"non-finite loss or gradients at step {step}; last good checkpoint: "
@@ -217,6 +263,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                         last["mfu"] = flops_per_step * sps / peak
                 writer.scalars(step, last)
                 writer.progress(step, num_steps, last)
+                loss_log.flush()
                 t_log, steps_since, wait_since = time.perf_counter(), 0, 0.0
             if checkpointer.should_save(step):
                 save(step)
@@ -230,9 +277,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
         if saved_step != step:
             save(step)
+        loss_log.flush()
         checkpointer.close()
         result: dict[str, Any] = {"step": step, **last}
-        if is_main and first_batch is not None:
+        if not config.sample.get("at_end", True):
+            pass
+        elif is_main and first_batch is not None:
             result["samples"] = _sample(model, state, config, first_batch, workdir, step, writer)
         elif is_main:  # resumed at the end: still leave a sample
             result["samples"] = _sample(model, state, config, next(data_iter), workdir, step, writer)
@@ -243,7 +293,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 def _sample(model: Any, state: Any, config: ml_collections.ConfigDict, first_batch: dict, workdir: str, step: int,
             writer: metrics_lib.MetricWriter) -> dict[str, str]:
     params = jax.device_get({**state.frozen, "unet": merge(state.ema, state.frozen["unet"])})
-    paths = write_sample(model, params, config, _held_out_image(config, first_batch),
+    paths = write_sample(model, params, config, _sample_image(model, params, config, first_batch),
                          os.path.join(workdir, "samples"), step, writer)
     print(f"[train] sample written: {paths['mp4']} {paths['gif']} {paths['png']}", flush=True)
     return paths

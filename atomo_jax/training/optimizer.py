@@ -1,4 +1,7 @@
-"""optax AdamW with warmup + cosine/constant learning rate and global-norm clipping."""
+"""optax AdamW with warmup + cosine/constant learning rate.
+
+Global-norm clipping (config.train.grad_clip) happens in the train step, which computes the norm once for clipping,
+logging and the non-finite guard (see `train_step.clip_by_norm`)."""
 
 from __future__ import annotations
 
@@ -19,9 +22,5 @@ def learning_rate_schedule(train: ml_collections.ConfigDict) -> optax.Schedule:
 
 
 def make_optimizer(train: ml_collections.ConfigDict) -> optax.GradientTransformation:
-    parts = []
-    if float(train.grad_clip) > 0:
-        parts.append(optax.clip_by_global_norm(float(train.grad_clip)))
-    parts.append(optax.adamw(learning_rate_schedule(train), b1=float(train.adam_b1), b2=float(train.adam_b2),
-                             eps=float(train.adam_eps), weight_decay=float(train.weight_decay)))
-    return optax.chain(*parts)
+    return optax.adamw(learning_rate_schedule(train), b1=float(train.adam_b1), b2=float(train.adam_b2),
+                       eps=float(train.adam_eps), weight_decay=float(train.weight_decay))

@@ -1,23 +1,59 @@
-"""The pure training step: gradient accumulation over micro-batches, AdamW update, non-finite guard, EMA."""
+"""The pure training step: gradient accumulation over micro-batches, clipped AdamW update, non-finite guard, EMA;
+and `jit_train_step`, the one place it is jitted with explicit shardings (the trainer and the AOT check share it)."""
 
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from atomo_jax.diffusion import schedule
 from atomo_jax.diffusion.loss import diffusion_loss
+from atomo_jax.parallel import sharding as shd
+from atomo_jax.training.optimizer import make_optimizer
 from atomo_jax.training.state import TrainState, merge
 
 
+def sharded_global_norm(tree: Any, shardings: Any, mesh: Mesh) -> jax.Array:
+    """Global L2 norm of a sharded tree as one explicit scalar all-reduce (shard_map + psum).
+
+    Each device sums the squares of its own shards of every leaf, divided by how many devices hold a copy of that
+    shard, then one psum over the whole mesh adds the partial sums. The result is exact for any layout and costs a
+    single scalar collective, where the implicit form reduces leaf by leaf.
+    """
+    specs = jax.tree.map(lambda s: s.spec, shardings, is_leaf=lambda s: isinstance(s, NamedSharding))
+
+    def copies(spec: P) -> int:
+        used = {a for part in spec if part for a in (part if isinstance(part, tuple) else (part,))}
+        return math.prod(n for a, n in mesh.shape.items() if a not in used)
+
+    def local(t):
+        parts = [jnp.sum(jnp.square(x.astype(jnp.float32))) / copies(s)
+                 for x, s in zip(jax.tree.leaves(t), jax.tree.leaves(specs, is_leaf=lambda s: isinstance(s, P)))]
+        return jax.lax.psum(sum(parts, jnp.zeros((), jnp.float32)), mesh.axis_names)
+
+    # check_vma=False: the psum deliberately spans axes a leaf is replicated over (each copy adds its share).
+    return jnp.sqrt(jax.shard_map(local, mesh=mesh, in_specs=(specs,), out_specs=P(), check_vma=False)(tree))
+
+
+def clip_by_norm(grads: Any, norm: jax.Array, max_norm: float) -> Any:
+    """optax.clip_by_global_norm's rule, given the norm (computed once for clipping, logging and the guard)."""
+    if max_norm <= 0:
+        return grads
+    return jax.tree.map(lambda g: jnp.where(norm < max_norm, g, (g / norm.astype(g.dtype)) * max_norm), grads)
+
+
 def train_step(state: TrainState, batch: dict, *, model: Any, tx: optax.GradientTransformation,
-               alphas_cumprod: jax.Array, config: ml_collections.ConfigDict,
+               alphas_cumprod: jax.Array, config: ml_collections.ConfigDict, mesh: Mesh, grad_shardings: Any,
                null_tokens: jax.Array | None = None) -> tuple[TrainState, dict]:
-    """One optimizer step on a global batch; `config.train.grad_accum` splits it into sequential micro-batches."""
+    """One optimizer step on a global batch; `config.train.grad_accum` splits it into sequential micro-batches.
+    Only `state.trainable` is differentiated: frozen parameters get no weight gradients and no optimizer state."""
     accum = int(config.train.grad_accum)
     rng, step_rng = jax.random.split(jax.random.wrap_key_data(state.rng))
 
@@ -43,8 +79,9 @@ def train_step(state: TrainState, batch: dict, *, model: Any, tx: optax.Gradient
         grads = jax.tree.map(lambda g: g / accum, grads)
         loss, aux = loss / accum, {"mse": mse / accum}
 
-    grad_norm = optax.global_norm(grads)
+    grad_norm = sharded_global_norm(grads, grad_shardings, mesh)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    grads = clip_by_norm(grads, grad_norm, float(config.train.grad_clip))
     updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
     trainable = optax.apply_updates(state.trainable, updates)
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
@@ -58,5 +95,22 @@ def train_step(state: TrainState, batch: dict, *, model: Any, tx: optax.Gradient
     return new_state, metrics
 
 
-def make_train_step(**kwargs: Any):
-    return functools.partial(train_step, **kwargs)
+def batch_shardings(batch: dict, mesh: Mesh, rules: Any) -> dict:
+    """Every batch entry split on its leading axis as the rules map `batch`."""
+    return {k: shd.batch_sharding(mesh, rules, len(v.shape)) for k, v in batch.items()}
+
+
+def alphas_cumprod_from(config: ml_collections.ConfigDict) -> jax.Array:
+    d = config.diffusion
+    return schedule.make_alphas_cumprod(int(d.num_train_timesteps), float(d.beta_start), float(d.beta_end),
+                                        d.beta_schedule, bool(d.rescale_zero_snr))
+
+
+def jit_train_step(config: ml_collections.ConfigDict, model: Any, mesh: Mesh, state_sh: TrainState,
+                   batch_sh: dict, null_tokens: jax.Array | None = None):
+    """`train_step` under jit with explicit in/out shardings; the incoming state is donated (updated in place)."""
+    fn = functools.partial(train_step, model=model, tx=make_optimizer(config.train),
+                           alphas_cumprod=alphas_cumprod_from(config), config=config, mesh=mesh,
+                           grad_shardings=state_sh.trainable, null_tokens=null_tokens)
+    return jax.jit(fn, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, shd.replicated(mesh)),
+                   donate_argnums=(0,))

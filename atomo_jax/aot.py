@@ -1,0 +1,344 @@
+"""Ahead-of-time fit check: compile the real train step for a TPU topology (or N fake CPU devices) on this host.
+
+  python -m atomo_jax.aot --config=configs/base.py --topology=v5p-128 --num_slices=2 --config.mesh.fsdp=-1 ...
+  python -m atomo_jax.aot --config=configs/base.py --topology=v6e-64 --sweep
+  python -m atomo_jax.aot --config=configs/base.py --topology=cpu-8 --config.mesh.fsdp=8 --config.mesh.data=1
+
+Nothing is allocated: the train state and the batch are `jax.ShapeDtypeStruct`s carrying the shardings the trainer
+would use, and `jit(train_step).lower(...).compile()` runs XLA for the target. TPU targets need `libtpu` (the version
+`jax[tpu]` pins for the installed jax; for jax 0.10.2: `pip install libtpu==0.0.42.1`). Prints per-chip HBM (arguments,
+temporaries, outputs) against the chip's capacity and FLOPs per step; exits 1 with the numbers when it does not fit.
+`--sweep` compiles every mesh layout x remat policy the config allows and prints a table.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import re
+import sys
+import time
+from typing import Any
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file with get_config().",
+                                          lock_config=True)
+_TOPOLOGY = flags.DEFINE_string("topology", None, "TPU accelerator type (v4-32, v5e-16 / v5litepod-16, v5p-128, "
+                                "v6e-64), a topology name (v5p:4x4x4), or cpu-N for N fake CPU devices.")
+_NUM_SLICES = flags.DEFINE_integer("num_slices", 1, "Number of slices joined over DCN (multi-slice jobs).")
+_SWEEP = flags.DEFINE_boolean("sweep", False, "Try mesh layouts x remat policies and print a table.")
+_HBM_GIB = flags.DEFINE_float("hbm_gib", None, "Override the per-chip memory capacity (GiB).")
+_USABLE = flags.DEFINE_float("usable_fraction", 0.95, "Fraction of the capacity a program may use (the runtime "
+                             "keeps the rest).")
+flags.mark_flags_as_required(["config", "topology"])
+
+GIB = 1024 ** 3
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+    hbm_gib: float  # per chip
+    peak_flops: float  # dense bf16 per chip
+    dims: int  # torus dimensions of the topology name
+    cores_named: bool  # accelerator-type numbers count TensorCores (2 per chip), not chips
+
+
+CHIPS = {
+    "v4": Chip(32, 275e12, 3, True),
+    "v5p": Chip(95, 459e12, 3, True),
+    "v5e": Chip(16, 197e12, 2, False),
+    "v6e": Chip(32, 918e12, 2, False),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """Where to compile: a TPU topology (chips per slice, its torus shape) or fake CPU devices."""
+    name: str
+    generation: str  # v4 v5p v5e v6e, or "cpu"
+    chips: int  # per slice (CPU: devices)
+    topology_name: str = ""  # e.g. "v5p:4x4x4"
+    chips_per_host_bounds: tuple[int, int, int] = (1, 1, 1)
+    num_slices: int = 1
+
+    @property
+    def chip(self) -> Chip | None:
+        return CHIPS.get(self.generation)
+
+
+def _torus(chips: int, dims: int) -> tuple[int, ...]:
+    """Standard slice shapes: 3-D doubles z, y, x in turn from 2x2x1 (v4/v5p); 2-D doubles y, x from 1x1."""
+    if dims == 3:
+        if chips < 4:
+            raise ValueError(f"3-D TPU slices have at least 4 chips, got {chips}")
+        shape = [2, 2, 1]
+    else:
+        shape = [1, 1]
+    while math.prod(shape) < chips:
+        i = max(k for k in range(dims) if shape[k] == min(shape))
+        shape[i] *= 2
+    if math.prod(shape) != chips:
+        raise ValueError(f"{chips} chips is not a power-of-two slice size")
+    return tuple(shape)
+
+
+def parse_target(name: str, num_slices: int = 1) -> Target:
+    """`v5p-128` -> 64 chips as v5p:4x4x4 with 4 chips per host; `v5e-16`/`v5litepod-16` -> v5e:4x4; `cpu-8`."""
+    if num_slices < 1:
+        raise ValueError(f"--num_slices={num_slices}: must be >= 1")
+    m = re.fullmatch(r"cpu-(\d+)", name)
+    if m:
+        return Target(name, "cpu", int(m.group(1)), num_slices=num_slices)
+    m = re.fullmatch(r"(v4|v5p|v5e|v6e):(\d+(?:x\d+){1,2})", name)
+    if m:
+        gen, dims = m.group(1), tuple(int(d) for d in m.group(2).split("x"))
+        chips = math.prod(dims)
+    else:
+        m = re.fullmatch(r"(v4|v5p|v5e|v5litepod|v6e)-(\d+)", name)
+        if not m:
+            raise ValueError(f"--topology={name}: expected a TPU type like v4-32, v5e-16 (v5litepod-16), v5p-128, "
+                             f"v6e-64, a topology name like v5p:4x4x4, or cpu-N")
+        gen = "v5e" if m.group(1) == "v5litepod" else m.group(1)
+        n = int(m.group(2))
+        chips = n // 2 if CHIPS[gen].cores_named else n
+        if CHIPS[gen].cores_named and n % 2:
+            raise ValueError(f"--topology={name}: {gen} sizes count TensorCores (2 per chip), so they are even")
+        try:
+            dims = _torus(chips, CHIPS[gen].dims)
+        except ValueError as e:
+            raise ValueError(f"--topology={name}: {e}") from None
+    if len(dims) != CHIPS[gen].dims:
+        raise ValueError(f"--topology={name}: {gen} topologies have {CHIPS[gen].dims} dimensions")
+    # Hosts carry 4 chips (2x2), except single-host v5e/v6e slices of up to 8 chips.
+    if CHIPS[gen].dims == 2 and chips <= 8:
+        bounds = (dims[0], dims[1], 1)
+    else:
+        bounds = (min(2, dims[0]), min(2, dims[1]), 1)
+    return Target(name, gen, chips, f"{gen}:{'x'.join(map(str, dims))}", bounds, num_slices)
+
+
+def target_devices(target: Target) -> list:
+    import jax
+    if target.generation == "cpu":
+        devices = jax.devices("cpu")
+        if len(devices) != target.chips * target.num_slices:
+            raise RuntimeError(f"--topology={target.name}: {len(devices)} CPU devices exist, wanted "
+                               f"{target.chips * target.num_slices} (XLA_FLAGS was set after jax started?)")
+        return devices
+    try:
+        import libtpu  # noqa: F401
+    except ImportError:
+        raise RuntimeError(f"--topology={target.name} needs libtpu to compile for TPU on this host: "
+                           f"pip install '{libtpu_requirement()}'") from None
+    from jax.experimental import topologies
+    desc = topologies.get_topology_desc(platform="tpu", topology_name=target.topology_name,
+                                        chips_per_host_bounds=target.chips_per_host_bounds,
+                                        num_slices=target.num_slices)
+    return list(desc.devices)
+
+
+def libtpu_requirement() -> str:
+    """The libtpu pin of jax[tpu] for the installed jax, e.g. 'libtpu==0.0.42.*'."""
+    import importlib.metadata as md
+    for req in md.requires("jax") or []:
+        if req.startswith("libtpu") and "tpu" in req.split(";")[-1]:
+            return req.split(";")[0].strip()
+    return "libtpu"
+
+
+@dataclasses.dataclass
+class Report:
+    layout: dict
+    remat: str
+    devices: int
+    argument_bytes: int
+    output_bytes: int
+    alias_bytes: int
+    temp_bytes: int
+    code_bytes: int
+    flops: float  # per device, one step
+    capacity_bytes: float | None
+    compile_s: float
+
+    @property
+    def peak_bytes(self) -> int:
+        """Live at once: inputs, temporaries, outputs not written in place over donated inputs, the program."""
+        return self.argument_bytes + self.temp_bytes + self.output_bytes - self.alias_bytes + self.code_bytes
+
+    @property
+    def fits(self) -> bool:
+        return self.capacity_bytes is None or self.peak_bytes <= self.capacity_bytes
+
+
+def abstract_batch(config: Any, model: Any, abstract_params: dict) -> dict:
+    """ShapeDtypeStructs of one global batch as the loader yields it for `config.data.kind`."""
+    import jax
+    import jax.numpy as jnp
+    b, f, r = int(config.train.batch_size), int(config.data.num_frames), int(config.data.resolution)
+    f32 = jnp.float32
+    batch = {"mask": jax.ShapeDtypeStruct((b, f), f32)}
+    if config.data.kind == "latents":
+        video = jax.ShapeDtypeStruct((b, f, r, r, 3), f32)
+        lat = jax.eval_shape(model.encode_video, abstract_params, video)
+        emb = jax.eval_shape(lambda p, i: model.encode_image(p, i), abstract_params,
+                             jax.ShapeDtypeStruct((b, r, r, 3), f32))
+        batch.update(latents=jax.ShapeDtypeStruct(lat.shape, f32), image_embeds=jax.ShapeDtypeStruct(emb.shape, f32))
+    else:
+        batch.update(video=jax.ShapeDtypeStruct((b, f, r, r, 3), f32),
+                     cond_image=jax.ShapeDtypeStruct((b, r, r, 3), f32))
+    if model.text_encoder is not None:
+        batch["tokens"] = jax.ShapeDtypeStruct((b, model.text_length), jnp.int32)
+    return batch
+
+
+def compile_train_step(config: Any, devices: list, capacity_bytes: float | None = None) -> Report:
+    """Lowers and compiles the trainer's jitted step for `devices` with abstract inputs only."""
+    import jax
+    from atomo_jax.models.atomo import build_model
+    from atomo_jax.parallel import axes
+    from atomo_jax.parallel.mesh import make_mesh
+    from atomo_jax.training.loop import validate
+    from atomo_jax.training.setup import abstract_train_state, state_shardings
+    from atomo_jax.training.state import merge
+    from atomo_jax.training.train_step import batch_shardings, jit_train_step
+
+    mesh = make_mesh(config.mesh, devices=devices)
+    validate(config, mesh)
+    rules = axes.rules_from_config(config.mesh.rules)
+    model = build_model(config.model)
+    t0 = time.perf_counter()
+    # Shapes and shardings are worked out on the host (abstract TPU devices cannot run eager ops).
+    state_sh = state_shardings(config, model, mesh, rules)
+    abstract = abstract_train_state(config, model)
+    params = {**abstract.frozen, "unet": merge(abstract.trainable, abstract.frozen["unet"])}
+    batch = abstract_batch(config, model, params)
+    batch_sh = batch_shardings(batch, mesh, rules)
+    with_sh = lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s)
+    state_in = jax.tree.map(with_sh, abstract, state_sh)
+    batch_in = {k: with_sh(v, batch_sh[k]) for k, v in batch.items()}
+    step = jit_train_step(config, model, mesh, state_sh, batch_sh)
+    with jax.set_mesh(mesh):
+        compiled = step.lower(state_in, batch_in).compile()
+    mem = compiled.memory_analysis()
+    from atomo_jax.training.metrics import compiled_flops
+    return Report(layout=dict(mesh.shape), remat=str(config.model.unet.remat), devices=len(devices),
+                  argument_bytes=int(mem.argument_size_in_bytes), output_bytes=int(mem.output_size_in_bytes),
+                  alias_bytes=int(mem.alias_size_in_bytes), temp_bytes=int(mem.temp_size_in_bytes),
+                  code_bytes=int(mem.generated_code_size_in_bytes), flops=compiled_flops(compiled) or 0.0,
+                  capacity_bytes=capacity_bytes, compile_s=time.perf_counter() - t0)
+
+
+def capacity(target: Target, num_devices: int) -> float | None:
+    """Usable bytes per device (a chip may show as several devices, e.g. v4 TensorCores without megacore)."""
+    hbm = _HBM_GIB.value if _HBM_GIB.value is not None else (target.chip.hbm_gib if target.chip else None)
+    if hbm is None:
+        return None
+    per_chip_devices = max(1, num_devices // (target.chips * target.num_slices))
+    return hbm * GIB * _USABLE.value / per_chip_devices
+
+
+def describe(report: Report, target: Target) -> str:
+    gib = lambda x: f"{x / GIB:.2f} GiB"
+    cap = "n/a (no capacity for this target; pass --hbm_gib)" if report.capacity_bytes is None else \
+        f"{gib(report.capacity_bytes)} usable ({_USABLE.value:.0%} of {report.capacity_bytes / _USABLE.value / GIB:.1f})"
+    lines = [
+        f"target        {target.name}" + (f" = {target.topology_name} x {target.num_slices} slice(s)"
+                                          if target.topology_name else "") + f", {report.devices} devices",
+        f"mesh          {report.layout}   remat={report.remat}   compile {report.compile_s:.1f} s",
+        f"per device    arguments {gib(report.argument_bytes)}   temporaries {gib(report.temp_bytes)}   "
+        f"outputs {gib(report.output_bytes)} (in place over donated inputs: {gib(report.alias_bytes)})   "
+        f"code {gib(report.code_bytes)}",
+        f"peak          {gib(report.peak_bytes)} per device vs {cap}",
+        f"FLOPs/step    {report.flops / 1e12:.2f} TFLOP per device, {report.flops * report.devices / 1e15:.3f} PFLOP "
+        f"total" + (f"; {report.flops / target.chip.peak_flops * 1e3:.0f} ms at 100% of the "
+                    f"{target.chip.peak_flops / 1e12:.0f} TFLOP/s bf16 peak" if target.chip else ""),
+    ]
+    return "\n".join(lines)
+
+
+def sweep_layouts(config: Any, n: int) -> list[tuple[int, int, int]]:
+    """(data, fsdp, tensor) layouts over n devices: tensor in {1, 2, 4}, fsdp powers of two, batch-divisible."""
+    b = int(config.train.batch_size) // int(config.train.grad_accum)
+    dcn = int(config.mesh.get("dcn_data", 1))
+    out = []
+    for tensor in (1, 2, 4):
+        fsdp = 1
+        while fsdp * tensor <= n:
+            data = n // (fsdp * tensor)
+            if data * fsdp * tensor == n and b % (data * fsdp) == 0 and data % dcn == 0:
+                out.append((data, fsdp, tensor))
+            fsdp *= 2
+    return out
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    try:
+        target = parse_target(_TOPOLOGY.value, _NUM_SLICES.value)
+    except ValueError as e:
+        raise app.UsageError(str(e))
+    # Compiling touches no chip: let libtpu load while other jax processes on this host hold its lockfile.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    if target.generation == "cpu":
+        os.environ["JAX_PLATFORMS"] = "cpu"
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                                   f" --xla_force_host_platform_device_count={target.chips * target.num_slices}")
+    sys.path.insert(0, os.getcwd())  # configs import each other as `configs.*`
+    config = _CONFIG.value
+    if target.num_slices > 1 and int(config.mesh.get("dcn_data", 1)) == 1:
+        with config.unlocked():
+            config.mesh.dcn_data = target.num_slices
+        print(f"[aot] {target.num_slices} slices: data parallelism across slices, config.mesh.dcn_data="
+              f"{target.num_slices}", flush=True)
+    devices = target_devices(target)
+    cap = capacity(target, len(devices))
+
+    if not _SWEEP.value:
+        try:
+            report = compile_train_step(config, devices, cap)
+        except ValueError as e:  # bad mesh/batch combination: the config's own error
+            print(f"[aot] error: {e}", file=sys.stderr)
+            sys.exit(2)
+        print(describe(report, target), flush=True)
+        if not report.fits:
+            print(f"[aot] DOES NOT FIT: needs {report.peak_bytes / GIB:.2f} GiB per device, "
+                  f"{report.capacity_bytes / GIB:.2f} GiB usable on {target.name}. Try --sweep, more fsdp, "
+                  f"config.model.unet.remat=full, a smaller config.train.batch_size or grad_accum.",
+                  file=sys.stderr, flush=True)
+            sys.exit(1)
+        print(f"[aot] fits on {target.name}", flush=True)
+        return
+
+    from atomo_jax.models.unet import REMAT_POLICIES
+    rows = []
+    print(f"{'data':>5} {'fsdp':>5} {'tensor':>6} {'remat':>13} {'args GiB':>9} {'temp GiB':>9} {'peak GiB':>9} "
+          f"{'TFLOP/dev':>9} {'fits':>5}", flush=True)
+    for data, fsdp, tensor in sweep_layouts(config, len(devices)):
+        for remat in REMAT_POLICIES:
+            c = config.copy_and_resolve_references()
+            with c.unlocked():
+                c.mesh.update(dict(data=data, fsdp=fsdp, tensor=tensor))
+                c.model.unet.remat = remat
+            try:
+                r = compile_train_step(c, devices, cap)
+                row = (f"{data:>5} {fsdp:>5} {tensor:>6} {remat:>13} {r.argument_bytes / GIB:>9.2f} "
+                       f"{r.temp_bytes / GIB:>9.2f} {r.peak_bytes / GIB:>9.2f} {r.flops / 1e12:>9.2f} "
+                       f"{'yes' if r.fits else 'no':>5}")
+                rows.append(r)
+            except Exception as e:  # one failing layout should not end the sweep
+                row = f"{data:>5} {fsdp:>5} {tensor:>6} {remat:>13} failed: {type(e).__name__}: {str(e)[:120]}"
+            print(row, flush=True)
+    fitting = [r for r in rows if r.fits]
+    if not fitting:
+        print(f"[aot] no layout fits on {target.name}", file=sys.stderr)
+        sys.exit(1)
+    best = min(fitting, key=lambda r: (r.flops, r.peak_bytes))
+    print(f"[aot] {len(fitting)}/{len(rows)} fit; least compute per step: mesh {best.layout} remat={best.remat}")
+
+
+if __name__ == "__main__":
+    app.run(main)
