@@ -103,7 +103,8 @@ def _load(path: str):
     try:
         return checkpoint.load_inference(path, use_ema=FLAGS.ema, config=override)
     except ValueError as e:
-        raise ValueError(f"cannot load {path}: {e}\nThe checkpoint must come from a model built with the same "
+        reason = str(e) if len(str(e)) < 2000 else str(e)[:2000] + " ... (truncated)"
+        raise ValueError(f"cannot load {path}: {reason}\nThe checkpoint must come from a model built with the same "
                          "config (pass --config only for a config with identical model settings).") from None
 
 

@@ -1,0 +1,92 @@
+"""`python -m atomo_jax.sample` end to end on the demo config trained for 2 steps, and its input errors."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from atomo_jax import sample as cli
+from atomo_jax.pipelines import video_io
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(*args, check=True, cache=None):
+    env = dict(os.environ)
+    if cache:  # share compiled executables between the CLI processes of this file
+        env.update(JAX_COMPILATION_CACHE_DIR=cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                   JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+    proc = subprocess.run([sys.executable, "-m", *args], cwd=ROOT, capture_output=True, text=True, timeout=900,
+                          env=env)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{args[0]} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def test_load_image_resizes_and_crops(tmp_path):
+    path = str(tmp_path / "wide.png")
+    Image.new("RGB", (60, 30), (255, 0, 0)).save(path)
+    image = cli.load_image(path, 16, 16)
+    assert image.shape == (1, 16, 16, 3) and image.dtype == np.float32
+    np.testing.assert_allclose(image[0, 8, 8], [1.0, -1.0, -1.0], atol=1e-6)
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        cli.load_image(str(tmp_path / "missing.png"), 16, 16)
+    (tmp_path / "bad.png").write_text("not an image")
+    with pytest.raises(ValueError, match="not an image"):
+        cli.load_image(str(tmp_path / "bad.png"), 16, 16)
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """The demo config trained for 2 steps (ATOMO_DEMO_WORKDIR reuses such a workdir: training is the slow part)."""
+    if os.environ.get("ATOMO_DEMO_WORKDIR"):
+        return os.environ["ATOMO_DEMO_WORKDIR"]
+    path = str(tmp_path_factory.mktemp("demo"))
+    _run("atomo_jax.train", "--config=configs/demo.py", f"--workdir={path}", "--config.train.num_steps=2",
+         "--config.sample.every_steps=0")
+    return path
+
+
+@pytest.fixture(scope="module")
+def image(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("img") / "in.png")
+    rgb = np.zeros((32, 32, 3), np.uint8)
+    rgb[8:24, 8:24] = (250, 40, 40)
+    Image.fromarray(rgb).save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def sample(tmp_path_factory):
+    cache = str(tmp_path_factory.mktemp("jax_cache"))
+    return lambda *args, check=True: _run("atomo_jax.sample", *args, check=check, cache=cache)
+
+
+def test_sample_cli_i2v_t2v_long(workdir, image, sample, tmp_path):
+    common = [f"--workdir={workdir}", "--steps=2", "--num_frames=4", "--seed=3"]
+    sample(*common, "--mode=i2v", f"--image={image}", f"--out={tmp_path / 'a.mp4'}")
+    first = video_io.read_video(str(tmp_path / "a.gif"))
+    assert first.shape == (4, 32, 32, 3) and video_io.read_video(str(tmp_path / "a.mp4")).shape == first.shape
+    sample(*common, "--mode=i2v", f"--image={image}", f"--out={tmp_path / 'b.mp4'}")
+    np.testing.assert_array_equal(video_io.read_video(str(tmp_path / "b.gif")), first)  # same seed, same video
+    sample(*common, "--mode=long", f"--image={image}", "--windows=3", "--given_frames=1", "--sampler=dpmpp2m",
+           f"--out={tmp_path / 'long.mp4'}")
+    assert video_io.read_video(str(tmp_path / "long.gif")).shape == (4 + 2 * 3, 32, 32, 3)
+    sample(*common, "--mode=t2v", f"--out={tmp_path / 't2v.mp4'}")
+    assert video_io.read_video(str(tmp_path / "t2v.gif")).shape == (4, 32, 32, 3)
+
+
+def test_sample_cli_errors(workdir, image, sample, tmp_path):
+    common = [f"--workdir={workdir}", "--steps=1", "--num_frames=2", f"--out={tmp_path / 'x.mp4'}"]
+    proc = sample(*common, "--mode=i2v", f"--image={tmp_path / 'nope.png'}", check=False)
+    assert proc.returncode != 0 and "nope.png: no such file" in proc.stderr
+    proc = sample(*common, "--mode=i2v", f"--image={image}", "--resolution=30", check=False)
+    assert proc.returncode != 0 and "image size 30x30 is not usable" in proc.stderr, proc.stderr[-2000:]
+    other = tmp_path / "other.py"
+    other.write_text("from configs import demo\n\ndef get_config():\n    c = demo.get_config()\n"
+                     "    c.model.unet.block_out_channels = (16, 32)\n    return c\n")
+    proc = sample(*common, "--mode=i2v", f"--image={image}", f"--config={other}", check=False)
+    assert proc.returncode != 0 and "does not match" in proc.stderr, proc.stderr[-2000:]
