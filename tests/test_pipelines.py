@@ -148,10 +148,13 @@ def _random_tree(config, seed):
     return {k: jnp.asarray(r.randn(*v.shape), jnp.float32) for k, v in shapes.items()}
 
 
+SWAP_CONFIG = UNetConfig(block_out_channels=(16, 32), down_attention=(True, False), layers_per_block=1,
+                         norm_num_groups=8, num_attention_heads=2, motion_num_heads=2, motion_max_seq_length=8,
+                         cross_attention_dim=16, image_embed_dim=8, ip_tokens=2)
+
+
 def test_spatial_weight_swap_keeps_temporal_and_ip_params():
-    config = UNetConfig(block_out_channels=(16, 32), down_attention=(True, False), layers_per_block=1,
-                        norm_num_groups=8, num_attention_heads=2, motion_num_heads=2, motion_max_seq_length=8,
-                        cross_attention_dim=16, image_embed_dim=8, ip_tokens=2)
+    config = SWAP_CONFIG
     ours = _random_tree(config, 0)
     base = _random_tree(personalize.spatial_config(config), 1)
     assert any("temp_convs" in k for k in ours) and any("motion_modules" in k for k in ours)
@@ -171,6 +174,25 @@ def test_spatial_weight_swap_keeps_temporal_and_ip_params():
     broken["mid_block/resnets_0/conv1/bias"] = jnp.zeros((3,))
     with pytest.raises(ValueError, match=r"missing in the base: conv_out/kernel[\s\S]*shape of mid_block"):
         personalize.swap_spatial_weights(_unflat(ours), _unflat(broken))
+
+
+def test_load_base_from_a_diffusers_unet_folder(tmp_path):
+    torch = pytest.importorskip("torch")
+    from diffusers import UNet2DConditionModel
+    torch.manual_seed(0)
+    sd = UNet2DConditionModel(sample_size=8, block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8,
+                              down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), attention_head_dim=2,
+                              up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=16)
+    sd.save_pretrained(str(tmp_path / "finetune" / "unet"))
+    base = personalize.load_base_unet(str(tmp_path / "finetune"), SWAP_CONFIG)
+    ours = _random_tree(SWAP_CONFIG, 0)
+    swapped = personalize._flat(personalize.swap_spatial_weights(_unflat(ours), base))
+    weights = sd.state_dict()
+    np.testing.assert_array_equal(swapped["conv_in/kernel"][:, :, :4],
+                                  weights["conv_in.weight"].numpy().transpose(2, 3, 1, 0))
+    np.testing.assert_array_equal(swapped["conv_out/bias"], weights["conv_out.bias"].numpy())
+    with pytest.raises(FileNotFoundError, match="--base"):
+        personalize.load_base_unet(str(tmp_path / "missing"), SWAP_CONFIG)
 
 
 def _unflat(flat):
