@@ -19,14 +19,19 @@ from atomo_jax.convert import unet as cu
 from atomo_jax.models.temporal import TemporalConvLayer
 from atomo_jax.models.unet import SpatioTemporalUNet, UNetConfig
 
-# Three levels with L=2 so every LDM index pattern occurs (upsampler after attention: `output_blocks.{j}.2.conv`).
-CONFIG = UNetConfig(block_out_channels=(32, 64, 64), down_attention=(True, True, False), layers_per_block=2,
+CONFIG = UNetConfig(block_out_channels=(32, 64), down_attention=(True, False), layers_per_block=2,
                     num_attention_heads=2, cross_attention_dim=16, norm_num_groups=8, motion_num_heads=2,
                     motion_max_seq_length=8, ip_adapter=True, ip_tokens=4, image_embed_dim=24)
-TORCH_CONFIG = dict(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64, 64),
-                    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-                    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), layers_per_block=2,
+TORCH_CONFIG = dict(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64),
+                    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), layers_per_block=2,
                     attention_head_dim=2, cross_attention_dim=16, norm_num_groups=8)
+# The single-file tests need only PyTorch models: three levels there, so every LDM index pattern occurs (e.g. an
+# upsampler after an attention, `output_blocks.{j}.2.conv`).
+LDM_TORCH_CONFIG = dict(TORCH_CONFIG, block_out_channels=(32, 64, 64),
+                        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+                        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"))
+LDM_LAYOUT = single_file.LDMUNetLayout(2, (True, True, False))
 B, F, H, L = 2, 3, 8, 5
 
 
@@ -47,9 +52,9 @@ def perturb(module: torch.nn.Module, seed: int, std: float = 0.05) -> None:
             p.add_(std * torch.randn(p.shape, generator=gen))
 
 
-def sd_unet() -> UNet2DConditionModel:
+def sd_unet(config: dict = TORCH_CONFIG) -> UNet2DConditionModel:
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(**TORCH_CONFIG).eval()
+    unet = UNet2DConditionModel(**config).eval()
     perturb(unet, 0)
     return unet
 
@@ -80,9 +85,10 @@ def inputs():
 
 @pytest.fixture(scope="module")
 def model():
-    """Our UNet: jitted init (shared fresh parameters for the new layers) and jitted apply."""
+    """Our UNet: jitted init (shared fresh parameters for the new layers) and jitted apply. The RBG key only makes
+    XLA compile the initialisers faster than threefry on CPU."""
     unet = SpatioTemporalUNet(CONFIG)
-    variables = jax.jit(unet.init)(jax.random.PRNGKey(0), *cu._init_inputs(CONFIG))
+    variables = jax.jit(unet.init)(jax.random.key(0, impl="unsafe_rbg"), *cu._init_inputs(CONFIG))
     return unet, jax.jit(unet.apply), variables["params"]
 
 
@@ -140,8 +146,7 @@ def test_temporal_conv_names_and_parity_vs_unet3d():
         unet3d = UNet3DConditionModel(
             block_out_channels=CONFIG.block_out_channels, layers_per_block=2, norm_num_groups=8,
             cross_attention_dim=16, attention_head_dim=8,
-            down_block_types=("CrossAttnDownBlock3D", "CrossAttnDownBlock3D", "DownBlock3D"),
-            up_block_types=("UpBlock3D", "CrossAttnUpBlock3D", "CrossAttnUpBlock3D"))
+            down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"), up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"))
     theirs = {k: tuple(v.shape) for k, v in unet3d.state_dict().items() if ".temp_convs." in k}
     assert set(ours) == set(theirs)
     shapes = torch_io.flatten_shapes(cu.unet_param_shapes(CONFIG))
@@ -180,13 +185,13 @@ def test_round_trip_and_strict_errors(model):
 
     sd = numpy_sd(sd_unet())
     broken = dict(sd)
-    del broken["down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k.weight"]
+    del broken["down_blocks.0.attentions.1.transformer_blocks.0.attn2.to_k.weight"]
     broken["down_blocks.0.resnets.0.conv2.weight"] = sd["down_blocks.0.resnets.0.conv2.weight"][:, :16]
     broken["mid_block.extra.weight"] = np.zeros((3, 3), np.float32)
     with pytest.raises(torch_io.WeightMappingError) as e:
         cu.load_unet_state_dict(broken, CONFIG, init_params=init_params, source="broken.safetensors")
     msg = str(e.value)
-    for needle in ("broken.safetensors", "1 missing", "down_blocks_1/attentions_0/transformer_blocks_0/attn2/to_k",
+    for needle in ("broken.safetensors", "1 missing", "down_blocks_0/attentions_1/transformer_blocks_0/attn2/to_k",
                    "1 unexpected", "mid_block.extra.weight", "1 mis-shaped", "down_blocks.0.resnets.0.conv2.weight"):
         assert needle in msg, needle
     # strict mode: an SD checkpoint lacks the temporal layers
@@ -202,8 +207,8 @@ def test_table_covers_our_params_both_ways():
     assert keys["time_embedding_linear_1/kernel"] == "time_embedding.linear_1.weight"
     assert keys["down_blocks_0/temp_convs_0/conv1_conv/kernel"] == "down_blocks.0.temp_convs.0.conv1.2.weight"
     assert keys["mid_block/temp_convs_1/conv4_norm/scale"] == "mid_block.temp_convs.1.conv4.0.weight"
-    assert keys["up_blocks_2/attentions_1/transformer_blocks_0/ff/net_0/proj/kernel"] == \
-        "up_blocks.2.attentions.1.transformer_blocks.0.ff.net.0.proj.weight"
+    assert keys["up_blocks_1/attentions_2/transformer_blocks_0/ff/net_0/proj/kernel"] == \
+        "up_blocks.1.attentions.2.transformer_blocks.0.ff.net.0.proj.weight"
     assert keys["image_proj/norm/scale"] == "encoder_hid_proj.image_projection_layers.0.norm.weight"
     # spatial names are exactly those of diffusers' UNet2DConditionModel
     with torch.device("meta"):
@@ -214,16 +219,16 @@ def test_table_covers_our_params_both_ways():
 def test_single_file_matches_diffusers_converter():
     """LDM keys from our inverse mapping; diffusers' converter (the oracle) must recover the exact diffusers state
     dict from them, and our forward conversion must give the very same tensors."""
-    sd = numpy_sd(sd_unet())
-    layout = single_file.LDMUNetLayout(CONFIG.layers_per_block, CONFIG.down_attention)
-    ldm = single_file.diffusers_unet_to_ldm(sd, layout)
+    sd = numpy_sd(sd_unet(LDM_TORCH_CONFIG))
+    ldm = single_file.diffusers_unet_to_ldm(sd, LDM_LAYOUT)
+    assert "model.diffusion_model.output_blocks.5.2.conv.weight" in ldm
     checkpoint = {**ldm, "first_stage_model.decoder.conv_out.weight": np.zeros(1), "alphas_cumprod": np.zeros(4)}
-    ref = convert_ldm_unet_checkpoint(checkpoint, {"layers_per_block": CONFIG.layers_per_block})
+    ref = convert_ldm_unet_checkpoint(checkpoint, {"layers_per_block": LDM_LAYOUT.layers_per_block})
     assert set(ref) == set(sd) and all(np.array_equal(ref[k], sd[k]) for k in sd)
     ours = single_file.ldm_unet_to_diffusers(checkpoint)
     assert set(ours) == set(ref) and all(np.array_equal(ours[k], ref[k]) for k in ref)
     assert single_file.infer_layout({k.removeprefix(single_file.LDM_UNET_PREFIX): v for k, v in ldm.items()}) \
-        == layout
+        == LDM_LAYOUT
     # EMA copies (flat names) are used on request, and refused when absent
     ema = {single_file.LDM_EMA_PREFIX + k.removeprefix("model.").replace(".", ""): v + 1 for k, v in ldm.items()}
     from_ema = single_file.ldm_unet_to_diffusers({**checkpoint, **ema}, use_ema=True)
@@ -239,8 +244,8 @@ def test_single_file_matches_diffusers_converter():
 def test_read_single_file_safetensors_and_ckpt(tmp_path):
     from safetensors.numpy import save_file
 
-    sd = numpy_sd(sd_unet())
-    ldm = single_file.diffusers_unet_to_ldm(sd, single_file.LDMUNetLayout(2, CONFIG.down_attention))
+    sd = numpy_sd(sd_unet(LDM_TORCH_CONFIG))
+    ldm = single_file.diffusers_unet_to_ldm(sd, LDM_LAYOUT)
     checkpoint = {**ldm, "alphas_cumprod": np.zeros(4, np.float32)}
     save_file(checkpoint, tmp_path / "sd.safetensors")
     torch.save({"state_dict": {k: torch.from_numpy(v) for k, v in checkpoint.items()}, "global_step": 7},

@@ -79,7 +79,7 @@ def _torch_module(parts: list[str]) -> str:
             out.append(f"conv{stage}.{index}")
         elif part in ("to_k_ip", "to_v_ip"):
             out.append(f"processor.{part}.0")  # IPAdapterAttnProcessor keeps one projection per adapter
-        elif "_" in part and part.rsplit("_", 1)[1].isdigit() and part not in ("linear_1", "linear_2"):
+        elif part.rsplit("_", 1)[-1].isdigit():
             raise ValueError(f"UNet parameter module {'/'.join(parts)!r}: {part!r} has no known torch name; "
                              f"extend atomo_jax/convert/unet.py")
         else:
@@ -177,7 +177,7 @@ class UNetImportReport:
     def summary(self) -> str:
         groups = {"temporal (identity at init)": [p for p in self.newly_initialised if is_temporal(p)],
                   "IP-Adapter (random init)": [p for p in self.newly_initialised if is_ip_adapter(p)],
-                  "other": [p for p in self.newly_initialised if is_spatial(p)]}
+                  "spatial (random init)": [p for p in self.newly_initialised if is_spatial(p)]}
         lines = [f"{self.source}: loaded {len(self.loaded)} UNet tensors"]
         for title, paths in groups.items():
             if paths:
