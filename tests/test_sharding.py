@@ -1,0 +1,162 @@
+"""On 8 fake CPU devices: data-parallel, fsdp and fsdp+tensor layouts train like one device, parameters are sharded
+as the logical-axis rules say, and a checkpoint saved on one device restores onto an 8-device fsdp mesh.
+
+Runs in a subprocess: XLA_FLAGS must set the device count before jax starts, and other tests in this pytest process
+may already have started jax with one device.
+Tolerance: relative L2 error (||a-b||/||b||) < 1e-5 for losses and < 1e-4 for the updated parameters after two AdamW
+steps (fp32; only the order of cross-device reductions differs).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LAYOUTS = {"data8": dict(data=8, fsdp=1, tensor=1), "fsdp8": dict(data=1, fsdp=8, tensor=1),
+           "fsdp4_tensor2": dict(data=1, fsdp=4, tensor=2)}
+
+
+def small_config():
+    from configs import demo
+    c = demo.get_config()
+    c.train.batch_size = 8
+    c.data.num_frames = 4
+    c.data.num_videos = 64
+    c.cond_drop.image = 0.3  # exercise the dropout path with a few examples dropped
+    return c
+
+
+def _child(workdir: str) -> dict:
+    import jax
+    import numpy as np
+    from atomo_jax.models.atomo import build_model
+    from atomo_jax.parallel import axes
+    from atomo_jax.parallel.mesh import make_mesh
+    from atomo_jax.training.checkpoint import Checkpointer
+    from atomo_jax.training.setup import init_train_state, state_shardings
+    from atomo_jax.training.train_step import batch_shardings, jit_train_step
+    from data_pipelines.loader import make_loader
+
+    config = small_config()
+    model = build_model(config.model)
+    rules = axes.rules_from_config(config.mesh.rules)
+    loader = make_loader(config.data, global_batch_size=8, seed=0, shard_index=0, shard_count=1)
+    it = iter(loader)
+    batches = [{k: np.asarray(b[k]) for k in ("video", "cond_image", "mask")} for b in (next(it), next(it))]
+
+    flat = lambda tree: {"/".join(str(getattr(k, "key", k)) for k in path): np.asarray(v)
+                         for path, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+    saved = {}
+
+    def run(devices, layout, save_initial=False):
+        c = config.copy_and_resolve_references()
+        c.mesh.update(layout)
+        c.checkpoint.async_save = False
+        mesh = make_mesh(c.mesh, devices=devices)
+        sh = state_shardings(c, model, mesh, rules)
+        state = init_train_state(c, model, sh)
+        if save_initial:  # the one-device initial state: reference for the update size and the restore below
+            saved["initial"] = jax.tree.map(np.asarray, state)
+            ckpt = Checkpointer(workdir, c.checkpoint)
+            ckpt.save(3, state, iter(loader), c)
+            ckpt.close()
+        bsh = batch_shardings(batches[0], mesh, rules)
+        step = jit_train_step(c, model, mesh, sh, bsh)
+        losses, norms = [], []
+        for b in batches:
+            state, m = step(state, jax.device_put(b, bsh))
+            losses.append(float(m["loss"]))
+            norms.append(float(m["grad_norm"]))
+        return state, losses, norms, mesh, sh
+
+    ref_state, ref_losses, ref_norms, _, _ = run(jax.devices()[:1], dict(data=1, fsdp=1, tensor=1), True)
+    ref = flat(ref_state.trainable)
+    init_ref = flat(saved["initial"].trainable)
+    out = {"single": {"losses": ref_losses, "grad_norms": ref_norms,
+                      "update_norm": float(np.sqrt(sum(np.sum((ref[k] - init_ref[k]) ** 2) for k in ref)))}}
+    for name, layout in LAYOUTS.items():
+        state, losses, norms, mesh, _ = run(jax.devices(), layout)
+        got = flat(state.trainable)
+        num = np.sqrt(sum(np.sum((got[k] - ref[k]) ** 2) for k in ref))
+        den = np.sqrt(sum(np.sum(ref[k] ** 2) for k in ref))
+        upd = np.sqrt(sum(np.sum((got[k] - ref[k]) ** 2) for k in ref))
+        leaves = jax.tree_util.tree_flatten_with_path(state.trainable)[0]
+        specs = {"/".join(str(getattr(k, "key", k)) for k in path): [str(s) for s in v.sharding.spec]
+                 for path, v in leaves}
+        shard_shapes = {"/".join(str(getattr(k, "key", k)) for k in path):
+                        [list(v.shape), list(v.addressable_shards[0].data.shape)] for path, v in leaves}
+        mu = state.opt_state[0].mu
+        mu_specs = {"/".join(str(getattr(k, "key", k)) for k in path): [str(s) for s in v.sharding.spec]
+                    for path, v in jax.tree_util.tree_flatten_with_path(mu)[0]}
+        out[name] = {"losses": losses, "grad_norms": norms, "param_rel": float(num / den),
+                     "update_diff": float(upd), "specs": specs, "shard_shapes": shard_shapes, "mu_specs": mu_specs,
+                     "mesh": dict(mesh.shape)}
+
+    # Saved on one device (above), restored onto the 8-device fsdp mesh.
+    state1 = saved["initial"]
+    c8 = config.copy_and_resolve_references()
+    c8.mesh.update(LAYOUTS["fsdp8"])
+    mesh8 = make_mesh(c8.mesh, devices=jax.devices())
+    sh8 = state_shardings(c8, model, mesh8, rules)
+    from atomo_jax.training.setup import abstract_train_state
+    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          abstract_train_state(c8, model), sh8)
+    restored = Checkpointer(workdir, c8.checkpoint).restore(3, target, iter(loader))
+    same = all(np.array_equal(np.asarray(a), np.asarray(b))
+               for a, b in zip(jax.tree.leaves(state1), jax.tree.leaves(restored)))
+    placed = all(a.sharding == s for a, s in zip(jax.tree.leaves(restored), jax.tree.leaves(sh8)))
+    out["restore"] = {"equal": bool(same), "placed": bool(placed),
+                      "devices": len(jax.tree.leaves(restored.trainable)[0].sharding.device_set)}
+    return out
+
+
+def rel(a, b):
+    import numpy as np
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def test_layouts_match_one_device_and_shard_as_ruled(tmp_path):
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+    out_file = tmp_path / "out.json"
+    proc = subprocess.run([sys.executable, __file__, str(tmp_path / "ckpt"), str(out_file)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    out = json.loads(out_file.read_text())
+    single = out["single"]
+    assert single["update_norm"] > 0
+    for name in LAYOUTS:
+        r = out[name]
+        assert rel(r["losses"], single["losses"]) < 1e-5, (name, r["losses"], single["losses"])
+        assert rel(r["grad_norms"], single["grad_norms"]) < 1e-5, (name, r["grad_norms"], single["grad_norms"])
+        assert r["param_rel"] < 1e-4, (name, r["param_rel"])
+        # The two steps moved the params much more than the layouts disagree.
+        assert r["update_diff"] < 1e-2 * single["update_norm"], (name, r["update_diff"], single["update_norm"])
+
+    conv = "down_blocks_1/resnets_0/conv2/kernel"  # (3, 3, 64, 64): kernel_0, kernel_1, conv_in, conv_out
+    q = "down_blocks_0/attentions_0/transformer_blocks_0/attn1/to_q/kernel"  # (32, 32): embed, heads
+    fsdp, fsdp_tp, dp = out["fsdp8"], out["fsdp4_tensor2"], out["data8"]
+    assert fsdp["specs"][conv] == ["None", "None", "fsdp", "tensor"]
+    assert fsdp["shard_shapes"][conv] == [[3, 3, 64, 64], [3, 3, 8, 64]]
+    assert fsdp_tp["shard_shapes"][conv] == [[3, 3, 64, 64], [3, 3, 16, 32]]
+    assert fsdp["specs"][q] == ["fsdp", "tensor"] and fsdp["shard_shapes"][q] == [[32, 32], [4, 32]]
+    assert fsdp_tp["shard_shapes"][q] == [[32, 32], [8, 16]]
+    assert dp["shard_shapes"][conv] == [[3, 3, 64, 64], [3, 3, 64, 64]]  # data parallel: replicated weights
+    # Every big kernel is split 8 ways under fsdp (the conv_in kernel's 9 input channels cannot be).
+    for name, (shape, shard) in fsdp["shard_shapes"].items():
+        if len(shape) >= 2 and shape[-2] % 8 == 0 and shape[-2] >= 32:
+            assert shard[-2] * 8 == shape[-2], (name, shape, shard)
+    # Adam moments follow their parameters.
+    assert fsdp["mu_specs"][conv] == fsdp["specs"][conv] and fsdp_tp["mu_specs"][q] == fsdp_tp["specs"][q]
+
+    assert out["restore"] == {"equal": True, "placed": True, "devices": 8}
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, ROOT)
+    result = _child(sys.argv[1])
+    with open(sys.argv[2], "w") as f:
+        json.dump(result, f)
