@@ -24,16 +24,21 @@ from typing import Any
 from absl import app, flags
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file with get_config().",
-                                          lock_config=True)
-_TOPOLOGY = flags.DEFINE_string("topology", None, "TPU accelerator type (v4-32, v5e-16 / v5litepod-16, v5p-128, "
-                                "v6e-64), a topology name (v5p:4x4x4), or cpu-N for N fake CPU devices.")
-_NUM_SLICES = flags.DEFINE_integer("num_slices", 1, "Number of slices joined over DCN (multi-slice jobs).")
-_SWEEP = flags.DEFINE_boolean("sweep", False, "Try mesh layouts x remat policies and print a table.")
-_HBM_GIB = flags.DEFINE_float("hbm_gib", None, "Override the per-chip memory capacity (GiB).")
-_USABLE = flags.DEFINE_float("usable_fraction", 0.95, "Fraction of the capacity a program may use (the runtime "
-                             "keeps the rest).")
-flags.mark_flags_as_required(["config", "topology"])
+FLAGS = flags.FLAGS
+
+
+def _define_flags() -> None:
+    """Defined only when run as a program, so importing this module (tests, the launcher) adds no global flags."""
+    config_flags.DEFINE_config_file("config", None, "Path to a config file with get_config().", lock_config=True)
+    flags.DEFINE_string("topology", None, "TPU accelerator type (v4-32, v5e-16 / v5litepod-16, v5p-128, v6e-64), "
+                        "a topology name (v5p:4x4x4), or cpu-N for N fake CPU devices.")
+    flags.DEFINE_integer("num_slices", 1, "Number of slices joined over DCN (multi-slice jobs).")
+    flags.DEFINE_boolean("sweep", False, "Try mesh layouts x remat policies and print a table.")
+    flags.DEFINE_float("hbm_gib", None, "Override the per-chip memory capacity (GiB).")
+    flags.DEFINE_float("usable_fraction", 0.95, "Fraction of the capacity a program may use (the runtime keeps "
+                       "the rest).")
+    flags.mark_flags_as_required(["config", "topology"])
+
 
 GIB = 1024 ** 3
 
@@ -231,19 +236,20 @@ def compile_train_step(config: Any, devices: list, capacity_bytes: float | None 
                   capacity_bytes=capacity_bytes, compile_s=time.perf_counter() - t0)
 
 
-def capacity(target: Target, num_devices: int) -> float | None:
+def capacity(target: Target, num_devices: int, hbm_gib: float | None = None,
+             usable_fraction: float = 0.95) -> float | None:
     """Usable bytes per device (a chip may show as several devices, e.g. v4 TensorCores without megacore)."""
-    hbm = _HBM_GIB.value if _HBM_GIB.value is not None else (target.chip.hbm_gib if target.chip else None)
+    hbm = hbm_gib if hbm_gib is not None else (target.chip.hbm_gib if target.chip else None)
     if hbm is None:
         return None
     per_chip_devices = max(1, num_devices // (target.chips * target.num_slices))
-    return hbm * GIB * _USABLE.value / per_chip_devices
+    return hbm * GIB * usable_fraction / per_chip_devices
 
 
-def describe(report: Report, target: Target) -> str:
+def describe(report: Report, target: Target, usable_fraction: float = 0.95) -> str:
     gib = lambda x: f"{x / GIB:.2f} GiB"
     cap = "n/a (no capacity for this target; pass --hbm_gib)" if report.capacity_bytes is None else \
-        f"{gib(report.capacity_bytes)} usable ({_USABLE.value:.0%} of {report.capacity_bytes / _USABLE.value / GIB:.1f})"
+        f"{gib(report.capacity_bytes)} usable ({usable_fraction:.0%} of {report.capacity_bytes / usable_fraction / GIB:.1f})"
     lines = [
         f"target        {target.name}" + (f" = {target.topology_name} x {target.num_slices} slice(s)"
                                           if target.topology_name else "") + f", {report.devices} devices",
@@ -278,7 +284,7 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     try:
-        target = parse_target(_TOPOLOGY.value, _NUM_SLICES.value)
+        target = parse_target(FLAGS.topology, FLAGS.num_slices)
     except ValueError as e:
         raise app.UsageError(str(e))
     # Compiling touches no chip: let libtpu load while other jax processes on this host hold its lockfile.
@@ -288,22 +294,22 @@ def main(argv: list[str]) -> None:
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                    f" --xla_force_host_platform_device_count={target.chips * target.num_slices}")
     sys.path.insert(0, os.getcwd())  # configs import each other as `configs.*`
-    config = _CONFIG.value
+    config = FLAGS.config
     if target.num_slices > 1 and int(config.mesh.get("dcn_data", 1)) == 1:
         with config.unlocked():
             config.mesh.dcn_data = target.num_slices
         print(f"[aot] {target.num_slices} slices: data parallelism across slices, config.mesh.dcn_data="
               f"{target.num_slices}", flush=True)
     devices = target_devices(target)
-    cap = capacity(target, len(devices))
+    cap = capacity(target, len(devices), FLAGS.hbm_gib, FLAGS.usable_fraction)
 
-    if not _SWEEP.value:
+    if not FLAGS.sweep:
         try:
             report = compile_train_step(config, devices, cap)
         except ValueError as e:  # bad mesh/batch combination: the config's own error
             print(f"[aot] error: {e}", file=sys.stderr)
             sys.exit(2)
-        print(describe(report, target), flush=True)
+        print(describe(report, target, FLAGS.usable_fraction), flush=True)
         if not report.fits:
             print(f"[aot] DOES NOT FIT: needs {report.peak_bytes / GIB:.2f} GiB per device, "
                   f"{report.capacity_bytes / GIB:.2f} GiB usable on {target.name}. Try --sweep, more fsdp, "
@@ -341,4 +347,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    _define_flags()
     app.run(main)
