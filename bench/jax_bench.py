@@ -67,6 +67,13 @@ def make_batch(b: int, latent: int, rng: np.random.Generator) -> dict:
             "mask": jnp.zeros((b, FRAMES), jnp.float32).at[:, 0].set(1.0)}
 
 
+_T0 = time.perf_counter()
+
+
+def log(msg: str) -> None:
+    print(f"[{time.perf_counter() - _T0:7.1f}s] {msg}", flush=True)
+
+
 def timed(fn, n: int) -> list[float]:
     out = []
     for _ in range(n):
@@ -88,7 +95,10 @@ def run_train(args: argparse.Namespace) -> dict:
     rules = axes.rules_from_config(None)
     with jax.set_mesh(mesh):
         shardings = state_shardings(config, model, mesh, rules)
-        state = init_train_state(config, model, shardings)
+        log("building state")
+        init = jax.jit(lambda r: nn.unbox(model.init(r)))
+        state = init_train_state(config, model, shardings, init(jax.random.key(0, impl="unsafe_rbg")))
+        log(f"state initialised ({sum(x.size for x in jax.tree.leaves(state.trainable)) / 1e9:.2f} B trainable)")
         batches = [make_batch(args.batch, args.latent, np.random.default_rng(i)) for i in range(3)]
         batch_sh = batch_shardings(batches[0], mesh, rules)
         step = jit_train_step(config, model, mesh, shardings, batch_sh)
@@ -97,9 +107,11 @@ def run_train(args: argparse.Namespace) -> dict:
             cfg_x = bench_config(argparse.Namespace(**{**vars(args), "attention": "xla"}))
             flops = count_flops(jit_train_step(cfg_x, build_model(cfg_x.model), mesh, shardings, batch_sh),
                                 state, batches[0])
+            log(f"model FLOPs per step (matmul + conv): {flops / 1e12:.2f} T")
         t0 = time.perf_counter()
         compiled = step.lower(state, batches[0]).compile()
         compile_s = time.perf_counter() - t0
+        log(f"compiled in {compile_s:.0f} s")
         holder = {"s": state}
 
         def one(i=[0]):
@@ -124,7 +136,7 @@ def run_sample(args: argparse.Namespace) -> dict:
     from atomo_jax.pipelines import i2v
     config = bench_config(args)
     model = build_model(config.model)
-    params = jax.jit(lambda r: nn.unbox(model.init(r, num_frames=FRAMES, resolution=args.latent * 8)))(
+    params = jax.jit(lambda r: nn.unbox(model.init(r)))(
         jax.random.key(0))
     b, lat = 1, args.latent
     rng = np.random.default_rng(0)

@@ -72,9 +72,21 @@ class AtomoVideo:
         self.text_length = int(config.text_encoder.get("max_position_embeddings", 1))
 
     # ---------------------------------------------------------------- parameters
-    def init(self, rng: jax.Array, *, num_frames: int, resolution: int) -> dict:
-        """Random parameters for every part (boxed with logical axis names; `nn.unbox` for plain arrays)."""
+    def min_resolution(self) -> int:
+        """Smallest pixel size the VAE and UNet accept (parameter shapes do not depend on the input size)."""
+        vae = self.config.vae
+        vae_factor = int(vae.factor) if vae.kind == "pixel" else 2 ** (len(self.vae.config.block_out_channels) - 1)
+        return vae_factor * 2 ** (len(self.unet_config.block_out_channels) - 1)
+
+    def init(self, rng: jax.Array, *, num_frames: int = 1, resolution: int | None = None) -> dict:
+        """Random parameters for every part (boxed with logical axis names; `nn.unbox` for plain arrays).
+
+        Flax creates parameters by running the model once; the default input is the smallest the model accepts
+        (1 frame, `min_resolution()` pixels), which keeps the init program small: at full size a 16-frame 256 px
+        init forward made the GPU compile take minutes.
+        """
         r_unet, r_vae, r_img, r_txt = jax.random.split(rng, 4)
+        resolution = resolution or self.min_resolution()
         video = jnp.zeros((1, num_frames, resolution, resolution, 3), jnp.float32)
         vae_vars = self.vae.init(r_vae, video[:, 0])  # the full round trip creates encoder and decoder params
         latents = self.vae.apply(vae_vars, video[:, 0], method="encode")[0]

@@ -65,6 +65,9 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, implementation: str |
     `implementation`: None lets XLA choose; "cudnn" asks for cuDNN flash attention on GPUs (bf16/fp16 only);
     "xla" forces the plain einsum path (the numerically exact reference on CPU).
     """
-    if implementation == "cudnn" and q.dtype not in (jnp.bfloat16, jnp.float16):
-        implementation = None  # cuDNN's fused kernel has no fp32 path
+    if implementation == "cudnn" and (q.dtype not in (jnp.bfloat16, jnp.float16) or q.shape[1] != k.shape[1]
+                                      or q.shape[1] % 64):
+        # cuDNN's flash kernel has no fp32 path and its backward rejects unaligned or unequal lengths (e.g. 16384
+        # queries over 93 text tokens); those attentions are small, so XLA's fused einsums serve them well.
+        implementation = None
     return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)
