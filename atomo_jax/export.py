@@ -378,7 +378,6 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, weights: str =
             raise FileExistsError(f"--out {out} exists and is not an empty directory; pass --overwrite to replace it")
         shutil.rmtree(out) if out.is_dir() else out.unlink()
 
-    from atomo_jax.models.unet import UNetConfig
     from atomo_jax.training import checkpoint as ckpt
 
     progress(f"[1/4] loading {checkpoint} ({weights} weights)")
@@ -398,14 +397,22 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, weights: str =
 
     DDIMScheduler(**ddim_scheduler_config(config.diffusion)).save_config(str(out / SCHEDULER_DIR))
     files["scheduler"] = SCHEDULER_DIR
-    unet_config = {k: (list(v) if isinstance(v, tuple) else v)
-                   for k, v in dataclasses.asdict(model.unet_config).items()}
-    meta = dict(format="atomo_jax.export", version=FORMAT_VERSION, checkpoint=str(step_dir), step=int(step_dir.name)
-                if step_dir.name.isdigit() else None, weights=weights, dtype=dtype, files=files, unet=unet_config,
-                latent_scale=float(model.latent_scale), vae_factor=factor, config=json.loads(config.to_json_best_effort()))
-    (out / ATOMO_CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
+    write_atomo_config(out, files=files, unet_config=model.unet_config, checkpoint=str(step_dir),
+                       step=int(step_dir.name) if step_dir.name.isdigit() else None, weights=weights, dtype=dtype,
+                       latent_scale=float(model.latent_scale), vae_factor=factor,
+                       config=json.loads(config.to_json_best_effort()))
     progress(f"done: {out}")
     return out
+
+
+def write_atomo_config(out: Path, *, files: Mapping[str, str | None], unet_config: Any, **extra: Any) -> Path:
+    """atomo_config.json: what the export holds (`files`), our UNet config and `extra` (the training config,
+    weights, dtype, ...). `atomo_jax.torch_ref` builds the model from it."""
+    unet = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(unet_config).items()}
+    meta = dict(format="atomo_jax.export", version=FORMAT_VERSION, files=dict(files), unet=unet, **extra)
+    path = Path(out) / ATOMO_CONFIG
+    path.write_text(json.dumps(meta, indent=2) + "\n")
+    return path
 
 
 def _vae_factor(model: Any) -> int:
