@@ -32,6 +32,15 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
+from atomo_jax.convert import clip as cc
+from atomo_jax.convert import ip_adapter as ip
+from atomo_jax.convert import torch_io
+from atomo_jax.convert import unet as cu
+from atomo_jax.convert import vae as cv
+from atomo_jax.models.embeddings import sinusoidal_positions
+from atomo_jax.models.pixel_autoencoder import PixelAutoencoder
+from atomo_jax.training import checkpoint as ckpt
+
 FORMAT_VERSION = 1
 DTYPES = ("fp32", "bf16", "fp16")
 WEIGHTS = ("ema", "raw")
@@ -103,8 +112,6 @@ def ddim_scheduler_config(diffusion: Mapping[str, Any]) -> dict[str, Any]:
 def unet_export_tables(shapes: Any, config: Any) -> dict[str, list]:
     """Rows of the four UNet files: {"unet", "motion_adapter", "temporal_convs", "ip_adapter"} (the last in the
     original IP-Adapter layout). `shapes`: our UNet params tree (arrays or ShapeDtypeStructs, no "params" level)."""
-    from atomo_jax.convert import ip_adapter as ip
-    from atomo_jax.convert import unet as cu
 
     table = cu.unet_key_table(shapes)
     tables = {"unet": [r for r in table if cu.is_spatial(r.flax_path)],
@@ -130,8 +137,6 @@ def module_export_table(torch_shapes: Mapping[str, tuple[int, ...]], rename: Cal
                         embeddings: tuple[str, ...] = ()) -> list:
     """Rows for a transformers / diffusers model imported by `convert_state_dict(rename=..., embeddings=...)`:
     every key of the torch model (its state-dict shapes) sent through the importer's own renaming."""
-    from atomo_jax.convert import torch_io
-    from atomo_jax.convert import unet as cu
 
     rows = []
     for key, shape in sorted(torch_shapes.items()):
@@ -145,7 +150,6 @@ def module_export_table(torch_shapes: Mapping[str, tuple[int, ...]], rename: Cal
 
 
 def _torch_shape(transform: str, shape: tuple[int, ...]) -> tuple[int, ...]:
-    from atomo_jax.convert import unet as cu
 
     return tuple(cu.to_torch_array(transform, np.broadcast_to(np.float32(0), shape)).shape)
 
@@ -153,15 +157,15 @@ def _torch_shape(transform: str, shape: tuple[int, ...]) -> tuple[int, ...]:
 def position_table_blocks(keys: Any) -> list[str]:
     """Key prefixes of MotionAdapter's transformer blocks, each of which stores a fixed `pos_embed.pe` buffer
     (1, L, C): our model computes that table, diffusers keeps it in the state dict."""
-    return sorted(k[: -len("norm1.weight")] for k in keys if ".transformer_blocks." in k and k.endswith(".norm1.weight"))
+    suffix = "norm1.weight"
+    return sorted(k[: -len(suffix)] for k in keys if ".transformer_blocks." in k and k.endswith("." + suffix))
 
 
 def unet_export_shapes(config: Any) -> dict[str, dict[str, tuple[int, ...]]]:
     """{file part: {torch key: torch shape}} of the UNet files for a UNetConfig (no memory: `jax.eval_shape`)."""
-    from atomo_jax.convert import unet as cu
 
     shapes = cu.unet_param_shapes(config)
-    flat = _flat(shapes)
+    flat = torch_io.flatten_shapes(shapes)
     out = {part: {r.torch_key: _torch_shape(r.transform, tuple(flat[r.flax_path].shape)) for r in rows}
            for part, rows in unet_export_tables(shapes, config).items()}
     motion = out["motion_adapter"]
@@ -170,17 +174,10 @@ def unet_export_shapes(config: Any) -> dict[str, dict[str, tuple[int, ...]]]:
     return out
 
 
-def _flat(tree: Any) -> dict[str, Any]:
-    from atomo_jax.convert import torch_io
-
-    return torch_io.flatten_shapes(tree)
-
-
 def apply_table(rows: list, params: Any) -> dict[str, np.ndarray]:
     """Rows + our params tree -> {torch_key: array in the torch layout}."""
-    from atomo_jax.convert import unet as cu
 
-    flat = _flat(params)
+    flat = torch_io.flatten_shapes(params)
     return {r.torch_key: np.ascontiguousarray(cu.to_torch_array(r.transform, np.asarray(flat[r.flax_path])))
             for r in rows}
 
@@ -193,7 +190,7 @@ def check_complete(params: Any, tables: Mapping[str, list], part: str) -> None:
             if r.flax_path in used:
                 raise ValueError(f"{part}: parameter {r.flax_path} exported twice ({used[r.flax_path]}, {name})")
             used[r.flax_path] = name
-    left = sorted(set(_flat(params)) - set(used))
+    left = sorted(set(torch_io.flatten_shapes(params)) - set(used))
     if left:
         raise ValueError(f"{part}: {len(left)} parameters have no exported name: {left[:20]}")
 
@@ -262,8 +259,6 @@ def export_unet(params: Any, config: Any, out: Path, *, dtype: str = "fp32", sam
     if tables["motion_adapter"]:
         motion_kwargs = motion_adapter_config(config)
         tensors = apply_table(tables["motion_adapter"], params)
-        from atomo_jax.models.embeddings import sinusoidal_positions
-
         for block in position_table_blocks(list(tensors)):
             channels = tensors[block + "norm1.weight"].shape[0]
             tensors[block + "pos_embed.pe"] = sinusoidal_positions(config.motion_max_seq_length, channels)[None]
@@ -324,9 +319,6 @@ def export_encoders(model: Any, params: Mapping[str, Any], out: Path, *, dtype: 
     """VAE, CLIP image encoder and text encoder in diffusers / transformers folders."""
     from diffusers import AutoencoderKL
 
-    from atomo_jax.convert import clip as cc
-    from atomo_jax.convert import vae as cv
-    from atomo_jax.models.pixel_autoencoder import PixelAutoencoder
 
     files: dict[str, str | None] = {}
     if isinstance(model.vae, PixelAutoencoder):
@@ -378,8 +370,6 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, weights: str =
             raise FileExistsError(f"--out {out} exists and is not an empty directory; pass --overwrite to replace it")
         shutil.rmtree(out) if out.is_dir() else out.unlink()
 
-    from atomo_jax.training import checkpoint as ckpt
-
     progress(f"[1/4] loading {checkpoint} ({weights} weights)")
     step_dir = ckpt._resolve_step_dir(str(checkpoint))
     config, model, params = ckpt.load_inference(str(step_dir), use_ema=(weights == "ema"))
@@ -416,7 +406,6 @@ def write_atomo_config(out: Path, *, files: Mapping[str, str | None], unet_confi
 
 
 def _vae_factor(model: Any) -> int:
-    from atomo_jax.models.pixel_autoencoder import PixelAutoencoder
 
     if isinstance(model.vae, PixelAutoencoder):
         return int(model.vae.config.factor)
@@ -428,7 +417,8 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m atomo_jax.export",
         description="Export a trained atomo_jax checkpoint to PyTorch (safetensors + diffusers/transformers configs); "
                     "run it with atomo_jax.torch_ref.")
-    parser.add_argument("--checkpoint", required=True, help="training workdir, its checkpoints/ folder or a step folder")
+    parser.add_argument("--checkpoint", required=True,
+                        help="training workdir, its checkpoints/ folder or a step folder")
     parser.add_argument("--out", required=True, help="export folder to create")
     parser.add_argument("--weights", choices=WEIGHTS, default="ema", help="EMA (default) or raw trained weights")
     parser.add_argument("--dtype", choices=DTYPES, default="fp32", help="dtype of the written tensors")

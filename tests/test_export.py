@@ -14,12 +14,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from diffusers import MotionAdapter, StableDiffusionPipeline, UNet2DConditionModel, UNet3DConditionModel
+from diffusers import (AutoencoderKL, MotionAdapter, StableDiffusionPipeline, UNet2DConditionModel,
+                       UNet3DConditionModel)
 from safetensors.numpy import load_file
+from transformers import CLIPTextModel, CLIPVisionModelWithProjection
 
 from atomo_jax import export
 from atomo_jax.convert import clip as cc
 from atomo_jax.convert import ip_adapter, motion, torch_io
+from atomo_jax.convert import vae as cv
 from atomo_jax.convert import unet as cu
 from atomo_jax.models.unet import SpatioTemporalUNet, UNetConfig
 from atomo_jax.torch_ref.model import AtomoUNet
@@ -146,8 +149,43 @@ def test_full_size_model_loads_strictly_on_meta():
     assert counts["total"] > 1.4e9
 
 
+def test_sd_vae_and_text_encoder_folders(tmp_path):
+    """A real (tiny) AutoencoderKL and CLIP text encoder: diffusers / transformers load the folders with no key left
+    over, and the importers read them back exactly."""
+    import ml_collections
+    from configs import demo as demo_config
+
+    from atomo_jax.models.atomo import build_model
+
+    c = demo_config.get_config().model
+    c.vae = ml_collections.ConfigDict(dict(kind="sd", block_out_channels=(8, 16), layers_per_block=1,
+                                           norm_num_groups=4, scaling_factor=0.5))
+    c.text_encoder = ml_collections.ConfigDict(dict(kind="clip_text", vocab_size=100, hidden_size=16,
+                                                    intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                                    max_position_embeddings=8))
+    model = build_model(c)
+    shapes = jax.eval_shape(lambda: flax.linen.meta.unbox(model.init(jax.random.key(0), num_frames=1,
+                                                                      resolution=16)))
+    rng = np.random.default_rng(0)
+    params = {part: unflat({k: rng.standard_normal(v.shape).astype(np.float32)
+                            for k, v in torch_io.flatten_shapes(shapes[part]).items()})
+              for part in ("vae", "image_encoder", "text_encoder")}
+    files = export.export_encoders(model, params, tmp_path, dtype="fp32", sample_size=16, progress=lambda _: None)
+    assert files == {"vae": "vae", "image_encoder": "image_encoder", "text_encoder": "text_encoder"}
+    for cls, folder in ((AutoencoderKL, "vae"), (CLIPVisionModelWithProjection, "image_encoder"),
+                        (CLIPTextModel, "text_encoder")):
+        _, info = cls.from_pretrained(tmp_path / folder, output_loading_info=True)
+        assert not any(info.get(k) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), (folder, info)
+    back = {"vae": cv.load_vae(tmp_path / "vae")[1]["params"],
+            "image_encoder": cc.load_image_encoder(tmp_path / "image_encoder")[1]["params"],
+            "text_encoder": cc.load_text_encoder(tmp_path / "text_encoder")[1]["params"]}
+    for part, tree in back.items():
+        ours, theirs = flat(params[part]), flat(tree)
+        assert set(ours) == set(theirs) and all(np.array_equal(ours[k], theirs[k]) for k in ours), part
+
+
 # ---------------------------------------------------------------------------------------------------------------
-# A trained demo checkpoint: export CLI, PyTorch sampling vs the JAX pipeline.
+# A demo checkpoint: export CLI, PyTorch sampling vs the JAX pipeline.
 
 def write_demo_checkpoint(workdir) -> None:
     """A checkpoint of the demo config (4 frames), written by the trainer's Checkpointer, with random weights
@@ -242,6 +280,8 @@ def test_raw_bf16_export_and_encoder_round_trip(demo, tmp_path):
     assert conv_in.dtype == torch.bfloat16
     expected = torch.from_numpy(cu.to_torch_array(cu.CONV, np.array(raw["unet"]["conv_in"]["kernel"]))).bfloat16()
     assert torch.equal(conv_in, expected)
+    loaded = AtomoUNet.from_export(bf16)  # computes in fp32 by default
+    assert torch.equal(loaded.unet.conv_in.weight, conv_in.float())
     ema_conv_in = np.asarray(ema["unet"]["conv_in"]["kernel"])
     assert not np.array_equal(ema_conv_in, np.asarray(raw["unet"]["conv_in"]["kernel"]))  # raw really is raw
     assert json.loads((bf16 / export.ATOMO_CONFIG).read_text())["weights"] == "raw"

@@ -317,7 +317,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sampling {args.export} on {args.device} ({args.dtype})", file=sys.stderr)
         video, _ = image_to_video(
             pipe, image, num_frames=pick(args.num_frames, int(s["num_frames"])),
-            num_steps=pick(args.steps, int(s["num_steps"])), image_scale=pick(args.image_scale, float(s["image_scale"])),
+            num_steps=pick(args.steps, int(s["num_steps"])),
+            image_scale=pick(args.image_scale, float(s["image_scale"])),
             text_scale=pick(args.text_scale, float(s["text_scale"])), rescale=pick(args.rescale, float(s["rescale"])),
             eta=pick(args.eta, float(s.get("eta", 0.0))), generator=generator, prompt_ids=prompt_ids,
             empty_ids=empty_ids)
