@@ -270,7 +270,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             if int(config.sample.every_steps) > 0 and step % int(config.sample.every_steps) == 0 and is_main:
                 _sample(model, state, config, first_batch, workdir, step, writer)
             if preemption.should_stop(step):
-                save(step)
+                if saved_step != step:  # the periodic save may have just written this step
+                    save(step)
+                loss_log.flush()
                 checkpointer.close()
                 print(f"[train] preempted: saved step {step}, exiting", flush=True)
                 return {"step": step, "preempted": True, **last}
