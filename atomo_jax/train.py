@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file with get_config().",
@@ -22,6 +22,8 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if not flags.FLAGS["verbosity"].present:  # library INFO chatter (orbax, grain) hides the progress lines
+        logging.set_verbosity(logging.WARNING)
     sys.path.insert(0, os.getcwd())  # configs import each other as `configs.*`
     from atomo_jax.training.loop import train_and_evaluate
     result = train_and_evaluate(_CONFIG.value, _WORKDIR.value)

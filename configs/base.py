@@ -32,7 +32,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.text_encoder = ml_collections.ConfigDict(dict(kind="clip_text", max_position_embeddings=77))
 
     c.data = ml_collections.ConfigDict(dict(
-        kind="video_folder", root="", captions="", num_frames=24, resolution=512, frame_stride=4,
+        kind="video_folder", root="", captions="", path_format="{path}", caption_column="caption",
+        tokenizer_dir="", num_frames=24, resolution=512, frame_stride=4,
         frame_prediction_prob=0.2, num_given_frames=8, worker_count=8, prefetch=16, shuffle=True))
 
     c.diffusion = ml_collections.ConfigDict(dict(

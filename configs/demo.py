@@ -30,9 +30,9 @@ def get_config() -> ml_collections.ConfigDict:
         num_given_frames=1, worker_count=0, prefetch=4, shuffle=True))
     c.cond_drop = ml_collections.ConfigDict(dict(text=0.0, image=0.1, both=0.0))
 
-    c.train.update(dict(num_steps=300, batch_size=8, learning_rate=1e-3, lr_schedule="cosine", warmup_steps=20,
+    c.train.update(dict(num_steps=240, batch_size=4, learning_rate=1e-3, lr_schedule="cosine", warmup_steps=20,
                         weight_decay=0.0, grad_clip=1.0, trainable=(".*",), ema_decay=0.99, log_every=10))
-    c.checkpoint.update(dict(every_steps=100, keep=2))
+    c.checkpoint.update(dict(every_steps=80, keep=2))
     c.sample.update(dict(every_steps=0, num_steps=20, image_scale=1.5, text_scale=1.0, rescale=0.0, num_frames=8,
                          fps=6))
     return c

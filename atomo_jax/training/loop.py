@@ -140,6 +140,19 @@ class LossLog:
         self.pending = []
 
 
+def empty_prompt_tokens(config: ml_collections.ConfigDict, model: Any) -> jax.Array | None:
+    """Tokens of the empty prompt "" (1, 77): the text a dropped caption is replaced with, in training (CFG dropout)
+    and in the unconditional guidance branch. None when the model has no text encoder."""
+    if model.text_encoder is None:
+        return None
+    folder = config.data.get("tokenizer_dir", "")
+    if not folder:
+        raise ValueError("config.model.text_encoder is a CLIP text model, so config.data.tokenizer_dir must name a "
+                         "CLIP tokenizer folder (vocab.json + merges.txt; see README 'Importing weights')")
+    from atomo_jax.models.tokenizer import load_clip_tokenizer, tokenize
+    return jnp.asarray(tokenize(load_clip_tokenizer(folder), [""]))
+
+
 def write_sample(model: Any, params: dict, config: ml_collections.ConfigDict, image: np.ndarray, out_dir: str,
                  step: int, writer: metrics_lib.MetricWriter | None = None) -> dict[str, str]:
     """Image-to-video from `image` (1, H, W, 3) in [-1, 1]: MP4, GIF and a PNG strip (conditioning frame first)."""
@@ -147,7 +160,7 @@ def write_sample(model: Any, params: dict, config: ml_collections.ConfigDict, im
     sampler, guidance = i2v.configs_from(config)
     video = i2v.image_to_video(model, params, jnp.asarray(image), jax.random.key(int(config.seed)),
                                num_frames=int(config.sample.num_frames), sampler=sampler, guidance=guidance,
-                               progress=False).video[0]
+                               empty_tokens=empty_prompt_tokens(config, model), progress=False).video[0]
     frames = video_io.to_uint8(np.asarray(video))
     base = os.path.join(out_dir, f"sample_{step:07d}")
     paths = {ext: video_io.write_video(f"{base}.{ext}", frames, fps=float(config.sample.fps)) for ext in ("mp4", "gif")}
@@ -238,7 +251,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             device_batch = to_device(batch)
             if step_jit is None:
                 # Compiled once ahead of time: the executable gives the FLOPs and runs every step.
-                step_jit = jit_train_step(config, model, mesh, shardings, batch_shardings(device_batch, mesh, rules))
+                step_jit = jit_train_step(config, model, mesh, shardings, batch_shardings(device_batch, mesh, rules),
+                                          null_tokens=empty_prompt_tokens(config, model))
                 step_jit = step_jit.lower(state, device_batch).compile()
                 flops_per_step = metrics_lib.compiled_flops(step_jit) or 0.0
             state, m = step_jit(state, device_batch)
