@@ -1,7 +1,7 @@
 """Tiny from-scratch demo on CPU: moving shapes, 8 frames at 32x32 px, the real code paths at toy widths.
 
 Run:  python -m atomo_jax.train --config=configs/demo.py --workdir=/tmp/atomo_demo
-The "autoencoder" is a weightless pixel-space stand-in (2x average pool + a fixed 3->4 channel map) and the CLIP image
+The "autoencoder" is a weightless pixel-space stand-in (4x average pool + a fixed 3->4 channel map) and the CLIP image
 encoder is tiny and randomly initialised: no pretrained weights exist on a fresh machine.
 """
 
@@ -19,7 +19,7 @@ def get_config() -> ml_collections.ConfigDict:
         block_out_channels=(32, 64), down_attention=(True, False), layers_per_block=1, num_attention_heads=4,
         cross_attention_dim=32, norm_num_groups=8, motion_num_heads=4, motion_max_seq_length=16,
         image_embed_dim=32, ip_tokens=2, dtype="float32", remat="none"))
-    c.model.vae = ml_collections.ConfigDict(dict(kind="pixel", factor=2, scaling_factor=1.0))
+    c.model.vae = ml_collections.ConfigDict(dict(kind="pixel", factor=4, scaling_factor=1.0))
     c.model.image_encoder = ml_collections.ConfigDict(dict(
         kind="clip_vision", image_size=32, patch_size=8, hidden_size=32, intermediate_size=64,
         num_hidden_layers=2, num_attention_heads=4, projection_dim=32))
@@ -30,9 +30,9 @@ def get_config() -> ml_collections.ConfigDict:
         num_given_frames=1, worker_count=0, prefetch=4, shuffle=True))
     c.cond_drop = ml_collections.ConfigDict(dict(text=0.0, image=0.1, both=0.0))
 
-    c.train.update(dict(num_steps=240, batch_size=4, learning_rate=1e-3, lr_schedule="cosine", warmup_steps=20,
+    c.train.update(dict(num_steps=400, batch_size=8, learning_rate=1e-3, lr_schedule="constant", warmup_steps=20,
                         weight_decay=0.0, grad_clip=1.0, trainable=(".*",), ema_decay=0.99, log_every=10))
-    c.checkpoint.update(dict(every_steps=80, keep=2))
+    c.checkpoint.update(dict(every_steps=200, keep=2))
     c.sample.update(dict(every_steps=0, num_steps=20, image_scale=1.5, text_scale=1.0, rescale=0.0, num_frames=8,
                          fps=6))
     return c

@@ -380,7 +380,8 @@ def test_pixel_autoencoder_roundtrip():
     x = jax.random.uniform(jax.random.key(0), (2, 3, 4, 6, 3), minval=-1, maxval=1)
     assert model.init(jax.random.key(1), x) == {}
     mean, logvar = model.apply({}, x, method="encode")
-    assert mean.shape == (2, 3, 2, 3, 4) and not jnp.any(logvar)
+    assert mean.shape == (2, 3, 2, 3, 4)
+    assert jnp.all(jnp.exp(0.5 * logvar) < 1e-6)  # deterministic: sampling the posterior adds no noise
     np.testing.assert_allclose(mean[..., 0], x.reshape(2, 3, 2, 2, 3, 2, 3).mean((3, 5)).sum(-1) / 2, atol=1e-6)
     blocky = jnp.repeat(jnp.repeat(x[..., ::2, ::2, :], 2, -3), 2, -2)  # constant over 2x2 blocks
     back = model.apply({}, model.apply({}, blocky, method="encode")[0], method="decode")

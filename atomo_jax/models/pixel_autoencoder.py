@@ -53,7 +53,9 @@ class PixelAutoencoder(nn.Module):
                              f"got shape {x.shape}")
         x = x.astype(self.dtype).reshape(*lead, h // f, f, w // f, f, c).mean(axis=(-4, -2))
         mean = x @ jnp.asarray(_RGB_TO_LATENT.T, self.dtype)
-        return mean, jnp.zeros_like(mean)
+        # A deterministic encoder: log-variance at the VAE's clamp floor (std 3e-7), so sampling the "posterior"
+        # returns the mean. (Zeros would mean unit variance: unit noise added to every training latent.)
+        return mean, jnp.full_like(mean, -30.0)
 
     def decode(self, z: jax.Array) -> jax.Array:
         f = self.config.factor

@@ -258,6 +258,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             state, m = step_jit(state, device_batch)
             step += 1
             loss_log.add(step, m["loss"])
+            loss_sum = m["loss"] if steps_since == 0 else loss_sum + m["loss"]  # stays on device: no sync per step
             steps_since += 1
             if config.train.nonfinite == "stop" and not bool(jax.device_get(m["finite"])):
                 raise FloatingPointError(f"non-finite loss or gradients at step {step}; last good checkpoint: "
@@ -266,7 +267,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 m = jax.device_get(m)
                 dt = time.perf_counter() - t_log
                 sps = steps_since / dt
-                last = {"loss": float(m["loss"]), "mse": float(m["mse"]), "grad_norm": float(m["grad_norm"]),
+                # "loss" is the mean over the steps since the last log line: single-batch losses of a diffusion
+                # model swing with the sampled timesteps and hide the trend.
+                last = {"loss": float(jax.device_get(loss_sum)) / steps_since, "mse": float(m["mse"]), "grad_norm": float(m["grad_norm"]),
                         "lr": float(lr_fn(step - 1)), "steps_per_s": sps,
                         "examples_per_s": sps * int(config.train.batch_size),
                         "data_wait_s": wait_since / steps_since, "skipped_samples": float(skipped_samples),
