@@ -52,23 +52,6 @@ flags.DEFINE_string("base", None, "A personalised SD 1.5 fine-tune (diffusers fo
                     "a .safetensors file) whose spatial weights replace ours.")
 
 
-def load_image(path: str, height: int, width: int) -> np.ndarray:
-    """An image file -> (1, height, width, 3) float32 in [-1, 1]: short side resized, centre crop."""
-    from PIL import Image, UnidentifiedImageError  # pylint: disable=g-import-not-at-top
-
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"--image {path}: no such file")
-    try:
-        with Image.open(path) as im:
-            im = im.convert("RGB")
-            scale = max(height / im.height, width / im.width)
-            size = (max(width, round(im.width * scale)), max(height, round(im.height * scale)))
-            im = im.resize(size, Image.Resampling.BICUBIC)
-            left, top = (size[0] - width) // 2, (size[1] - height) // 2
-            array = np.asarray(im.crop((left, top, left + width, top + height)), np.float32)
-    except UnidentifiedImageError:
-        raise ValueError(f"--image {path}: not an image file Pillow can read") from None
-    return (array / 127.5 - 1.0)[None]
 
 
 def _tokens(model, config, prompt: str):
@@ -154,7 +137,7 @@ def sample() -> None:
         video, _ = t2v.text_to_video(model, params, rng, batch=1, height=size, width=size, num_frames=num_frames,
                                      image_guidance_scale=FLAGS.t2i_scale, **common)
     else:
-        image = jnp.asarray(load_image(FLAGS.image, size, size))
+        image = jnp.asarray(video_io.load_image(FLAGS.image, size, size))
         if FLAGS.mode == "i2v":
             video = i2v.image_to_video(model, params, image, rng, num_frames=num_frames, **common)
         else:

@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from atomo_jax import sample as cli
 from atomo_jax.pipelines import video_io
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -29,14 +28,14 @@ def _run(*args, check=True, cache=None):
 def test_load_image_resizes_and_crops(tmp_path):
     path = str(tmp_path / "wide.png")
     Image.new("RGB", (60, 30), (255, 0, 0)).save(path)
-    image = cli.load_image(path, 16, 16)
+    image = video_io.load_image(path, 16, 16)
     assert image.shape == (1, 16, 16, 3) and image.dtype == np.float32
     np.testing.assert_allclose(image[0, 8, 8], [1.0, -1.0, -1.0], atol=1e-6)
     with pytest.raises(FileNotFoundError, match="no such file"):
-        cli.load_image(str(tmp_path / "missing.png"), 16, 16)
+        video_io.load_image(str(tmp_path / "missing.png"), 16, 16)
     (tmp_path / "bad.png").write_text("not an image")
     with pytest.raises(ValueError, match="not an image"):
-        cli.load_image(str(tmp_path / "bad.png"), 16, 16)
+        video_io.load_image(str(tmp_path / "bad.png"), 16, 16)
 
 
 @pytest.fixture(scope="module")

@@ -86,3 +86,23 @@ def read_video(path: str) -> np.ndarray:
         raise FileNotFoundError(f"video file not found: {path}")
     with av.open(path) as container:
         return np.stack([frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)])
+
+
+def load_image(path: str, height: int, width: int) -> np.ndarray:
+    """An image file -> (1, height, width, 3) float32 in [-1, 1]: short side resized (bicubic), centre crop.
+    numpy + Pillow only, so the PyTorch reference (`atomo_jax.torch_ref`) shares it without importing jax."""
+    from PIL import Image, UnidentifiedImageError  # pylint: disable=g-import-not-at-top
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--image {path}: no such file")
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+            scale = max(height / im.height, width / im.width)
+            size = (max(width, round(im.width * scale)), max(height, round(im.height * scale)))
+            im = im.resize(size, Image.Resampling.BICUBIC)
+            left, top = (size[0] - width) // 2, (size[1] - height) // 2
+            array = np.asarray(im.crop((left, top, left + width, top + height)), np.float32)
+    except UnidentifiedImageError:
+        raise ValueError(f"--image {path}: not an image file Pillow can read") from None
+    return (array / 127.5 - 1.0)[None]

@@ -27,6 +27,7 @@ from diffusers import AutoencoderKL, DDIMScheduler
 from torch import nn
 from transformers import CLIPTextModel, CLIPVisionModelWithProjection
 
+from atomo_jax.pipelines import video_io  # numpy + Pillow + av only, no jax
 from atomo_jax.torch_ref.model import AtomoUNet, read_atomo_config
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -246,23 +247,8 @@ def image_to_video(pipe: Pipeline, image: torch.Tensor, *, num_frames: int, num_
 # Command line.
 
 def load_image(path: str, height: int, width: int) -> torch.Tensor:
-    """An image file -> (1, 3, height, width) in [-1, 1]: short side resized (PIL bicubic), centre crop (as
-    `python -m atomo_jax.sample`)."""
-    from PIL import Image, UnidentifiedImageError
-
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"--image {path}: no such file")
-    try:
-        with Image.open(path) as im:
-            im = im.convert("RGB")
-            scale = max(height / im.height, width / im.width)
-            size = (max(width, round(im.width * scale)), max(height, round(im.height * scale)))
-            im = im.resize(size, Image.Resampling.BICUBIC)
-            left, top = (size[0] - width) // 2, (size[1] - height) // 2
-            array = np.asarray(im.crop((left, top, left + width, top + height)), np.float32)
-    except UnidentifiedImageError:
-        raise ValueError(f"--image {path}: not an image file Pillow can read") from None
-    return torch.from_numpy(array / 127.5 - 1.0).permute(2, 0, 1)[None]
+    """An image file -> (1, 3, height, width) in [-1, 1], exactly as `python -m atomo_jax.sample` loads it."""
+    return torch.from_numpy(video_io.load_image(path, height, width)[0]).permute(2, 0, 1)[None]
 
 
 def _token_ids(pipe: Pipeline, tokenizer_dir: str | None, prompt: str) -> tuple[Any, Any]:
@@ -325,7 +311,6 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    from atomo_jax.pipelines import video_io  # numpy + av only
 
     frames = video_io.to_uint8(video[0].permute(1, 2, 3, 0).cpu().numpy())
     fps = float(s.get("fps", 8))
