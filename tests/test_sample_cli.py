@@ -82,8 +82,8 @@ def test_sample_cli_errors(workdir, image, sample, tmp_path):
     common = [f"--workdir={workdir}", "--steps=1", "--num_frames=2", f"--out={tmp_path / 'x.mp4'}"]
     proc = sample(*common, "--mode=i2v", f"--image={tmp_path / 'nope.png'}", check=False)
     assert proc.returncode != 0 and "nope.png: no such file" in proc.stderr
-    proc = sample(*common, "--mode=i2v", f"--image={image}", "--resolution=30", check=False)
-    assert proc.returncode != 0 and "image size 30x30 is not usable" in proc.stderr, proc.stderr[-2000:]
+    proc = sample(*common, "--mode=i2v", f"--image={image}", "--resolution=36", check=False)
+    assert proc.returncode != 0 and "image size 36x36 is not usable" in proc.stderr, proc.stderr[-2000:]
     other = tmp_path / "other.py"
     other.write_text("from configs import demo\n\ndef get_config():\n    c = demo.get_config()\n"
                      "    c.model.unet.block_out_channels = (16, 32)\n    return c\n")
