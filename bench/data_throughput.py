@@ -1,6 +1,6 @@
 """Input-pipeline throughput: decoded + transformed frames per second per CPU core, and from cached latents.
 
-    python bench/data_throughput.py [--clips 24] [--out bench/RESULTS_data.md]
+    python bench/data_throughput.py [--clips 24] [--out FILE.md]
 
 Pixels: H.264 files written here (moving textured content, 25 fps, 6 s), 16-frame clips at stride 4 with a random
 start, short-side resize + random crop to 256 (from 640x360, WebVid-like) and 512 (from 1280x720), scaled to
