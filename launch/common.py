@@ -123,6 +123,18 @@ def add_train_flags(parser: argparse.ArgumentParser) -> None:
                         help="checkpoints and logs; rerunning with the same workdir resumes from its latest checkpoint")
 
 
+def add_process_flags(parser: argparse.ArgumentParser, group: argparse._ArgumentGroup, *, python_help: str,
+                      repo_help: str, env_help: str) -> None:
+    """The flags every trainer launcher shares (--python, --repo_dir, --env, --dry-run) and the train group."""
+    group.add_argument("--python", default=sys.executable, help=python_help)
+    group.add_argument("--repo_dir", default=str(REPO_ROOT), help=repo_help)
+    group.add_argument("--env", action="append", default=[], metavar="NAME=VALUE", help=env_help)
+    group.add_argument("--dry-run", "--dry_run", dest="dry_run", action="store_true",
+                       help="print the exact commands, one per line, and run nothing")
+    add_train_flags(parser.add_argument_group(
+        "train (then --config.KEY=VALUE overrides, passed to the trainer verbatim)"))
+
+
 def main_wrapper(main, argv: Sequence[str] | None) -> int:
     """Turns LaunchError into a one-line message and exit code 2 (usage error), like argparse does."""
     try:

@@ -26,7 +26,7 @@ from typing import Sequence
 if __package__ in (None, ""):  # run as `python launch/local.py`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from launch.common import (REPO_ROOT, LaunchError, add_train_flags, check_config, env_argv, main_wrapper, parse_env,
+from launch.common import (LaunchError, add_process_flags, check_config, env_argv, main_wrapper, parse_env,
                            show, split_overrides, train_argv)
 
 
@@ -63,13 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fake CPU devices per process (default: 4 with --num_processes > 1, else the real devices)")
     g.add_argument("--port", type=int, default=0, help="coordinator port on 127.0.0.1 (default: a free one)")
     g.add_argument("--log_dir", help="logs of processes 1..N-1 (default WORKDIR/process_logs)")
-    g.add_argument("--python", default=sys.executable, help="Python to run the trainer with (default: this one)")
-    g.add_argument("--repo_dir", default=str(REPO_ROOT), help="checkout to run in (default: this one)")
-    g.add_argument("--env", action="append", default=[], metavar="NAME=VALUE", help="extra environment (repeatable)")
-    g.add_argument("--dry-run", "--dry_run", dest="dry_run", action="store_true",
-                   help="print the exact commands, one per line, and run nothing")
-    t = parser.add_argument_group("train (then --config.KEY=VALUE overrides, passed to the trainer verbatim)")
-    add_train_flags(t)
+    add_process_flags(parser, g, python_help="Python to run the trainer with (default: this one)",
+                      repo_help="checkout to run in (default: this one)", env_help="extra environment (repeatable)")
     return parser
 
 

@@ -18,7 +18,7 @@ from typing import Sequence
 if __package__ in (None, ""):  # run as `python launch/slurm.py`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from launch.common import (REPO_ROOT, LaunchError, Runner, add_train_flags, check_config, main_wrapper,
+from launch.common import (REPO_ROOT, LaunchError, Runner, add_process_flags, check_config, main_wrapper,
                            parse_env, split_overrides, train_argv)
 
 SBATCH_SCRIPT = REPO_ROOT / "launch" / "slurm_gpu.sbatch"
@@ -68,15 +68,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="extra sbatch flag, e.g. --sbatch_flag=--constraint=h100 (repeatable)")
     g.add_argument("--log_dir", default=str(REPO_ROOT / "runs" / "slurm"),
                    help="where the job's output file goes (default REPO/runs/slurm)")
-    g.add_argument("--python", default=sys.executable,
-                   help="Python on the compute nodes (default: this interpreter; its venv must be on shared storage)")
-    g.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
-                   help="extra environment for the trainer (repeatable), e.g. XLA_FLAGS=...")
-    g.add_argument("--repo_dir", default=str(REPO_ROOT), help="checkout the job runs in (shared storage)")
-    g.add_argument("--dry-run", "--dry_run", dest="dry_run", action="store_true",
-                   help="print the exact commands, one per line, and run nothing")
-    t = parser.add_argument_group("train (then --config.KEY=VALUE overrides, passed to the trainer verbatim)")
-    add_train_flags(t)
+    add_process_flags(parser, g,
+                      python_help="Python on the compute nodes (default: this interpreter; its venv must be on "
+                                  "shared storage)",
+                      repo_help="checkout the job runs in (shared storage)",
+                      env_help="extra environment for the trainer (repeatable), e.g. XLA_FLAGS=...")
     return parser
 
 
