@@ -1,40 +1,63 @@
 #!/usr/bin/env bash
-# One lent-GPU call of the benchmark. Usage (on the device, from the repo root, with .whl carried):
-#   bash bench/gpu_run.sh train|sample|all      results -> $OUT/results.jsonl, logs -> $OUT/*.log
+# One lent-GPU call of the benchmark: ours and the PyTorch peer side by side, on the same GPU, in the same run.
+# Usage (on the device, from the repo root, with .whl carried):  bash bench/gpu_run.sh GROUP...
+#   groups: b4 (train, batch 4 x 32x32 latents), paper (ours, b4, the paper's trainable set), b1 (batch 1 x 64x64),
+#           sample (i2v, 16 frames, 512 px, 25 steps, guidance batch 3), b1sample (both)
+# The processes of a group start together: their compiles overlap, then they time one at a time (bench/gate.py).
+# Results -> $OUT/results.jsonl, logs -> $OUT/*.log, the table last.
 set -uo pipefail
-phase=${1:-all}
 out=${OUT:-/tmp/bench_out}
 mkdir -p "$out"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
   || exit 1
 export PYTHONPATH=$PWD:/tmp/site PYTHONUNBUFFERED=1
-export XLA_PYTHON_CLIENT_MEM_FRACTION=0.92
+# Several processes share the card: allocate on demand, never more than the card has.
+export XLA_PYTHON_CLIENT_PREALLOCATE=false XLA_PYTHON_CLIENT_MEM_FRACTION=0.92
+# cuBLAS for matmuls (fast to autotune) instead of autotuning a Triton kernel per fusion; autotune results are
+# kept per fusion so later compiles (and later calls given bench/.cache back) reuse them.
+autotune=${AUTOTUNE_DIR:-$PWD/.bench_cache/xla_autotune}
+mkdir -p "$autotune"
+export XLA_FLAGS="${XLA_FLAGS:---xla_gpu_enable_triton_gemm=false} --xla_gpu_per_fusion_autotune_cache_dir=$autotune"
 res="$out/results.jsonl"
-nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm --format=csv > "$out/gpu.txt"
+limit=${GROUP_TIMEOUT:-540}
+nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm --format=csv,noheader
 python3 -c "import jax, torch; print('jax', jax.__version__, jax.devices(), 'torch', torch.__version__)"
 
-run() {  # name, command...
-  local name=$1; shift
-  echo "=== $name"
-  timeout "${STEP_TIMEOUT:-420}" "$@" --out="$res" > "$out/$name.log" 2>&1
-  local rc=$?
-  tail -n 2 "$out/$name.log"
-  [ $rc -eq 0 ] || echo "!!! $name failed rc=$rc"
+group() {  # "name:script:args" ..., in timing order (the peer first: it allocates while compiling)
+  local spec name script args
+  BENCH_GATE=$(mktemp -d); export BENCH_GATE
+  BENCH_ORDER=""
+  for spec in "$@"; do BENCH_ORDER="$BENCH_ORDER ${spec%%:*}"; done
+  export BENCH_ORDER
+  echo "=== $BENCH_ORDER  (start $(date +%T))"
+  for spec in "$@"; do
+    name=${spec%%:*}; script=${spec#*:}; args=${script#*:}; script=${script%%:*}
+    # shellcheck disable=SC2086
+    ( BENCH_NAME=$name timeout "$limit" python3 "bench/$script.py" $args --out="$res" > "$out/$name.log" 2>&1
+      echo "$name rc=$?" >> "$out/$name.log"; touch "$BENCH_GATE/$name.exit" ) &
+  done
+  wait
+  for spec in "$@"; do tail -n 2 "$out/${spec%%:*}.log"; done
 }
 
-if [ "$phase" = train ] || [ "$phase" = all ]; then
-  run jax_matmul python3 bench/jax_bench.py matmul
-  run jax_b4_256 python3 bench/jax_bench.py train --batch=4 --latent=32 --count_flops ${JAX_ARGS:-}
-  run torch_eager_b4_256 python3 bench/torch_peer.py train --batch=4 --latent=32 --count_flops
-  run torch_compile_b4_256 python3 bench/torch_peer.py train --batch=4 --latent=32 --compile
-fi
-if [ "$phase" = train512 ] || [ "$phase" = all ]; then
-  run jax_b1_512 python3 bench/jax_bench.py train --batch=1 --latent=64 --count_flops ${JAX_ARGS:-}
-  run jax_b4_256_paper python3 bench/jax_bench.py train --batch=4 --latent=32 --trainable=paper ${JAX_ARGS:-}
-  run torch_compile_b1_512 python3 bench/torch_peer.py train --batch=1 --latent=64 --compile --count_flops
-fi
-if [ "$phase" = sample ] || [ "$phase" = all ]; then
-  run jax_sample python3 bench/jax_bench.py sample --latent=64 --steps=25 --iters=3
-  run torch_sample python3 bench/torch_peer.py sample --latent=64 --steps=25 --iters=3
-fi
+python3 bench/jax_bench.py matmul --out="$res" > "$out/matmul.log" 2>&1; tail -n 1 "$out/matmul.log"
+ja=${JAX_ARGS:-}
+for g in "$@"; do
+  case $g in
+    b4) group "torch_b4:torch_peer:train --batch=4 --latent=32 --compile=regional --count_flops" \
+              "jax_b4:jax_bench:train --batch=4 --latent=32 --count_flops $ja" ;;
+    paper) group "jax_b4_paper:jax_bench:train --batch=4 --latent=32 --trainable=paper $ja" ;;
+    b1) group "torch_b1:torch_peer:train --batch=1 --latent=64 --compile=regional --count_flops" \
+              "jax_b1:jax_bench:train --batch=1 --latent=64 --count_flops $ja" ;;
+    sample) group "torch_sample:torch_peer:sample --latent=64 --steps=25 --iters=3" \
+                  "jax_sample:jax_bench:sample --latent=64 --steps=25 --iters=3" ;;
+    b1sample) group "torch_b1:torch_peer:train --batch=1 --latent=64 --compile=regional --count_flops" \
+                    "torch_sample:torch_peer:sample --latent=64 --steps=25 --iters=3" \
+                    "jax_b1:jax_bench:train --batch=1 --latent=64 --count_flops $ja" \
+                    "jax_sample:jax_bench:sample --latent=64 --steps=25 --iters=3" ;;
+    *) echo "unknown group $g"; exit 2 ;;
+  esac
+done
+# The autotune cache comes back as one file (the device returns at most 8 files); next call: untar into .bench_cache.
+tar -czf "$out/autotune.tgz" -C "$autotune" . 2>/dev/null
 python3 bench/report.py "$res"
