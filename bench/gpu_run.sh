@@ -44,17 +44,23 @@ python3 bench/jax_bench.py matmul --out="$res" > "$out/matmul.log" 2>&1; tail -n
 ja=${JAX_ARGS:-}
 for g in "$@"; do
   case $g in
-    b4) group "torch_b4:torch_peer:train --batch=4 --latent=32 --compile=regional --count_flops" \
+    b4) group "torch_b4:torch_peer:train --batch=4 --latent=32 --compile=full --count_flops" \
               "jax_b4:jax_bench:train --batch=4 --latent=32 --count_flops $ja" ;;
     paper) group "jax_b4_paper:jax_bench:train --batch=4 --latent=32 --trainable=paper $ja" ;;
-    b1) group "torch_b1:torch_peer:train --batch=1 --latent=64 --compile=regional --count_flops" \
+    b1) group "torch_b1:torch_peer:train --batch=1 --latent=64 ${TORCH_B1:---compile=full} --count_flops" \
               "jax_b1:jax_bench:train --batch=1 --latent=64 --count_flops $ja" ;;
     sample) group "torch_sample:torch_peer:sample --latent=64 --steps=25 --iters=3" \
                   "jax_sample:jax_bench:sample --latent=64 --steps=25 --iters=3" ;;
-    b1sample) group "torch_b1:torch_peer:train --batch=1 --latent=64 --compile=regional --count_flops" \
+    b1sample) group "torch_b1:torch_peer:train --batch=1 --latent=64 ${TORCH_B1:---compile=full} --count_flops" \
                     "torch_sample:torch_peer:sample --latent=64 --steps=25 --iters=3" \
                     "jax_b1:jax_bench:train --batch=1 --latent=64 --count_flops $ja" \
                     "jax_sample:jax_bench:sample --latent=64 --steps=25 --iters=3" ;;
+    # Profiles of both sizes beside a same-run peer. FLOPs counted on a CPU host by bench/flops.py for the same
+    # program (the b4 count matched the device's to the last FLOP); counting on the device beside two compiles
+    # once crashed the process (bench/NOTES.md).
+    profile) group "torch_b1:torch_peer:train --batch=1 --latent=64 --count_flops" \
+                   "jax_b1:jax_bench:train --batch=1 --latent=64 --model_flops=61522056282112 --profile=/tmp/tr1 $ja" \
+                   "jax_b4:jax_bench:train --batch=4 --latent=32 --model_flops=57135558688768 --profile=/tmp/tr4 $ja" ;;
     *) echo "unknown group $g"; exit 2 ;;
   esac
 done

@@ -120,8 +120,8 @@ def run_train(args: argparse.Namespace) -> dict:
         mem = compiled.memory_analysis()
         log(f"compiled in {compile_s:.0f} s (temporaries {mem.temp_size_in_bytes / 2 ** 30:.1f} GiB)")
         gate.compiled()
-        flops = None
-        if args.count_flops:  # counted on the plain-XLA attention path, where attention is visible matmuls
+        flops = args.model_flops
+        if args.count_flops and not flops:  # counted on the plain-XLA attention path, where attention is visible matmuls
             cfg_x = bench_config(argparse.Namespace(**{**vars(args), "attention": "xla"}))
             flops = count_flops(jit_train_step(cfg_x, build_model(cfg_x.model), mesh, shardings, batch_sh),
                                 state_in, batch_in)
@@ -142,6 +142,13 @@ def run_train(args: argparse.Namespace) -> dict:
         timed(one, args.warmup)
         times = timed(one, args.iters)
         losses = [float(one()) for _ in range(2)]
+        if args.profile:
+            from bench.profile_summary import profile_calls
+            summary = profile_calls(one, 3, args.profile)
+            print(summary, flush=True)
+            with open(os.path.join(os.path.dirname(os.path.abspath(args.out)),
+                                   f"profile_b{args.batch}_{args.latent}.txt"), "w") as f:
+                f.write(summary + "\n")
     med = statistics.median(times)
     return {"kind": "train", "impl": "jax", "batch": args.batch, "latent": args.latent, "trainable": args.trainable,
             "remat": args.remat, "attention": args.attention, "dtype": args.dtype, "s_per_step": med,
@@ -208,6 +215,9 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--count_flops", action="store_true")
+    p.add_argument("--model_flops", type=float, default=None,
+                   help="FLOPs per step counted beforehand by bench/flops.py (same program, e.g. on a CPU host)")
+    p.add_argument("--profile", default="", help="trace dir: profile 3 steps and print where the time goes")
     p.add_argument("--tiny", action="store_true", help="demo-sized UNet: a CPU smoke test of this script")
     p.add_argument("--out", required=True)
     args = p.parse_args()

@@ -9,4 +9,5 @@ python3 -m venv .venv
 if ! command -v shellcheck >/dev/null; then
   (apt-get update -qq && apt-get install -y -qq shellcheck) >/dev/null 2>&1 || echo "warning: shellcheck not installed"
 fi
-.venv/bin/python -m pytest -q -p no:cacheprovider "${@:-tests}"
+# Two workers (pytest-xdist), one test file each at a time: most of the time goes to single-threaded XLA compiles.
+.venv/bin/python -m pytest -q -p no:cacheprovider -n "${PYTEST_WORKERS:-2}" --dist loadfile "${@:-tests}"
