@@ -61,6 +61,8 @@ for g in "$@"; do
     profile) group "torch_b1:torch_peer:train --batch=1 --latent=64 --count_flops" \
                    "jax_b1:jax_bench:train --batch=1 --latent=64 --model_flops=61522056282112 --profile=/tmp/tr1 $ja" \
                    "jax_b4:jax_bench:train --batch=4 --latent=32 --model_flops=57135558688768 --profile=/tmp/tr4 $ja" ;;
+    profile_b1) group "torch_b1:torch_peer:train --batch=1 --latent=64 --count_flops" \
+                      "jax_b1:jax_bench:train --batch=1 --latent=64 --model_flops=61522056282112 --profile=/tmp/tr1 $ja" ;;
     *) echo "unknown group $g"; exit 2 ;;
   esac
 done
