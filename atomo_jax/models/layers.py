@@ -6,6 +6,8 @@ lives in `atomo_jax.parallel.axes`. Parameters are float32 (master weights); `dt
 
 from __future__ import annotations
 
+import functools
+import math
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -58,13 +60,104 @@ def layer_norm(eps: float, *, use_bias: bool = True, dtype: Dtype = jnp.float32,
                         bias_init=_init(nn.initializers.zeros_init(), (ax.NORM,)))
 
 
+# Pallas splash (flash) attention on TPU: tiles of 128 lanes, so sequences are padded to multiples of 128 and the
+# largest of these blocks that divides the padded length is used.
+_SPLASH_LANES = 128
+_SPLASH_BLOCKS = (512, 256, 128)
+# Automatic choice: queries must fill at least one 128-row tile and keys at least half of one (at most 2x padding
+# work); shorter attentions (temporal over frames, 8x8 mid-block, IP-Adapter's few image tokens) have small score
+# matrices that XLA's fused einsums handle well.
+_SPLASH_MIN_Q, _SPLASH_MIN_KV = 128, 64
+
+
+def _target_platform() -> str:
+    """Platform the program is compiled for: the mesh in context (AOT for TPU on a CPU host), else the default."""
+    device = jax.sharding.get_abstract_mesh().abstract_device
+    return device.platform if device is not None else jax.default_backend()
+
+
+def splash_fallback_reason(q_shape: Sequence[int], k_shape: Sequence[int],
+                           mask: jax.Array | None = None) -> str | None:
+    """Why `attention(implementation=None)` on TPU does not use splash for these (B, T, N, H) shapes; None if it does."""
+    if mask is not None:
+        return "an explicit mask (splash here runs unmasked attention)"
+    if q_shape[1] < _SPLASH_MIN_Q:
+        return f"{q_shape[1]} queries < {_SPLASH_MIN_Q}: padding to 128-row tiles would cost more than it saves"
+    if k_shape[1] < _SPLASH_MIN_KV:
+        return f"{k_shape[1]} keys < {_SPLASH_MIN_KV}: padding to 128-lane tiles would cost more than it saves"
+    return None
+
+
+def _splash_block(length: int) -> int:
+    return next(b for b in _SPLASH_BLOCKS if length % b == 0)
+
+
+def _splash_local(q: jax.Array, k: jax.Array, v: jax.Array, *, interpret: bool) -> jax.Array:
+    """Splash attention on one device's (B, T, N, H) shard: heads-major per example, vmapped over the batch."""
+    from jax.experimental.pallas.ops.tpu import splash_attention as splash
+
+    (_, tq, n, d), tk = q.shape, k.shape[1]
+    tq_pad, tk_pad = (-(-t // _SPLASH_LANES) * _SPLASH_LANES for t in (tq, tk))
+    bq, bkv = _splash_block(tq_pad), _splash_block(tk_pad)
+    blocks = splash.BlockSizes(block_q=bq, block_kv=bkv, block_kv_compute=bkv, block_q_dkv=bq, block_kv_dkv=bkv,
+                               block_kv_dkv_compute=bkv, use_fused_bwd_kernel=True)
+    mask = splash.MultiHeadMask([splash.FullMask((tq_pad, tk_pad))] * n)
+    kernel = splash.make_splash_mha(mask, block_sizes=blocks, head_shards=1, q_seq_shards=1, interpret=interpret)
+    # The kernel does not scale the logits; fold 1/sqrt(H) into q as jax.nn.dot_product_attention's scale.
+    q = q * jnp.asarray(1.0 / d ** 0.5, q.dtype)
+    heads_major = lambda t, pad: jnp.pad(t, ((0, 0), (0, pad - t.shape[1]), (0, 0), (0, 0))).transpose(0, 2, 1, 3)
+    q, k, v = heads_major(q, tq_pad), heads_major(k, tk_pad), heads_major(v, tk_pad)
+    segments = None
+    if tk_pad != tk:  # padded keys get their own segment, so no query attends to them
+        segments = splash.SegmentIds(q=jnp.zeros((tq_pad,), jnp.int32),
+                                     kv=(jnp.arange(tk_pad) >= tk).astype(jnp.int32))
+    out = jax.vmap(kernel, in_axes=(0, 0, 0, None))(q, k, v, segments)
+    return out.transpose(0, 2, 1, 3)[:, :tq]
+
+
+def _splash(q: jax.Array, k: jax.Array, v: jax.Array, *, interpret: bool) -> jax.Array:
+    """Splash attention; under a mesh, per device through shard_map (XLA cannot partition the Mosaic custom call and
+    would gather the global batch onto every device). Batch and heads are split as the logical rules say for
+    `batch` and `heads` (flax's rules in context, else `axes.DEFAULT_RULES`), keeping mesh axes that divide them."""
+    mesh = jax.sharding.get_abstract_mesh()
+    auto = [a for a, t in zip(mesh.axis_names, mesh.axis_types) if t != jax.sharding.AxisType.Manual]
+    if mesh.empty or math.prod(mesh.shape[a] for a in auto) == 1:
+        return _splash_local(q, k, v, interpret=interpret)
+    rules = tuple(nn.get_logical_axis_rules()) or ax.DEFAULT_RULES
+    spec = nn.logical_to_mesh_axes((ax.BATCH, None, ax.HEADS, None), rules)
+
+    def fit(dim: int, names: Any) -> tuple[str, ...] | None:
+        kept, size = [], 1
+        for name in (names if isinstance(names, tuple) else (names,) if names else ()):
+            if name in auto and dim % (size * mesh.shape[name]) == 0:
+                kept.append(name)
+                size *= mesh.shape[name]
+        return tuple(kept) or None
+
+    batch = fit(math.gcd(q.shape[0], k.shape[0]), spec[0])
+    heads = fit(q.shape[2], spec[2])
+    p = jax.sharding.PartitionSpec(batch, None, heads, None)
+    local = functools.partial(_splash_local, interpret=interpret)
+    return jax.shard_map(local, mesh=mesh, in_specs=(p, p, p), out_specs=p, axis_names=set(auto),
+                         check_vma=False)(q, k, v)
+
+
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, implementation: str | None = None,
               mask: jax.Array | None = None) -> jax.Array:
-    """Scaled dot-product attention on (batch, length, heads, head_dim) inputs.
+    """Scaled dot-product attention (scale 1/sqrt(head_dim)) on (batch, length, heads, head_dim) inputs.
 
-    `implementation`: None lets XLA choose; "cudnn" asks for cuDNN flash attention on GPUs (bf16/fp16 only);
-    "xla" forces the plain einsum path (the numerically exact reference on CPU).
+    `implementation`: None picks splash on TPU where `splash_fallback_reason` allows it, else lets XLA choose;
+    "splash" forces the Pallas TPU splash kernel (any lengths and head_dim; off TPU it runs in Pallas interpret mode,
+    slowly, for tests); "cudnn" asks for cuDNN flash attention on GPUs (bf16/fp16 only); "xla" forces the plain
+    einsum path (the numerically exact reference on CPU).
     """
+    if implementation is None and _target_platform() == "tpu" and splash_fallback_reason(q.shape, k.shape,
+                                                                                         mask) is None:
+        implementation = "splash"
+    if implementation == "splash":
+        if mask is not None:
+            raise ValueError("attention(implementation='splash') takes no mask; use implementation='xla'")
+        return _splash(q, k, v, interpret=_target_platform() != "tpu")
     if implementation == "cudnn" and (q.dtype not in (jnp.bfloat16, jnp.float16) or q.shape[1] != k.shape[1]
                                       or q.shape[1] % 64):
         # cuDNN's flash kernel has no fp32 path and its backward rejects unaligned or unequal lengths (e.g. 16384
