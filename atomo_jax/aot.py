@@ -199,8 +199,20 @@ def abstract_batch(config: Any, model: Any, abstract_params: dict) -> dict:
     return batch
 
 
+class CompilerOutOfMemory(Exception):
+    """The target's compiler itself refused the program: its temporaries alone exceed the chip's memory."""
+
+    def __init__(self, needed: str, available: str, message: str):
+        super().__init__(message)
+        self.needed, self.available = needed, available
+
+
+_OOM = re.compile(r"temporaries \(([\d.]+\s*[KMGT]?i?B?)\) exceeds available HBM \(([\d.]+\s*[KMGT]?i?B?)\)")
+
+
 def compile_train_step(config: Any, devices: list, capacity_bytes: float | None = None) -> Report:
-    """Lowers and compiles the trainer's jitted step for `devices` with abstract inputs only."""
+    """Lowers and compiles the trainer's jitted step for `devices` with abstract inputs only. Raises
+    `CompilerOutOfMemory` when the TPU compiler refuses the program for the chip's memory."""
     import jax
     from atomo_jax.models.atomo import build_model
     from atomo_jax.parallel import axes
@@ -226,7 +238,14 @@ def compile_train_step(config: Any, devices: list, capacity_bytes: float | None 
     batch_in = {k: with_sh(v, batch_sh[k]) for k, v in batch.items()}
     step = jit_train_step(config, model, mesh, state_sh, batch_sh)
     with jax.set_mesh(mesh):
-        compiled = step.lower(state_in, batch_in).compile()
+        lowered = step.lower(state_in, batch_in)
+        try:
+            compiled = lowered.compile()
+        except jax.errors.JaxRuntimeError as e:  # XLA:TPU stops at "Ran out of memory in memory space hbm"
+            m = _OOM.search(str(e))
+            if "RESOURCE_EXHAUSTED" not in str(e) or not m:
+                raise
+            raise CompilerOutOfMemory(m.group(1), m.group(2), str(e).splitlines()[0]) from None
     mem = compiled.memory_analysis()
     from atomo_jax.training.metrics import compiled_flops
     return Report(layout=dict(mesh.shape), remat=str(config.model.unet.remat), devices=len(devices),
@@ -309,6 +328,12 @@ def main(argv: list[str]) -> None:
         except ValueError as e:  # bad mesh/batch combination: the config's own error
             print(f"[aot] error: {e}", file=sys.stderr)
             sys.exit(2)
+        except CompilerOutOfMemory as e:
+            print(f"[aot] DOES NOT FIT: the {target.generation} compiler needs {e.needed} of temporaries per device, "
+                  f"{e.available} available on {target.name} (mesh data={config.mesh.data} fsdp={config.mesh.fsdp} tensor={config.mesh.tensor}, "
+                  f"remat={config.model.unet.remat}). Try --sweep, more fsdp, config.model.unet.remat=full, "
+                  f"a smaller config.train.batch_size or grad_accum.", file=sys.stderr, flush=True)
+            sys.exit(1)
         print(describe(report, target, FLAGS.usable_fraction), flush=True)
         if not report.fits:
             print(f"[aot] DOES NOT FIT: needs {report.peak_bytes / GIB:.2f} GiB per device, "
@@ -335,6 +360,9 @@ def main(argv: list[str]) -> None:
                        f"{r.temp_bytes / GIB:>9.2f} {r.peak_bytes / GIB:>9.2f} {r.flops / 1e12:>9.2f} "
                        f"{'yes' if r.fits else 'no':>5}")
                 rows.append(r)
+            except CompilerOutOfMemory as e:
+                row = (f"{data:>5} {fsdp:>5} {tensor:>6} {remat:>13} {'-':>9} {e.needed:>9} {'-':>9} {'-':>9} "
+                       f"{'no':>5}  (compiler: temporaries {e.needed} > {e.available})")
             except Exception as e:  # one failing layout should not end the sweep
                 row = f"{data:>5} {fsdp:>5} {tensor:>6} {remat:>13} failed: {type(e).__name__}: {str(e)[:120]}"
             print(row, flush=True)

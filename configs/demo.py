@@ -19,7 +19,8 @@ def get_config() -> ml_collections.ConfigDict:
         block_out_channels=(32, 64), down_attention=(True, False), layers_per_block=1, num_attention_heads=4,
         cross_attention_dim=32, norm_num_groups=8, motion_num_heads=4, motion_max_seq_length=16,
         image_embed_dim=32, ip_tokens=2, dtype="float32", remat="none"))
-    c.model.vae = ml_collections.ConfigDict(dict(kind="pixel", factor=4, scaling_factor=1.0))
+    # scaling_factor brings the pooled pixels (std ~0.45) to unit variance, as 0.18215 does for SD's VAE latents.
+    c.model.vae = ml_collections.ConfigDict(dict(kind="pixel", factor=4, scaling_factor=2.2))
     c.model.image_encoder = ml_collections.ConfigDict(dict(
         kind="clip_vision", image_size=32, patch_size=8, hidden_size=32, intermediate_size=64,
         num_hidden_layers=2, num_attention_heads=4, projection_dim=32))
@@ -30,7 +31,7 @@ def get_config() -> ml_collections.ConfigDict:
         num_given_frames=1, worker_count=0, prefetch=4, shuffle=True))
     c.cond_drop = ml_collections.ConfigDict(dict(text=0.0, image=0.1, both=0.0))
 
-    c.train.update(dict(num_steps=400, batch_size=8, learning_rate=1e-3, lr_schedule="constant", warmup_steps=20,
+    c.train.update(dict(num_steps=400, batch_size=8, learning_rate=2e-3, lr_schedule="constant", warmup_steps=20,
                         weight_decay=0.0, grad_clip=1.0, trainable=(".*",), ema_decay=0.99, log_every=10))
     c.checkpoint.update(dict(every_steps=200, keep=2))
     c.sample.update(dict(every_steps=0, num_steps=20, image_scale=1.5, text_scale=1.0, rescale=0.0, num_frames=8,
