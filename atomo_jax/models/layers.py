@@ -134,9 +134,7 @@ def _splash(q: jax.Array, k: jax.Array, v: jax.Array, *, interpret: bool) -> jax
                 size *= mesh.shape[name]
         return tuple(kept) or None
 
-    batch = fit(math.gcd(q.shape[0], k.shape[0]), spec[0])
-    heads = fit(q.shape[2], spec[2])
-    p = jax.sharding.PartitionSpec(batch, None, heads, None)
+    p = jax.sharding.PartitionSpec(fit(q.shape[0], spec[0]), None, fit(q.shape[2], spec[2]), None)
     local = functools.partial(_splash_local, interpret=interpret)
     return jax.shard_map(local, mesh=mesh, in_specs=(p, p, p), out_specs=p, axis_names=set(auto),
                          check_vma=False)(q, k, v)
