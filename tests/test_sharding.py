@@ -57,7 +57,8 @@ def _child(workdir: str) -> dict:
         c.checkpoint.async_save = False
         mesh = make_mesh(c.mesh, devices=devices)
         sh = state_shardings(c, model, mesh, rules)
-        state = init_train_state(c, model, sh)
+        # Every layout starts from the one-device initial state, placed with its own shardings (one init compile).
+        state = init_train_state(c, model, sh) if save_initial else jax.device_put(saved["initial"], sh)
         if save_initial:  # the one-device initial state: reference for the update size and the restore below
             saved["initial"] = jax.tree.map(np.asarray, state)
             ckpt = Checkpointer(workdir, c.checkpoint)
