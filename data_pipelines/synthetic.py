@@ -44,9 +44,7 @@ def _shape_mask(shape: str, cx: float, cy: float, r: float, ys: np.ndarray, xs: 
 class MovingShapesSource(grain.RandomAccessDataSource):
     """Random-access source of `{"video": uint8 (F, H, W, 3), "caption": str}` moving-shape clips."""
 
-    def __init__(self, num_videos: int = 4096, num_frames: int = 8, resolution: int = 32, seed: int = 0, *,
-                 radius: tuple[float, float] = (0.1, 0.22), speed: tuple[float, float] = (0.04, 0.12),
-                 gradient_prob: float = 0.5, direction_from_colour: bool = False):
+    def __init__(self, num_videos: int = 4096, num_frames: int = 8, resolution: int = 32, seed: int = 0):
         if num_videos <= 0 or num_frames <= 0 or resolution < 8:
             raise ValueError(
                 f"MovingShapesSource: need num_videos > 0, num_frames > 0, resolution >= 8; got "
@@ -56,10 +54,6 @@ class MovingShapesSource(grain.RandomAccessDataSource):
         self.num_frames = num_frames
         self.resolution = resolution
         self.seed = seed
-        self.radius = radius
-        self.speed = speed
-        self.gradient_prob = gradient_prob
-        self.direction_from_colour = direction_from_colour
 
     def __len__(self) -> int:
         return self.num_videos
@@ -73,7 +67,7 @@ class MovingShapesSource(grain.RandomAccessDataSource):
     def _background(self, rng: np.random.Generator) -> np.ndarray:
         size = self.resolution
         c0 = rng.integers(0, 256, size=3).astype(np.float32)
-        if rng.random() >= self.gradient_prob:
+        if rng.random() < 0.5:
             return np.broadcast_to(c0, (size, size, 3)).copy()
         c1 = rng.integers(0, 256, size=3).astype(np.float32)
         angle = rng.uniform(0, 2 * np.pi)
@@ -91,12 +85,10 @@ class MovingShapesSource(grain.RandomAccessDataSource):
         shape = SHAPES[rng.integers(len(SHAPES))]
         colour_name = list(COLOURS)[rng.integers(len(COLOURS))]
         colour = np.asarray(COLOURS[colour_name], np.float32)
-        r = rng.uniform(*self.radius) * size
+        r = rng.uniform(0.1, 0.22) * size
         cx, cy = rng.uniform(r, size - r, size=2)
-        speed = rng.uniform(*self.speed) * size
+        speed = rng.uniform(0.04, 0.12) * size
         angle = rng.uniform(0, 2 * np.pi)
-        if self.direction_from_colour:
-            angle = 2 * np.pi * list(COLOURS).index(colour_name) / len(COLOURS)
         vx, vy = speed * np.cos(angle), speed * np.sin(angle)
         article = "an" if colour_name[0] in "aeiou" else "a"
         caption = f"{article} {colour_name} {shape} moving {_direction_word(vx, vy)}"
