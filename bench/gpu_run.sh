@@ -4,6 +4,8 @@
 #   groups: b4 (train, batch 4 x 32x32 latents), paper (ours, b4, the paper's trainable set), b1 (batch 1 x 64x64),
 #           sample (i2v, 16 frames, 512 px, 25 steps, guidance batch 3), b1sample (both)
 # The processes of a group start together: their compiles overlap, then they time one at a time (bench/gate.py).
+# The peer's b4 run uses diffusers' regional compilation (as measured in bench/RESULTS.md); TORCH_B4=--compile=full
+# asks for the whole-model torch.compile, which needs more than a 10-minute call to compile (bench/NOTES.md).
 # Results -> $OUT/results.jsonl, logs -> $OUT/*.log, the table last.
 set -uo pipefail
 out=${OUT:-/tmp/bench_out}
@@ -44,7 +46,7 @@ python3 bench/jax_bench.py matmul --out="$res" > "$out/matmul.log" 2>&1; tail -n
 ja=${JAX_ARGS:-}
 for g in "$@"; do
   case $g in
-    b4) group "torch_b4:torch_peer:train --batch=4 --latent=32 --compile=full --count_flops" \
+    b4) group "torch_b4:torch_peer:train --batch=4 --latent=32 ${TORCH_B4:---compile=regional} --count_flops" \
               "jax_b4:jax_bench:train --batch=4 --latent=32 --count_flops $ja" ;;
     paper) group "jax_b4_paper:jax_bench:train --batch=4 --latent=32 --trainable=paper $ja" ;;
     b1) group "torch_b1:torch_peer:train --batch=1 --latent=64 ${TORCH_B1:---compile=full} --count_flops" \
