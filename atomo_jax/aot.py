@@ -330,9 +330,10 @@ def main(argv: list[str]) -> None:
             sys.exit(2)
         except CompilerOutOfMemory as e:
             print(f"[aot] DOES NOT FIT: the {target.generation} compiler needs {e.needed} of temporaries per device, "
-                  f"{e.available} available on {target.name} (mesh data={config.mesh.data} fsdp={config.mesh.fsdp} tensor={config.mesh.tensor}, "
-                  f"remat={config.model.unet.remat}). Try --sweep, more fsdp, config.model.unet.remat=full, "
-                  f"a smaller config.train.batch_size or grad_accum.", file=sys.stderr, flush=True)
+                  f"{e.available} available on {target.name} (mesh data={config.mesh.data} fsdp={config.mesh.fsdp} "
+                  f"tensor={config.mesh.tensor}, remat={config.model.unet.remat}). Try --sweep, more fsdp, "
+                  f"config.model.unet.remat=full, a smaller config.train.batch_size or grad_accum.",
+                  file=sys.stderr, flush=True)
             sys.exit(1)
         print(describe(report, target, FLAGS.usable_fraction), flush=True)
         if not report.fits:

@@ -23,15 +23,18 @@ def compiled() -> None:
 
 
 def wait_turn(timeout_s: float = 900.0) -> None:
-    """Blocks until every process has compiled or ended and the one before this in BENCH_ORDER has ended."""
+    """Blocks until every process has compiled or ended and the one before this in BENCH_ORDER has ended; raises
+    TimeoutError rather than time steps that might share the GPU."""
     if not os.environ.get("BENCH_GATE"):
         return
     order = os.environ["BENCH_ORDER"].split()
     me = os.environ["BENCH_NAME"]
     before = order[:order.index(me)]
+    d = os.environ["BENCH_GATE"]
     done = lambda n: os.path.exists(_path(n + ".exit"))
     end = time.monotonic() + timeout_s
     while time.monotonic() < end:
         if all(done(n) or os.path.exists(_path(n + ".compiled")) for n in order) and all(done(n) for n in before):
             return
         time.sleep(0.25)
+    raise TimeoutError(f"bench gate: {me} waited {timeout_s:.0f} s for its turn after {before} in {d}")

@@ -121,7 +121,7 @@ def run_train(args: argparse.Namespace) -> dict:
         log(f"compiled in {compile_s:.0f} s (temporaries {mem.temp_size_in_bytes / 2 ** 30:.1f} GiB)")
         gate.compiled()
         flops = args.model_flops
-        if args.count_flops and not flops:  # counted on the plain-XLA attention path, where attention is visible matmuls
+        if args.count_flops and not flops:  # on the plain-XLA attention path, where attention is visible matmuls
             cfg_x = bench_config(argparse.Namespace(**{**vars(args), "attention": "xla"}))
             flops = count_flops(jit_train_step(cfg_x, build_model(cfg_x.model), mesh, shardings, batch_sh),
                                 state_in, batch_in)

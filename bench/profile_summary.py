@@ -1,5 +1,5 @@
 """Where a jitted step spends its GPU time: trace a few calls with jax.profiler and sum the kernel time on the device
-by HLO op, by kind of work and by model scope (the Flax module path XLA keeps in each op's metadata).
+by kind of work and by kernel.
 
   from bench.profile_summary import profile_calls
   print(profile_calls(lambda: step(...), calls=3, trace_dir="/tmp/trace"))
@@ -27,13 +27,13 @@ KINDS = (  # first match wins; matched against the op name and its HLO text
 def _stats(event) -> dict:
     try:
         return {k: v for k, v in event.stats}
-    except Exception:  # stats are optional metadata; a missing one only loses the scope column
+    except Exception:  # stats are optional metadata; without them an op is classified by its name alone
         return {}
 
 
 def summarize(xplane_path: str, calls: int, top: int = 25) -> str:
     data = ProfileData.from_file(xplane_path)
-    by_op, by_kind, by_scope = collections.Counter(), collections.Counter(), collections.Counter()
+    by_op, by_kind = collections.Counter(), collections.Counter()
     example = None
     for plane in data.planes:
         if not plane.name.startswith("/device:GPU"):
@@ -47,16 +47,15 @@ def summarize(xplane_path: str, calls: int, top: int = 25) -> str:
                 text = f"{e.name} {st.get('hlo_op', '')} {st.get('long_name', '')} {st.get('kernel_details', '')}"
                 by_op[e.name] += ms
                 by_kind[next((k for k, rx in KINDS if rx.search(text)), "fusion (elementwise/norm/reduce)")] += ms
-                scope = str(st.get("tf_op", st.get("name", "")))
-                by_scope["/".join(p for p in scope.split("/")[:3] if p) or "(none)"] += ms
     total = sum(by_op.values())
     if not by_op:  # unexpected trace layout: name what is there instead of printing an empty table
         return "no GPU kernel events; planes/lines: " + "; ".join(
             f"{p.name}: {[l.name for l in p.lines][:8]}" for p in data.planes)
     out = [f"device time per call: {total:.1f} ms (sum of kernels on the busiest lines, {calls} calls traced)"]
-    for title, table in (("by kind", by_kind), ("by scope", by_scope), ("by op", by_op)):
+    for title, table in (("by kind", by_kind), ("by op", by_op)):
         out.append(f"-- {title}")
-        out += [f"{ms:9.2f} ms {100 * ms / max(total, 1e-9):5.1f}%  {name[:110]}" for name, ms in table.most_common(top)]
+        out += [f"{ms:9.2f} ms {100 * ms / max(total, 1e-9):5.1f}%  {name[:110]}"
+                for name, ms in table.most_common(top)]
     out.append(f"-- one event and its stats: {example}")
     return "\n".join(out)
 

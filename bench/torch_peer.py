@@ -47,7 +47,7 @@ def run_train(args: argparse.Namespace) -> dict:
     opt = torch.optim.AdamW(unet.parameters(), lr=1e-5, fused=True)
     if args.compile == "regional":
         # diffusers' regional compilation: each repeated block compiled once and reused, minutes less to compile
-        # than the whole model, about the same step time (diffusers' compile_repeated_blocks docs)
+        # than the whole model. Measured on the H100 it ran at the eager speed (bench/NOTES.md, call 7).
         unet._repeated_blocks = ["BasicTransformerBlock", "ResnetBlock2D", "TemporalConvLayer"]
         unet.compile_repeated_blocks()
     model = torch.compile(unet) if args.compile == "full" else unet
@@ -84,7 +84,8 @@ def run_train(args: argparse.Namespace) -> dict:
     gate.wait_turn()  # time only once no other benchmark process compiles or runs
     times = timed(step, args.iters)
     med = statistics.median(times)
-    return {"kind": "train", "impl": f"torch_{args.compile}" if args.compile != "none" else "torch_eager", "batch": b, "latent": lat,
+    impl = "torch_eager" if args.compile == "none" else f"torch_{args.compile}"
+    return {"kind": "train", "impl": impl, "batch": b, "latent": lat,
             "s_per_step": med, "times": times, "warmup_s": warmup_s, "model_flops": flops,
             "tflops": flops / med / 1e12 if flops else None,
             "params": sum(p.numel() for p in unet.parameters()),

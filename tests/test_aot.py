@@ -80,3 +80,36 @@ def test_full_size_step_compiles_on_8_fake_devices_with_fsdp():
     # ~2.2 B parameters (UNet + VAE + CLIP ViT-H + text encoder) in fp32 plus Adam/EMA for the trainable part, split
     # 8 ways: far below the unsharded total.
     assert 0.5 < args < 8, proc.stdout
+
+
+def test_tpu_compiler_refusal_becomes_compiler_out_of_memory(monkeypatch):
+    """XLA:TPU refuses a program whose temporaries exceed HBM with a RESOURCE_EXHAUSTED error (message as seen from
+    libtpu for the paper config on v5p-32); compile_train_step turns it into CompilerOutOfMemory with both numbers,
+    and other compile errors pass through unchanged."""
+    import jax
+    from jax._src import stages
+
+    from atomo_jax.aot import CompilerOutOfMemory, compile_train_step
+    from configs import demo
+
+    config = demo.get_config()
+    config.data.num_frames = 2
+    config.train.batch_size = 1
+    config.mesh.data = 1
+    message = ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO temporaries "
+               "(161.84G) exceeds available HBM (95.74G).")
+
+    def refuse(self, *args, **kwargs):
+        raise jax.errors.JaxRuntimeError(message)
+
+    monkeypatch.setattr(stages.Lowered, "compile", refuse)
+    with pytest.raises(CompilerOutOfMemory) as err:
+        compile_train_step(config, jax.devices()[:1])
+    assert (err.value.needed, err.value.available) == ("161.84G", "95.74G")
+
+    def other(self, *args, **kwargs):
+        raise jax.errors.JaxRuntimeError("INTERNAL: something else")
+
+    monkeypatch.setattr(stages.Lowered, "compile", other)
+    with pytest.raises(jax.errors.JaxRuntimeError, match="something else"):
+        compile_train_step(config, jax.devices()[:1])

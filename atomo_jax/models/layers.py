@@ -78,7 +78,7 @@ def _target_platform() -> str:
 
 def splash_fallback_reason(q_shape: Sequence[int], k_shape: Sequence[int],
                            mask: jax.Array | None = None) -> str | None:
-    """Why `attention(implementation=None)` on TPU does not use splash for these (B, T, N, H) shapes; None if it does."""
+    """Why `attention(implementation=None)` on TPU does not use splash for these (B, T, N, H) shapes (None: it does)."""
     if mask is not None:
         return "an explicit mask (splash here runs unmasked attention)"
     if q_shape[1] < _SPLASH_MIN_Q:
