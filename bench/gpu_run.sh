@@ -2,7 +2,8 @@
 # One lent-GPU call of the benchmark: ours and the PyTorch peer side by side, on the same GPU, in the same run.
 # Usage (on the device, from the repo root, with .whl carried):  bash bench/gpu_run.sh GROUP...
 #   groups: b4 (train, batch 4 x 32x32 latents), paper (ours, b4, the paper's trainable set), b1 (batch 1 x 64x64),
-#           sample (i2v, 16 frames, 512 px, 25 steps, guidance batch 3), b1sample (both)
+#           sample (i2v, 16 frames, 512 px, 25 steps, guidance batch 3), b1sample (both),
+#           scale2 (1 vs 2 GPUs, data-parallel and fsdp; needs 2 GPUs), ab_b1 (temporal conv A/B + profiles + HLO)
 # The processes of a group start together: their compiles overlap, then they time one at a time (bench/gate.py).
 # The peer's b4 run uses diffusers' regional compilation (as measured in bench/RESULTS.md); TORCH_B4=--compile=full
 # asks for the whole-model torch.compile, which needs more than a 10-minute call to compile (bench/NOTES.md).
@@ -65,6 +66,20 @@ for g in "$@"; do
                    "jax_b4:jax_bench:train --batch=4 --latent=32 --model_flops=57135558688768 --profile=/tmp/tr4 $ja" ;;
     profile_b1) group "torch_b1:torch_peer:train --batch=1 --latent=64 --count_flops" \
                       "jax_b1:jax_bench:train --batch=1 --latent=64 --model_flops=61522056282112 --profile=/tmp/tr1 $ja" ;;
+    # Two GPUs (kind nvidia-h100-x2): the same per-GPU batch on 1 GPU, 2 GPUs data-parallel and 2 GPUs fsdp.
+    scale2) group "torch_b4:torch_peer:train --batch=4 --latent=32 --compile=none --count_flops" \
+                  "jax_b4:jax_bench:train --batch=4 --latent=32 --model_flops=57135558688768 $ja" \
+                  "jax_b4_dp2:jax_bench:train --batch=4 --latent=32 --model_flops=57135558688768 --devices=2 $ja" \
+                  "jax_b4_fsdp2:jax_bench:train --batch=4 --latent=32 --model_flops=57135558688768 --devices=2 \
+--layout=fsdp $ja" ;;
+    # A/B of the temporal convolution (matmul form vs the 3-D convolution), profiles of both, the HLO of the first.
+    ab_b1) group "torch_b1:torch_peer:train --batch=1 --latent=64 --count_flops" \
+                 "jax_b1:jax_bench:train --batch=1 --latent=64 --model_flops=61522056282112 --profile=/tmp/tr1 \
+--dump_hlo=/tmp/hlo_b1 $ja" \
+                 "jax_b1_conv3d:jax_bench:train --batch=1 --latent=64 --model_flops=61522056282112 --conv3d \
+--profile=/tmp/tr1c $ja"
+           (cd /tmp/hlo_b1 && find . -name '*train_step*after_optimizations.txt' | head -n 4 \
+              | tar -czf "$out/hlo_b1.tgz" -T -) ;;
     *) echo "unknown group $g"; exit 2 ;;
   esac
 done

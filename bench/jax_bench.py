@@ -50,10 +50,11 @@ def bench_config(args: argparse.Namespace):
     c.model.text_encoder = base.ml_collections.ConfigDict(dict(kind="none"))
     c.data.num_frames = FRAMES
     c.data.resolution = args.latent * 8
-    c.train.batch_size = args.batch
+    c.train.batch_size = args.batch * args.devices  # --batch is per device: scaling runs keep it fixed
     c.train.trainable = (".*",) if args.trainable == "all" else ("temp_convs", "motion_modules", "^conv_in/")
     c.train.ema_decay = 0.9999
-    c.mesh.data = 1
+    c.mesh.data = args.devices if args.layout == "data" else 1
+    c.mesh.fsdp = args.devices if args.layout == "fsdp" else 1
     if args.tiny:  # CPU smoke test of the harness itself
         from configs import demo
         c.model.unet = demo.get_config().model.unet
@@ -95,19 +96,43 @@ def timed(fn, n: int) -> list[float]:
 
 
 def peak_gib() -> float | None:
-    stats = jax.devices()[0].memory_stats() or {}
-    return stats.get("peak_bytes_in_use", 0) / 2 ** 30 if stats else None
+    """The largest per-device peak among the local devices."""
+    peaks = [(d.memory_stats() or {}).get("peak_bytes_in_use") for d in jax.local_devices()]
+    peaks = [p for p in peaks if p]
+    return max(peaks) / 2 ** 30 if peaks else None
+
+
+def use_conv3d_temporal_conv() -> None:
+    """A/B baseline: the temporal convolution as the 3-D convolution it was before layers.FrameConv (same params,
+    same math), to time the matmul form against it in one run."""
+    from atomo_jax.models import layers
+
+    class Conv3dFrameConv(nn.Module):
+        features: int
+        zero_init: bool = False
+        dtype: object = jnp.float32
+
+        @nn.compact
+        def __call__(self, x):
+            return layers.conv(self.features, (3, 1, 1), padding=((1, 1), (0, 0), (0, 0)), zero_init=self.zero_init,
+                               dtype=self.dtype, name=None)(x)
+
+    layers.FrameConv = Conv3dFrameConv
 
 
 def run_train(args: argparse.Namespace) -> dict:
     config = bench_config(args)
     model = build_model(config.model)
-    mesh = make_mesh(config.mesh)
+    if args.conv3d:
+        use_conv3d_temporal_conv()
+    mesh = make_mesh(config.mesh, jax.devices()[:args.devices])
+    b = args.batch * args.devices
     rules = axes.rules_from_config(None)
     with jax.set_mesh(mesh):
         shardings = state_shardings(config, model, mesh, rules)
-        batches = [make_batch(args.batch, args.latent, np.random.default_rng(i)) for i in range(3)]
+        batches = [make_batch(b, args.latent, np.random.default_rng(i)) for i in range(3)]
         batch_sh = batch_shardings(batches[0], mesh, rules)
+        batches = [{k: jax.device_put(v, batch_sh[k]) for k, v in bt.items()} for bt in batches]
         step = jit_train_step(config, model, mesh, shardings, batch_sh)
         # Compiled from shapes alone, before any weight exists: the compile overlaps the peer's (bench/gate.py).
         with_sh = lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s)
@@ -120,7 +145,7 @@ def run_train(args: argparse.Namespace) -> dict:
         mem = compiled.memory_analysis()
         log(f"compiled in {compile_s:.0f} s (temporaries {mem.temp_size_in_bytes / 2 ** 30:.1f} GiB)")
         gate.compiled()
-        flops = args.model_flops
+        flops = args.model_flops * args.devices if args.model_flops else None  # given per device batch
         if args.count_flops and not flops:  # on the plain-XLA attention path, where attention is visible matmuls
             cfg_x = bench_config(argparse.Namespace(**{**vars(args), "attention": "xla"}))
             flops = count_flops(jit_train_step(cfg_x, build_model(cfg_x.model), mesh, shardings, batch_sh),
@@ -139,7 +164,8 @@ def run_train(args: argparse.Namespace) -> dict:
             holder["s"], m = compiled(holder["s"], batches[i[0] % 3])
             return m["loss"]
 
-        timed(one, args.warmup)
+        first_loss = float(one())  # step 1 from the same params and batch in every variant: the A/B numerics check
+        timed(one, args.warmup - 1)
         times = timed(one, args.iters)
         losses = [float(one()) for _ in range(2)]
         if args.profile:
@@ -147,14 +173,15 @@ def run_train(args: argparse.Namespace) -> dict:
             summary = profile_calls(one, 3, args.profile)
             print(summary, flush=True)
             with open(os.path.join(os.path.dirname(os.path.abspath(args.out)),
-                                   f"profile_b{args.batch}_{args.latent}.txt"), "w") as f:
+                                   f"profile_{os.environ.get('BENCH_NAME', 'jax')}.txt"), "w") as f:
                 f.write(summary + "\n")
     med = statistics.median(times)
-    return {"kind": "train", "impl": "jax", "batch": args.batch, "latent": args.latent, "trainable": args.trainable,
+    return {"kind": "train", "impl": "jax" + ("_conv3d" if args.conv3d else ""), "batch": args.batch,
+            "devices": args.devices, "layout": args.layout, "latent": args.latent, "trainable": args.trainable,
             "remat": args.remat, "attention": args.attention, "dtype": args.dtype, "s_per_step": med,
             "times": times, "compile_s": compile_s, "temp_gib": mem.temp_size_in_bytes / 2 ** 30,
-            "model_flops": flops, "tflops": flops / med / 1e12 if flops else None, "peak_gib": peak_gib(),
-            "loss": losses[-1], "xla_flags": os.environ.get("XLA_FLAGS", ""), "device": jax.devices()[0].device_kind}
+            "model_flops": flops, "tflops": flops / med / 1e12 / args.devices if flops else None, "peak_gib": peak_gib(),
+            "first_loss": first_loss, "loss": losses[-1], "xla_flags": os.environ.get("XLA_FLAGS", ""), "device": jax.devices()[0].device_kind}
 
 
 def run_sample(args: argparse.Namespace) -> dict:
@@ -217,10 +244,17 @@ def main() -> None:
     p.add_argument("--count_flops", action="store_true")
     p.add_argument("--model_flops", type=float, default=None,
                    help="FLOPs per step counted beforehand by bench/flops.py (same program, e.g. on a CPU host)")
+    p.add_argument("--devices", type=int, default=1, help="GPUs in the mesh (the first N); --batch is per GPU")
+    p.add_argument("--layout", choices=["data", "fsdp"], default="data", help="how the --devices are used")
+    p.add_argument("--conv3d", action="store_true", help="A/B: temporal conv as a 3-D convolution (the old form)")
     p.add_argument("--profile", default="", help="trace dir: profile 3 steps and print where the time goes")
+    p.add_argument("--dump_hlo", default="", help="dir: XLA writes the optimized HLO of every module there")
     p.add_argument("--tiny", action="store_true", help="demo-sized UNet: a CPU smoke test of this script")
     p.add_argument("--out", required=True)
     args = p.parse_args()
+    if args.dump_hlo:  # read when the backend starts, which is after this point
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --xla_dump_to={args.dump_hlo}"
+                                   " --xla_dump_hlo_as_text")
     import faulthandler
     faulthandler.dump_traceback_later(45, repeat=True)  # where a slow phase spends its time, in the log
     result = {"train": run_train, "sample": run_sample, "matmul": run_matmul}[args.what](args)

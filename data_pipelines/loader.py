@@ -202,16 +202,26 @@ def clip_spec(data_config: ml_collections.ConfigDict, training: bool = True) -> 
     )
 
 
+def synthetic_source(data_config: ml_collections.ConfigDict, *, num_videos: int | None = None,
+                     seed: int | None = None) -> MovingShapesSource:
+    """Moving shapes as `data_config` describes them; `num_videos`/`seed` override the config's (held-out clips)."""
+    return MovingShapesSource(
+        num_videos=int(num_videos or _get(data_config, "num_videos", 4096)),
+        num_frames=int(data_config.num_frames),
+        resolution=int(_get(data_config, "source_resolution", None) or data_config.resolution),
+        seed=int(_get(data_config, "source_seed", 0) if seed is None else seed),
+        radius=tuple(_get(data_config, "shape_radius", (0.1, 0.22))),
+        speed=tuple(_get(data_config, "shape_speed", (0.04, 0.12))),
+        motion=str(_get(data_config, "shape_motion", "random")),
+        gradient_prob=float(_get(data_config, "gradient_prob", 0.5)),
+    )
+
+
 def make_source(data_config: ml_collections.ConfigDict) -> grain.RandomAccessDataSource:
     """The random-access source for `data_config.kind` (see KINDS)."""
     kind = _get(data_config, "kind", "synthetic")
     if kind == "synthetic":
-        return MovingShapesSource(
-            num_videos=int(_get(data_config, "num_videos", 4096)),
-            num_frames=int(data_config.num_frames),
-            resolution=int(_get(data_config, "source_resolution", None) or data_config.resolution),
-            seed=int(_get(data_config, "source_seed", 0)),
-        )
+        return synthetic_source(data_config)
     if kind == "video_folder":
         return VideoFolderSource(
             data_config.root,

@@ -1,7 +1,9 @@
 """Synthetic moving-shapes videos: a deterministic, download-free data source for demos and tests.
 
 Each video shows one coloured shape (circle, square or triangle) moving at constant velocity and bouncing off the
-frame edges, over a plain or gradient background. Everything is drawn from `np.random.default_rng((seed, index))`, so
+frame edges, over a plain or gradient background. With `motion="by_shape"` each kind of shape starts in its own fixed
+direction (DIRECTIONS), so one frame determines the whole clip: a tiny model learns that in minutes, while random
+directions leave the future ambiguous and take far longer to learn. Everything is drawn from `np.random.default_rng((seed, index))`, so
 `source[i]` is the same video in every process, worker and run.
 """
 
@@ -11,6 +13,9 @@ import numpy as np
 import grain.python as grain
 
 SHAPES = ("circle", "square", "triangle")
+# Initial direction per shape for motion="by_shape", in radians (image y grows downwards): right, down, up-left.
+DIRECTIONS = {"circle": 0.0, "square": 0.5 * np.pi, "triangle": 1.25 * np.pi}
+MOTIONS = ("random", "by_shape")
 COLOURS = {
     "red": (220, 40, 40),
     "green": (40, 190, 60),
@@ -44,16 +49,30 @@ def _shape_mask(shape: str, cx: float, cy: float, r: float, ys: np.ndarray, xs: 
 class MovingShapesSource(grain.RandomAccessDataSource):
     """Random-access source of `{"video": uint8 (F, H, W, 3), "caption": str}` moving-shape clips."""
 
-    def __init__(self, num_videos: int = 4096, num_frames: int = 8, resolution: int = 32, seed: int = 0):
+    def __init__(self, num_videos: int = 4096, num_frames: int = 8, resolution: int = 32, seed: int = 0, *,
+                 radius: tuple[float, float] = (0.1, 0.22), speed: tuple[float, float] = (0.04, 0.12),
+                 motion: str = "random", gradient_prob: float = 0.5):
+        """`radius` (half-size) and `speed` (per frame) are ranges in fractions of the frame size."""
         if num_videos <= 0 or num_frames <= 0 or resolution < 8:
             raise ValueError(
                 f"MovingShapesSource: need num_videos > 0, num_frames > 0, resolution >= 8; got "
                 f"num_videos={num_videos}, num_frames={num_frames}, resolution={resolution}"
             )
+        for name, (lo, hi), top in (("radius", radius, 0.5), ("speed", speed, 1.0)):
+            if not 0 < lo <= hi < top:
+                raise ValueError(f"MovingShapesSource: {name}={(lo, hi)} must satisfy 0 < low <= high < {top}")
+        if motion not in MOTIONS:
+            raise ValueError(f"MovingShapesSource: motion={motion!r}; expected one of {MOTIONS}")
+        if not 0.0 <= gradient_prob <= 1.0:
+            raise ValueError(f"MovingShapesSource: gradient_prob={gradient_prob} must be in [0, 1]")
         self.num_videos = num_videos
         self.num_frames = num_frames
         self.resolution = resolution
         self.seed = seed
+        self.radius = (float(radius[0]), float(radius[1]))
+        self.speed = (float(speed[0]), float(speed[1]))
+        self.motion = motion
+        self.gradient_prob = float(gradient_prob)
 
     def __len__(self) -> int:
         return self.num_videos
@@ -61,13 +80,14 @@ class MovingShapesSource(grain.RandomAccessDataSource):
     def __repr__(self) -> str:
         return (
             f"MovingShapesSource(num_videos={self.num_videos}, num_frames={self.num_frames}, "
-            f"resolution={self.resolution}, seed={self.seed})"
+            f"resolution={self.resolution}, seed={self.seed}, radius={self.radius}, speed={self.speed}, "
+            f"motion={self.motion!r}, gradient_prob={self.gradient_prob})"
         )
 
     def _background(self, rng: np.random.Generator) -> np.ndarray:
         size = self.resolution
         c0 = rng.integers(0, 256, size=3).astype(np.float32)
-        if rng.random() < 0.5:
+        if rng.random() < 1.0 - self.gradient_prob:  # plain background
             return np.broadcast_to(c0, (size, size, 3)).copy()
         c1 = rng.integers(0, 256, size=3).astype(np.float32)
         angle = rng.uniform(0, 2 * np.pi)
@@ -85,10 +105,12 @@ class MovingShapesSource(grain.RandomAccessDataSource):
         shape = SHAPES[rng.integers(len(SHAPES))]
         colour_name = list(COLOURS)[rng.integers(len(COLOURS))]
         colour = np.asarray(COLOURS[colour_name], np.float32)
-        r = rng.uniform(0.1, 0.22) * size
+        r = rng.uniform(*self.radius) * size
         cx, cy = rng.uniform(r, size - r, size=2)
-        speed = rng.uniform(0.04, 0.12) * size
+        speed = rng.uniform(*self.speed) * size
         angle = rng.uniform(0, 2 * np.pi)
+        if self.motion == "by_shape":
+            angle = DIRECTIONS[shape]
         vx, vy = speed * np.cos(angle), speed * np.sin(angle)
         article = "an" if colour_name[0] in "aeiou" else "a"
         caption = f"{article} {colour_name} {shape} moving {_direction_word(vx, vy)}"

@@ -45,6 +45,31 @@ def conv(features: int, kernel_size: Sequence[int], *, strides: Sequence[int] | 
                    bias_init=_init(nn.initializers.zeros_init(), (ax.CONV_OUT,)))
 
 
+class FrameConv(nn.Module):
+    """A (3, 1, 1) convolution over (B, F, H, W, C) with one frame of zero padding, computed as one matmul:
+    y = x @ [W_0 | W_1 | W_2], then out[f] = y_0[f-1] + y_1[f] + y_2[f+1] + b. Same parameters (kernel
+    (3, 1, 1, in, out), bias) and result as the 3-D convolution, but a channels-last GEMM instead of a 3-D cuDNN
+    convolution with its layout conversions (bench/NOTES.md)."""
+
+    features: int
+    zero_init: bool = False
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        cin, cout = x.shape[-1], self.features
+        kernel_init = nn.initializers.zeros_init() if self.zero_init else torch_default_init
+        kernel = self.param("kernel", _init(kernel_init, ax.KERNEL + (ax.CONV_IN, ax.CONV_OUT)),
+                            (3, 1, 1, cin, cout), jnp.float32)
+        bias = self.param("bias", _init(nn.initializers.zeros_init(), (ax.CONV_OUT,)), (cout,), jnp.float32)
+        w = kernel.reshape(3, cin, cout).transpose(1, 0, 2).reshape(cin, 3 * cout).astype(self.dtype)
+        y = jnp.dot(x.astype(self.dtype), w).reshape(x.shape[:-1] + (3, cout))
+        no_pad = ((0, 0),) * (x.ndim - 2)
+        prev = jnp.pad(y[:, :-1, ..., 0, :], ((0, 0), (1, 0)) + no_pad)
+        nxt = jnp.pad(y[:, 1:, ..., 2, :], ((0, 0), (0, 1)) + no_pad)
+        return prev + y[..., 1, :] + nxt + bias.astype(self.dtype)
+
+
 def group_norm(num_groups: int, eps: float, *, dtype: Dtype = jnp.float32, name: str | None = None) -> nn.GroupNorm:
     """GroupNorm over every axis but the first (so a (B, F, H, W, C) input shares statistics across frames, as
     torch's GroupNorm on a 5-D tensor does). Statistics are computed in float32 with the two-pass variance."""

@@ -2,7 +2,7 @@
 layout) and an AnimateDiff motion module (temporal self-attention) after every spatial layer. Both start as the
 identity: their last projection is zero-initialised.
 
-Inputs are (B, F, H, W, C), channels-last; no transposes around the convolution.
+Inputs are (B, F, H, W, C), channels-last; the temporal convolution is a matmul on that layout (layers.FrameConv).
 """
 
 from __future__ import annotations
@@ -30,8 +30,7 @@ class TemporalConvLayer(nn.Module):
         h = x
         for i in range(1, 5):
             h = nn.silu(layers.group_norm(self.groups, 1e-5, dtype=self.dtype, name=f"conv{i}_norm")(h))
-            h = layers.conv(self.channels, (3, 1, 1), padding=((1, 1), (0, 0), (0, 0)), zero_init=(i == 4),
-                            dtype=self.dtype, name=f"conv{i}_conv")(h)
+            h = layers.FrameConv(self.channels, zero_init=(i == 4), dtype=self.dtype, name=f"conv{i}_conv")(h)
         return x + h
 
 

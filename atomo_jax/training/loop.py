@@ -88,9 +88,8 @@ def _load_init_params(path: str, abstract_params: Any, shardings: Any) -> dict:
 def _held_out_image(config: ml_collections.ConfigDict, first_batch: dict) -> np.ndarray:
     """The conditioning frame for samples: a held-out synthetic clip, else the first training example's frame."""
     if config.data.kind == "synthetic":
-        from data_pipelines.synthetic import MovingShapesSource
-        src = MovingShapesSource(num_videos=1, num_frames=int(config.data.num_frames),
-                                 resolution=int(config.data.resolution), seed=int(config.seed) + 10_000)
+        from data_pipelines.loader import synthetic_source
+        src = synthetic_source(config.data, num_videos=1, seed=int(config.seed) + 10_000)
         return src[0]["video"][0].astype(np.float32)[None] / 127.5 - 1.0
     return np.asarray(first_batch["cond_image"][:1], np.float32)
 
