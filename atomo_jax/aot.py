@@ -22,6 +22,7 @@ import time
 from typing import Any
 
 from absl import app, flags
+import ml_collections
 from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
@@ -299,6 +300,15 @@ def sweep_layouts(config: Any, n: int) -> list[tuple[int, int, int]]:
     return out
 
 
+def _advice(config: ml_collections.ConfigDict) -> str:
+    """What to try next, leaving out what the config already does."""
+    tries = ["--sweep", "more fsdp"]
+    if config.model.unet.remat != "full":
+        tries.append("config.model.unet.remat=full")
+    tries.append("a smaller config.train.batch_size or grad_accum (or a larger TPU)")
+    return "Try " + ", ".join(tries) + "."
+
+
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -331,15 +341,13 @@ def main(argv: list[str]) -> None:
         except CompilerOutOfMemory as e:
             print(f"[aot] DOES NOT FIT: the {target.generation} compiler needs {e.needed} of temporaries per device, "
                   f"{e.available} available on {target.name} (mesh data={config.mesh.data} fsdp={config.mesh.fsdp} "
-                  f"tensor={config.mesh.tensor}, remat={config.model.unet.remat}). Try --sweep, more fsdp, "
-                  f"config.model.unet.remat=full, a smaller config.train.batch_size or grad_accum.",
+                  f"tensor={config.mesh.tensor}, remat={config.model.unet.remat}). {_advice(config)}",
                   file=sys.stderr, flush=True)
             sys.exit(1)
         print(describe(report, target, FLAGS.usable_fraction), flush=True)
         if not report.fits:
             print(f"[aot] DOES NOT FIT: needs {report.peak_bytes / GIB:.2f} GiB per device, "
-                  f"{report.capacity_bytes / GIB:.2f} GiB usable on {target.name}. Try --sweep, more fsdp, "
-                  f"config.model.unet.remat=full, a smaller config.train.batch_size or grad_accum.",
+                  f"{report.capacity_bytes / GIB:.2f} GiB usable on {target.name}. {_advice(config)}",
                   file=sys.stderr, flush=True)
             sys.exit(1)
         print(f"[aot] fits on {target.name}", flush=True)

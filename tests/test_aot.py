@@ -58,6 +58,17 @@ def test_config_that_does_not_fit_is_refused_with_numbers():
     assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert "DOES NOT FIT" in proc.stderr and re.search(r"needs \d+\.\d+ GiB per device", proc.stderr)
     assert "temporaries" in proc.stdout and "FLOPs/step" in proc.stdout
+    assert "config.model.unet.remat=full" in proc.stderr  # the demo runs without remat: advised
+
+
+def test_advice_leaves_out_what_the_config_already_does():
+    from atomo_jax.aot import _advice
+    from configs import demo
+    c = demo.get_config()
+    c.model.unet.remat = "dots"
+    assert "remat=full" in _advice(c)
+    c.model.unet.remat = "full"
+    assert "remat=full" not in _advice(c) and "--sweep" in _advice(c)
 
 
 @pytest.mark.skipif(not _libtpu(), reason="libtpu is not installed (pip install 'libtpu==0.0.42.*' for jax 0.10.2); "
