@@ -214,6 +214,7 @@ def synthetic_source(data_config: ml_collections.ConfigDict, *, num_videos: int 
         speed=tuple(_get(data_config, "shape_speed", (0.04, 0.12))),
         motion=str(_get(data_config, "shape_motion", "random")),
         gradient_prob=float(_get(data_config, "gradient_prob", 0.5)),
+        background=str(_get(data_config, "background", "random")),
     )
 
 

@@ -16,6 +16,7 @@ SHAPES = ("circle", "square", "triangle")
 # Initial direction per shape for motion="by_shape", in radians (image y grows downwards): right, down, up-left.
 DIRECTIONS = {"circle": 0.0, "square": 0.5 * np.pi, "triangle": 1.25 * np.pi}
 MOTIONS = ("random", "by_shape")
+BACKGROUNDS = ("random", "black")
 COLOURS = {
     "red": (220, 40, 40),
     "green": (40, 190, 60),
@@ -51,7 +52,7 @@ class MovingShapesSource(grain.RandomAccessDataSource):
 
     def __init__(self, num_videos: int = 4096, num_frames: int = 8, resolution: int = 32, seed: int = 0, *,
                  radius: tuple[float, float] = (0.1, 0.22), speed: tuple[float, float] = (0.04, 0.12),
-                 motion: str = "random", gradient_prob: float = 0.5):
+                 motion: str = "random", gradient_prob: float = 0.5, background: str = "random"):
         """`radius` (half-size) and `speed` (per frame) are ranges in fractions of the frame size."""
         if num_videos <= 0 or num_frames <= 0 or resolution < 8:
             raise ValueError(
@@ -63,6 +64,8 @@ class MovingShapesSource(grain.RandomAccessDataSource):
                 raise ValueError(f"MovingShapesSource: {name}={(lo, hi)} must satisfy 0 < low <= high < {top}")
         if motion not in MOTIONS:
             raise ValueError(f"MovingShapesSource: motion={motion!r}; expected one of {MOTIONS}")
+        if background not in BACKGROUNDS:
+            raise ValueError(f"MovingShapesSource: background={background!r}; expected one of {BACKGROUNDS}")
         if not 0.0 <= gradient_prob <= 1.0:
             raise ValueError(f"MovingShapesSource: gradient_prob={gradient_prob} must be in [0, 1]")
         self.num_videos = num_videos
@@ -73,6 +76,7 @@ class MovingShapesSource(grain.RandomAccessDataSource):
         self.speed = (float(speed[0]), float(speed[1]))
         self.motion = motion
         self.gradient_prob = float(gradient_prob)
+        self.background = background
 
     def __len__(self) -> int:
         return self.num_videos
@@ -81,12 +85,14 @@ class MovingShapesSource(grain.RandomAccessDataSource):
         return (
             f"MovingShapesSource(num_videos={self.num_videos}, num_frames={self.num_frames}, "
             f"resolution={self.resolution}, seed={self.seed}, radius={self.radius}, speed={self.speed}, "
-            f"motion={self.motion!r}, gradient_prob={self.gradient_prob})"
+            f"motion={self.motion!r}, gradient_prob={self.gradient_prob}, background={self.background!r})"
         )
 
     def _background(self, rng: np.random.Generator) -> np.ndarray:
         size = self.resolution
         c0 = rng.integers(0, 256, size=3).astype(np.float32)
+        if self.background == "black":
+            return np.zeros((size, size, 3), np.float32)
         if rng.random() < 1.0 - self.gradient_prob:  # plain background
             return np.broadcast_to(c0, (size, size, 3)).copy()
         c1 = rng.integers(0, 256, size=3).astype(np.float32)
@@ -103,7 +109,8 @@ class MovingShapesSource(grain.RandomAccessDataSource):
         rng = np.random.default_rng((self.seed, index))
         size, frames = self.resolution, self.num_frames
         shape = SHAPES[rng.integers(len(SHAPES))]
-        colour_name = list(COLOURS)[rng.integers(len(COLOURS))]
+        names = [n for n in COLOURS if not (self.background == "black" and n == "black")]  # never invisible
+        colour_name = names[rng.integers(len(names))]
         colour = np.asarray(COLOURS[colour_name], np.float32)
         r = rng.uniform(*self.radius) * size
         cx, cy = rng.uniform(r, size - r, size=2)

@@ -108,6 +108,38 @@ def test_moving_shapes_deterministic_and_moving():
         source[8]
 
 
+def _centroids(video: np.ndarray) -> np.ndarray:
+    """(F, 2) x, y centres of the non-black pixels of each frame."""
+    out = []
+    for frame in video:
+        ys, xs = np.nonzero(frame.max(axis=-1) > 0)
+        out.append((xs.mean(), ys.mean()))
+    return np.asarray(out)
+
+
+def test_moving_shapes_options_by_shape_motion_black_background_sizes():
+    source = MovingShapesSource(num_videos=60, num_frames=2, resolution=64, seed=1, radius=(0.2, 0.25),
+                                speed=(0.05, 0.06), motion="by_shape", background="black")
+    direction = {"circle": (1.0, 0.0), "square": (0.0, 1.0), "triangle": (-1.0, -1.0)}  # image y grows down
+    aligned = {k: [] for k in direction}
+    for i in range(len(source)):
+        clip = source[i]
+        shape = clip["caption"].split()[2]
+        mask = clip["video"][0].max(axis=-1) > 0
+        assert mask.any(), clip["caption"]  # never a black shape on the black background
+        assert mask.sum() >= 1.8 * (0.2 * 64) ** 2  # half-size r >= 0.2 of the frame: area >= 2 r^2 (triangle)
+        d = np.diff(_centroids(clip["video"]), axis=0)[0]
+        aligned[shape].append(np.dot(d, direction[shape]) / np.linalg.norm(d) / np.linalg.norm(direction[shape]))
+    for shape, cosines in aligned.items():  # a bounce in the first step may turn a few around; random would not align
+        assert len(cosines) >= 5 and np.mean(np.asarray(cosines) > 0.99) >= 0.7, (shape, cosines)
+    default = MovingShapesSource(num_videos=4, seed=1)
+    assert default.motion == "random" and default.background == "random" and default.radius == (0.1, 0.22)
+    for bad in (dict(radius=(0.3, 0.2)), dict(speed=(0.0, 0.1)), dict(motion="spiral"), dict(background="pink"),
+                dict(gradient_prob=1.5)):
+        with pytest.raises(ValueError, match="MovingShapesSource: " + next(iter(bad))):
+            MovingShapesSource(**bad)
+
+
 def test_synthetic_loader_batch_shapes_and_ranges():
     cfg = ml_collections.ConfigDict(dict(kind="synthetic", num_videos=32, num_frames=8, resolution=32, worker_count=0))
     batch = take(make_loader(cfg, global_batch_size=8, seed=0, shard_index=1, shard_count=2), 1)[0]
