@@ -36,9 +36,9 @@ def get_config() -> ml_collections.ConfigDict:
         background="black"))
     c.cond_drop = ml_collections.ConfigDict(dict(text=0.0, image=0.1, both=0.0))
 
-    c.train.update(dict(num_steps=400, batch_size=8, learning_rate=2e-3, lr_schedule="constant", warmup_steps=20,
+    c.train.update(dict(num_steps=360, batch_size=8, learning_rate=2e-3, lr_schedule="constant", warmup_steps=20,
                         weight_decay=0.0, grad_clip=1.0, trainable=(".*",), ema_decay=0.99, log_every=10))
-    c.checkpoint.update(dict(every_steps=200, keep=2))
+    c.checkpoint.update(dict(every_steps=180, keep=2))
     c.sample.update(dict(every_steps=0, num_steps=20, image_scale=1.5, text_scale=1.0, rescale=0.0, num_frames=8,
                          fps=6))
     return c
