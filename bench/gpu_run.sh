@@ -66,9 +66,10 @@ for g in "$@"; do
                    "jax_b4:jax_bench:train --batch=4 --latent=32 --model_flops=57135558688768 --profile=/tmp/tr4 $ja" ;;
     profile_b1) group "torch_b1:torch_peer:train --batch=1 --latent=64 --count_flops" \
                       "jax_b1:jax_bench:train --batch=1 --latent=64 --model_flops=61522056282112 --profile=/tmp/tr1 $ja" ;;
-    # Two GPUs (kind nvidia-h100-x2): the same per-GPU batch on 1 GPU, 2 GPUs data-parallel and 2 GPUs fsdp.
-    # No peer in this group: three compiles and three state builds fill a 10-minute call (the peer's b4 row comes
-    # from the b4 group).
+    # Two GPUs (kind nvidia-h100-x2): the same per-GPU batch on 1 GPU, 2 GPUs data-parallel, 2 GPUs fsdp.
+    # No peer in this group (its b4 row comes from the b4 group). Three compiles (~5 min) and three host-side state
+    # builds (~1.5 min each) overrun a 10-minute call: the last run may need a call of its own on the same warm
+    # machine (bench/NOTES.md, calls 12-13).
     scale2) group "jax_b4:jax_bench:train --batch=4 --latent=32 --model_flops=57135558688768 $ja" \
                   "jax_b4_dp2:jax_bench:train --batch=4 --latent=32 --model_flops=57135558688768 --devices=2 $ja" \
                   "jax_b4_fsdp2:jax_bench:train --batch=4 --latent=32 --model_flops=57135558688768 --devices=2 \

@@ -180,8 +180,9 @@ def run_train(args: argparse.Namespace) -> dict:
             "devices": args.devices, "layout": args.layout, "latent": args.latent, "trainable": args.trainable,
             "remat": args.remat, "attention": args.attention, "dtype": args.dtype, "s_per_step": med,
             "times": times, "compile_s": compile_s, "temp_gib": mem.temp_size_in_bytes / 2 ** 30,
-            "model_flops": flops, "tflops": flops / med / 1e12 / args.devices if flops else None, "peak_gib": peak_gib(),
-            "first_loss": first_loss, "loss": losses[-1], "xla_flags": os.environ.get("XLA_FLAGS", ""), "device": jax.devices()[0].device_kind}
+            "model_flops": flops, "tflops": flops / med / 1e12 / args.devices if flops else None,
+            "peak_gib": peak_gib(), "first_loss": first_loss, "loss": losses[-1],
+            "xla_flags": os.environ.get("XLA_FLAGS", ""), "device": jax.devices()[0].device_kind}
 
 
 def run_sample(args: argparse.Namespace) -> dict:

@@ -39,7 +39,8 @@ def main(path: str) -> None:
     rows = load(path)
     peak = max((r["tflops"] for k, r in rows.items() if k[0] == "matmul"), default=None)
     print(f"bf16 matmul peak measured: {peak and round(peak)} TFLOP/s")
-    print("| kind | impl | batch x latent | GPUs | trainable | s/step or s/video | TFLOP/s/GPU | MFU | peak GiB | step-1 loss |")
+    print("| kind | impl | batch x latent | GPUs | trainable | s/step or s/video | TFLOP/s/GPU | MFU | peak GiB "
+          "| step-1 loss |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for k, r in sorted(rows.items(), key=lambda kv: str(kv[0])):
         if k[0] == "matmul":
@@ -48,7 +49,8 @@ def main(path: str) -> None:
         tf = r.get("tflops")
         mfu = tf / peak if tf and peak else None
         loss = r.get("first_loss", r.get("loss"))
-        print(f"| {k[0]} | {k[1]} | {k[2]} x {k[3]} | {k[5]} {k[6]} | {k[4] or '-'} | {t:.3f} | {tf and round(tf, 1)} | "
+        print(f"| {k[0]} | {k[1]} | {k[2]} x {k[3]} | {k[5]} {k[6]} | {k[4] or '-'} | {t:.3f} | "
+              f"{tf and round(tf, 1)} | "
               f"{mfu and round(mfu, 3)} | {r.get('peak_gib') and round(r['peak_gib'], 1)} | "
               f"{loss and round(loss, 5)} |")
     for line in scaling(rows):

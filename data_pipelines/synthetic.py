@@ -3,8 +3,8 @@
 Each video shows one coloured shape (circle, square or triangle) moving at constant velocity and bouncing off the
 frame edges, over a plain or gradient background. With `motion="by_shape"` each kind of shape starts in its own fixed
 direction (DIRECTIONS), so one frame determines the whole clip: a tiny model learns that in minutes, while random
-directions leave the future ambiguous and take far longer to learn. Everything is drawn from `np.random.default_rng((seed, index))`, so
-`source[i]` is the same video in every process, worker and run.
+directions leave the future ambiguous and take far longer to learn. Everything is drawn from
+`np.random.default_rng((seed, index))`, so `source[i]` is the same video in every process, worker and run.
 """
 
 from __future__ import annotations
