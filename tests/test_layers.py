@@ -43,3 +43,38 @@ def test_frame_conv_bf16_and_param_layout():
     assert float(jnp.max(jnp.abs(out.astype(jnp.float32) - ref))) < 0.05 * float(jnp.max(jnp.abs(ref)))
     zero = nn.unbox(layers.FrameConv(8, zero_init=True).init(jax.random.key(0), x))["params"]
     assert not np.any(zero["kernel"]) and not np.any(zero["bias"])
+
+
+SHARDED_FLOPS = """
+import jax, jax.numpy as jnp, flax.linen as nn
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+from atomo_jax.models import layers
+mesh = jax.make_mesh((4, 2), ("fsdp", "tensor"), axis_types=(AxisType.Auto,) * 2)
+conv = layers.FrameConv(256)
+x = jnp.zeros((8, 8, 16, 16, 256))
+params = nn.unbox(conv.init(jax.random.key(0), x[:1, :2, :1, :1]))
+def flops(x_sh, k_sh):
+    f = jax.jit(lambda p, x: jnp.sum(conv.apply(p, x) ** 2))
+    sx = jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x_sh)
+    sp = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=k_sh if a.ndim == 5 else
+                                                     NamedSharding(mesh, P())), params)
+    cost = f.lower(sp, sx).compile().cost_analysis()
+    return (cost[0] if isinstance(cost, list) else cost)["flops"]
+whole = flops(NamedSharding(mesh, P()), NamedSharding(mesh, P()))
+split = flops(NamedSharding(mesh, P("fsdp", None, None, None, "tensor")),
+              NamedSharding(mesh, P(None, None, None, "fsdp", "tensor")))
+print(whole / split)
+"""
+
+
+def test_frame_conv_splits_its_matmul_over_fsdp_and_tensor():
+    """Under a 4 x 2 fsdp x tensor mesh each device does an eighth of the matmul (not the whole of it)."""
+    import os
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    out = subprocess.run([sys.executable, "-c", SHARDED_FLOPS], cwd=root, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert float(out.stdout.strip().splitlines()[-1]) > 7.0, out.stdout

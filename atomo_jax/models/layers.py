@@ -47,7 +47,7 @@ def conv(features: int, kernel_size: Sequence[int], *, strides: Sequence[int] | 
 
 class FrameConv(nn.Module):
     """A (3, 1, 1) convolution over (B, F, H, W, C) with one frame of zero padding, computed as one matmul:
-    y = x @ [W_0 | W_1 | W_2], then out[f] = y_0[f-1] + y_1[f] + y_2[f+1] + b. Same parameters (kernel
+    y_k = x @ W_k for k = 0, 1, 2 in one dot, then out[f] = y_0[f-1] + y_1[f] + y_2[f+1] + b. Same parameters (kernel
     (3, 1, 1, in, out), bias) and result as the 3-D convolution, but a channels-last GEMM instead of a 3-D cuDNN
     convolution with its layout conversions (bench/NOTES.md)."""
 
@@ -62,8 +62,9 @@ class FrameConv(nn.Module):
         kernel = self.param("kernel", _init(kernel_init, ax.KERNEL + (ax.CONV_IN, ax.CONV_OUT)),
                             (3, 1, 1, cin, cout), jnp.float32)
         bias = self.param("bias", _init(nn.initializers.zeros_init(), (ax.CONV_OUT,)), (cout,), jnp.float32)
-        w = kernel.reshape(3, cin, cout).transpose(1, 0, 2).reshape(cin, 3 * cout).astype(self.dtype)
-        y = jnp.dot(x.astype(self.dtype), w).reshape(x.shape[:-1] + (3, cout))
+        # (..., in) x (3, in, out) -> (..., 3, out): the output channels stay their own axis, so a "tensor"-sharded
+        # kernel splits the matmul (merging 3 x out into one axis made XLA compute it whole on every device).
+        y = jnp.einsum("...c,kcd->...kd", x.astype(self.dtype), kernel.reshape(3, cin, cout).astype(self.dtype))
         no_pad = ((0, 0),) * (x.ndim - 2)
         prev = jnp.pad(y[:, :-1, ..., 0, :], ((0, 0), (1, 0)) + no_pad)
         nxt = jnp.pad(y[:, 1:, ..., 2, :], ((0, 0), (0, 1)) + no_pad)
