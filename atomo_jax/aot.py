@@ -339,9 +339,11 @@ def main(argv: list[str]) -> None:
             print(f"[aot] error: {e}", file=sys.stderr)
             sys.exit(2)
         except CompilerOutOfMemory as e:
+            from atomo_jax.parallel.mesh import mesh_shape
+            data, fsdp, tensor = mesh_shape(config.mesh, len(devices))
             print(f"[aot] DOES NOT FIT: the {target.generation} compiler needs {e.needed} of temporaries per device, "
-                  f"{e.available} available on {target.name} (mesh data={config.mesh.data} fsdp={config.mesh.fsdp} "
-                  f"tensor={config.mesh.tensor}, remat={config.model.unet.remat}). {_advice(config)}",
+                  f"{e.available} available on {target.name} (mesh data={data} fsdp={fsdp} tensor={tensor}, "
+                  f"remat={config.model.unet.remat}). {_advice(config)}",
                   file=sys.stderr, flush=True)
             sys.exit(1)
         print(describe(report, target, FLAGS.usable_fraction), flush=True)
