@@ -103,19 +103,21 @@ def peak_gib() -> float | None:
 
 
 def use_conv3d_temporal_conv() -> None:
-    """A/B baseline: the temporal convolution as the 3-D convolution it was before layers.FrameConv (same params,
-    same math), to time the matmul form against it in one run."""
+    """A/B baseline: the temporal convolution as the 3-D convolution it was before layers.FrameConv (same parameter
+    names and shapes, same math), to time the matmul form against it in one run."""
     from atomo_jax.models import layers
 
-    class Conv3dFrameConv(nn.Module):
-        features: int
-        zero_init: bool = False
-        dtype: object = jnp.float32
-
+    class Conv3dFrameConv(layers.FrameConv):
         @nn.compact
         def __call__(self, x):
-            return layers.conv(self.features, (3, 1, 1), padding=((1, 1), (0, 0), (0, 0)), zero_init=self.zero_init,
-                               dtype=self.dtype, name=None)(x)
+            cin, cout = x.shape[-1], self.features
+            init = nn.initializers.zeros_init() if self.zero_init else layers.torch_default_init
+            kernel = self.param("kernel", init, (3, 1, 1, cin, cout), jnp.float32)
+            bias = self.param("bias", nn.initializers.zeros_init(), (cout,), jnp.float32)
+            y = jax.lax.conv_general_dilated(x.astype(self.dtype), kernel.astype(self.dtype), (1, 1, 1),
+                                             ((1, 1), (0, 0), (0, 0)),
+                                             dimension_numbers=("NDHWC", "DHWIO", "NDHWC"))
+            return y + bias.astype(self.dtype)
 
     layers.FrameConv = Conv3dFrameConv
 
@@ -125,6 +127,8 @@ def run_train(args: argparse.Namespace) -> dict:
     model = build_model(config.model)
     if args.conv3d:
         use_conv3d_temporal_conv()
+    if args.devices > len(jax.devices()):
+        raise SystemExit(f"--devices={args.devices}, but this host has {len(jax.devices())}: {jax.devices()}")
     mesh = make_mesh(config.mesh, jax.devices()[:args.devices])
     b = args.batch * args.devices
     rules = axes.rules_from_config(None)
