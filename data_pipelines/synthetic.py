@@ -59,7 +59,10 @@ class MovingShapesSource(grain.RandomAccessDataSource):
                 f"MovingShapesSource: need num_videos > 0, num_frames > 0, resolution >= 8; got "
                 f"num_videos={num_videos}, num_frames={num_frames}, resolution={resolution}"
             )
-        for name, (lo, hi), top in (("radius", radius, 0.5), ("speed", speed, 1.0)):
+        for name, pair, top in (("radius", radius, 0.5), ("speed", speed, 1.0)):
+            if len(pair) != 2:
+                raise ValueError(f"MovingShapesSource: {name}={tuple(pair)} must be a (low, high) pair")
+            lo, hi = pair
             if not 0 < lo <= hi < top:
                 raise ValueError(f"MovingShapesSource: {name}={(lo, hi)} must satisfy 0 < low <= high < {top}")
         if motion not in MOTIONS:

@@ -134,7 +134,7 @@ def test_moving_shapes_options_by_shape_motion_black_background_sizes():
         assert len(cosines) >= 5 and np.mean(np.asarray(cosines) > 0.99) >= 0.7, (shape, cosines)
     default = MovingShapesSource(num_videos=4, seed=1)
     assert default.motion == "random" and default.background == "random" and default.radius == (0.1, 0.22)
-    for bad in (dict(radius=(0.3, 0.2)), dict(speed=(0.0, 0.1)), dict(motion="spiral"), dict(background="pink"),
+    for bad in (dict(radius=(0.3, 0.2)), dict(radius=(0.2,)), dict(speed=(0.0, 0.1)), dict(motion="spiral"), dict(background="pink"),
                 dict(gradient_prob=1.5)):
         with pytest.raises(ValueError, match="MovingShapesSource: " + next(iter(bad))):
             MovingShapesSource(**bad)
