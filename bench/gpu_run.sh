@@ -3,7 +3,8 @@
 # Usage (on the device, from the repo root, with .whl carried):  bash bench/gpu_run.sh GROUP...
 #   groups: b4 (train, batch 4 x 32x32 latents), paper (ours, b4, the paper's trainable set), b1 (batch 1 x 64x64),
 #           sample (i2v, 16 frames, 512 px, 25 steps, guidance batch 3), b1sample (both),
-#           scale2 (1 vs 2 GPUs, data-parallel and fsdp; needs 2 GPUs), ab_b1 (temporal conv A/B + profiles + HLO)
+#           scale2 (1 vs 2 GPUs, data-parallel and fsdp; needs 2 GPUs), ab_b1 (temporal conv A/B + profiles + HLO),
+#           ab_gn (b4: GroupNorm A/B + profiles + HLO, beside the regionally compiled peer)
 # The processes of a group start together: their compiles overlap, then they time one at a time (bench/gate.py).
 # The peer's b4 run uses diffusers' regional compilation (as measured in bench/RESULTS.md); TORCH_B4=--compile=full
 # asks for the whole-model torch.compile, which needs more than a 10-minute call to compile (bench/NOTES.md).
@@ -82,6 +83,14 @@ for g in "$@"; do
 --profile=/tmp/tr1c $ja"
            (cd /tmp/hlo_b1 && find . -name '*train_step*after_optimizations.txt' | head -n 4 \
               | tar -czf "$out/hlo_b1.tgz" -T -) ;;
+    # A/B of GroupNorm (layers.GroupNorm vs flax's), both profiled, the HLO of the first, the peer beside them.
+    ab_gn) group "torch_b4:torch_peer:train --batch=4 --latent=32 ${TORCH_B4:---compile=regional} --count_flops" \
+                 "jax_b4:jax_bench:train --batch=4 --latent=32 --model_flops=57135558688768 --profile=/tmp/tr4 \
+--dump_hlo=/tmp/hlo_b4 $ja" \
+                 "jax_b4_flaxgn:jax_bench:train --batch=4 --latent=32 --model_flops=57135558688768 --flax_groupnorm \
+--profile=/tmp/tr4f $ja"
+           (cd /tmp/hlo_b4 && find . -name '*train_step*after_optimizations.txt' | head -n 4 \
+              | tar -czf "$out/hlo_b4.tgz" -T -) ;;
     *) echo "unknown group $g"; exit 2 ;;
   esac
 done

@@ -63,13 +63,20 @@ def bench_config(args: argparse.Namespace):
 
 
 def timing_params(model) -> dict:
-    """N(0, 0.02) parameters of the right shapes, cut from one block of host-drawn normals and copied over. Values do
-    not change the timing; on the H100 (jax 0.11.2) both Flax's init program and a jitted threefry draw of 1.6 B
-    values ran for minutes (bench/NOTES.md), and drawing every value on the host takes half a minute."""
+    """N(0, 0.02) parameters of the right shapes, each a window of one block of host-drawn normals (a view, no copy)
+    sent to the device. Values do not change the timing; on the H100 (jax 0.11.2) both Flax's init program and a
+    jitted threefry draw of 1.6 B values ran for minutes (bench/NOTES.md)."""
     abstract = nn.unbox(jax.eval_shape(model.init, jax.random.key(0)))
-    pool = 0.02 * np.random.default_rng(0).standard_normal(1 << 24, dtype=np.float32)
+    size, shift = 1 << 24, 1 << 20
+    pool = 0.02 * np.random.default_rng(0).standard_normal(size + shift, dtype=np.float32)
     offset = iter(range(0, 1 << 40, 7919))  # a different window of the pool for each leaf
-    return jax.tree.map(lambda x: jnp.asarray(np.resize(np.roll(pool, next(offset)), x.shape)), abstract)
+
+    def leaf(x):
+        start = next(offset) % shift
+        values = pool[start:start + x.size] if x.size <= size else np.resize(pool, x.size)
+        return jnp.asarray(values.reshape(x.shape))
+
+    return jax.tree.map(leaf, abstract)
 
 
 def make_batch(b: int, latent: int, rng: np.random.Generator) -> dict:
@@ -122,11 +129,25 @@ def use_conv3d_temporal_conv() -> None:
     layers.FrameConv = Conv3dFrameConv
 
 
+def use_flax_group_norm() -> None:
+    """A/B baseline: flax's GroupNorm (reduces (N, ..., G, C/G) over non-contiguous axes), as before
+    layers.GroupNorm; same parameters and math."""
+    from atomo_jax.models import layers
+
+    def flax_group_norm(num_groups, eps, *, dtype=jnp.float32, name=None):
+        return nn.GroupNorm(num_groups=num_groups, epsilon=eps, dtype=dtype, param_dtype=jnp.float32, name=name,
+                            use_fast_variance=False)
+
+    layers.group_norm = flax_group_norm
+
+
 def run_train(args: argparse.Namespace) -> dict:
     config = bench_config(args)
     model = build_model(config.model)
     if args.conv3d:
         use_conv3d_temporal_conv()
+    if args.flax_groupnorm:
+        use_flax_group_norm()
     if args.devices > len(jax.devices()):
         raise SystemExit(f"--devices={args.devices}, but this host has {len(jax.devices())}: {jax.devices()}")
     mesh = make_mesh(config.mesh, jax.devices()[:args.devices])
@@ -157,7 +178,8 @@ def run_train(args: argparse.Namespace) -> dict:
             log(f"model FLOPs per step (matmul + conv): {flops / 1e12:.2f} T")
         gate.wait_turn()
         log("building state")
-        params = timing_params(model)
+        params = jax.block_until_ready(timing_params(model))
+        log("params on the device")
         state = init_train_state(config, model, shardings, params)
         jax.block_until_ready(state)
         log(f"state initialised ({sum(x.size for x in jax.tree.leaves(state.trainable)) / 1e9:.2f} B trainable)")
@@ -180,7 +202,8 @@ def run_train(args: argparse.Namespace) -> dict:
                                    f"profile_{os.environ.get('BENCH_NAME', 'jax')}.txt"), "w") as f:
                 f.write(summary + "\n")
     med = statistics.median(times)
-    return {"kind": "train", "impl": "jax" + ("_conv3d" if args.conv3d else ""), "batch": args.batch,
+    impl = "jax" + ("_conv3d" if args.conv3d else "") + ("_flaxgn" if args.flax_groupnorm else "")
+    return {"kind": "train", "impl": impl, "batch": args.batch,
             "devices": args.devices, "layout": args.layout, "latent": args.latent, "trainable": args.trainable,
             "remat": args.remat, "attention": args.attention, "dtype": args.dtype, "s_per_step": med,
             "times": times, "compile_s": compile_s, "temp_gib": mem.temp_size_in_bytes / 2 ** 30,
@@ -252,6 +275,7 @@ def main() -> None:
     p.add_argument("--devices", type=int, default=1, help="GPUs in the mesh (the first N); --batch is per GPU")
     p.add_argument("--layout", choices=["data", "fsdp"], default="data", help="how the --devices are used")
     p.add_argument("--conv3d", action="store_true", help="A/B: temporal conv as a 3-D convolution (the old form)")
+    p.add_argument("--flax_groupnorm", action="store_true", help="A/B: flax's GroupNorm (the old form)")
     p.add_argument("--profile", default="", help="trace dir: profile 3 steps and print where the time goes")
     p.add_argument("--dump_hlo", default="", help="dir: XLA writes the optimized HLO of every module there")
     p.add_argument("--tiny", action="store_true", help="demo-sized UNet: a CPU smoke test of this script")

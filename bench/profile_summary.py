@@ -31,7 +31,7 @@ def _stats(event) -> dict:
         return {}
 
 
-def summarize(xplane_path: str, calls: int, top: int = 25) -> str:
+def summarize(xplane_path: str, calls: int, top: int = 60) -> str:
     data = ProfileData.from_file(xplane_path)
     by_op, by_kind = collections.Counter(), collections.Counter()
     example = None

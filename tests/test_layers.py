@@ -1,4 +1,5 @@
-"""layers.FrameConv (the temporal convolution as one matmul) against the 3-D convolution it replaces."""
+"""layers.FrameConv (the temporal convolution as one matmul) against the 3-D convolution it replaces, and
+layers.GroupNorm (statistics from per-channel sums) against torch.nn.GroupNorm."""
 
 import flax.linen as nn
 import jax
@@ -78,3 +79,54 @@ def test_frame_conv_splits_its_matmul_over_fsdp_and_tensor():
                          timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert float(out.stdout.strip().splitlines()[-1]) > 7.0, out.stdout
+
+
+def torch_group_norm(x: np.ndarray, groups: int, eps: float, scale: np.ndarray, bias: np.ndarray,
+                     upstream: np.ndarray):
+    """torch.nn.GroupNorm on the channels-first view of channels-last `x`: output, d(x), d(scale), d(bias) of
+    sum(out * upstream)."""
+    import torch
+    gn = torch.nn.GroupNorm(groups, x.shape[-1], eps=eps).double()
+    with torch.no_grad():
+        gn.weight.copy_(torch.from_numpy(scale))
+        gn.bias.copy_(torch.from_numpy(bias))
+    to_first = lambda a: np.moveaxis(a, -1, 1)
+    xt = torch.from_numpy(to_first(x).astype(np.float64)).requires_grad_()
+    out = gn(xt)
+    (out * torch.from_numpy(to_first(upstream).astype(np.float64))).sum().backward()
+    back = lambda t: np.moveaxis(t.detach().numpy(), 1, -1)
+    return back(out), back(xt.grad), gn.weight.grad.numpy(), gn.bias.grad.numpy()
+
+
+@pytest.mark.parametrize("shape,groups", [((3, 5, 6, 64), 32), ((2, 4, 3, 5, 64), 32), ((4, 64), 4)])
+def test_group_norm_matches_torch_values_and_grads(shape, groups):
+    """4-D (B*F, H, W, C), 5-D (B, F, H, W, C: statistics across frames, as torch on (B, C, F, H, W)) and 2-D."""
+    rng = np.random.default_rng(3)
+    x = (3.0 + 2.0 * rng.standard_normal(shape)).astype(np.float32)  # an offset mean: the variance is two-pass
+    upstream = rng.standard_normal(shape).astype(np.float32)
+    scale = (1 + 0.1 * rng.standard_normal(64)).astype(np.float32)
+    bias = (0.1 * rng.standard_normal(64)).astype(np.float32)
+    gn = layers.group_norm(groups, 1e-5)
+    params = {"scale": jnp.asarray(scale), "bias": jnp.asarray(bias)}
+    f = lambda p, x: jnp.sum(gn.apply({"params": p}, x) * upstream)
+    out = gn.apply({"params": params}, jnp.asarray(x))
+    (d_p, d_x) = jax.grad(f, argnums=(0, 1))(params, jnp.asarray(x))
+    ref_out, ref_dx, ref_dscale, ref_dbias = torch_group_norm(x, groups, 1e-5, scale, bias, upstream)
+    np.testing.assert_allclose(out, ref_out, rtol=1e-5, atol=2e-5)
+    np.testing.assert_allclose(d_x, ref_dx, rtol=1e-4, atol=2e-5)
+    np.testing.assert_allclose(d_p["scale"], ref_dscale, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(d_p["bias"], ref_dbias, rtol=1e-5, atol=1e-4)
+
+
+def test_group_norm_params_dtype_and_errors():
+    x = jnp.asarray(np.random.default_rng(4).standard_normal((2, 4, 4, 32)), jnp.bfloat16)
+    boxed = layers.group_norm(8, 1e-6, dtype=jnp.bfloat16, name="norm").init(jax.random.key(0), x)["params"]
+    assert {k: v.names for k, v in boxed.items()} == {"scale": ("norm",), "bias": ("norm",)}
+    params = nn.unbox(boxed)
+    assert params["scale"].dtype == jnp.float32 and np.all(params["scale"] == 1) and not np.any(params["bias"])
+    out = layers.group_norm(8, 1e-6, dtype=jnp.bfloat16).apply({"params": params}, x)
+    assert out.dtype == jnp.bfloat16
+    ref = nn.GroupNorm(8, epsilon=1e-6, use_fast_variance=False).apply({"params": params}, x.astype(jnp.float32))
+    np.testing.assert_allclose(out.astype(jnp.float32), ref, atol=0.02)
+    with pytest.raises(ValueError, match="30 channels do not split into 8 groups"):
+        layers.group_norm(8, 1e-6).init(jax.random.key(0), jnp.zeros((1, 2, 2, 30)))
