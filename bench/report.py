@@ -35,13 +35,26 @@ def scaling(rows: dict) -> list[str]:
     return lines
 
 
+def speedups(rows: dict) -> list[str]:
+    """Ours (full fine-tune, one GPU) over each PyTorch peer row of the same kind and size: peer time / our time."""
+    lines = []
+    for k, r in sorted(rows.items(), key=lambda kv: str(kv[0])):
+        if not k[1].startswith("torch") or k[5] != 1:
+            continue
+        ours = rows.get((k[0], "jax", k[2], k[3], "all" if k[0] == "train" else None, 1, "data"))
+        if ours is not None:
+            field = "s_per_step" if k[0] == "train" else "s_per_video"
+            lines.append(f"speedup {k[0]} {k[2]} x {k[3]}: jax vs {k[1]} {r[field] / ours[field]:.2f}")
+    return lines
+
+
 def main(path: str) -> None:
     rows = load(path)
     peak = max((r["tflops"] for k, r in rows.items() if k[0] == "matmul"), default=None)
     print(f"bf16 matmul peak measured: {peak and round(peak)} TFLOP/s")
-    print("| kind | impl | batch x latent | GPUs | trainable | s/step or s/video | TFLOP/s/GPU | MFU | peak GiB "
-          "| step-1 loss |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| kind | impl | batch x latent | GPUs | trainable | s/step or s/video | each step waited for | TFLOP/s/GPU "
+          "| MFU | peak GiB | step-1 loss |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for k, r in sorted(rows.items(), key=lambda kv: str(kv[0])):
         if k[0] == "matmul":
             continue
@@ -49,11 +62,12 @@ def main(path: str) -> None:
         tf = r.get("tflops")
         mfu = tf / peak if tf and peak else None
         loss = r.get("first_loss", r.get("loss"))
+        sync = r.get("s_per_step_sync")
         print(f"| {k[0]} | {k[1]} | {k[2]} x {k[3]} | {k[5]} {k[6]} | {k[4] or '-'} | {t:.3f} | "
-              f"{tf and round(tf, 1)} | "
+              f"{'-' if sync is None else f'{sync:.3f}'} | {tf and round(tf, 1)} | "
               f"{mfu and round(mfu, 3)} | {r.get('peak_gib') and round(r['peak_gib'], 1)} | "
               f"{loss and round(loss, 5)} |")
-    for line in scaling(rows):
+    for line in speedups(rows) + scaling(rows):
         print(line)
 
 

@@ -41,6 +41,18 @@ def timed(fn, n: int) -> list[float]:
     return out
 
 
+def pipelined(fn, n: int) -> list[float]:
+    """Per-step times as training runs them: CUDA events between consecutive steps, nothing waited for between them
+    (the measure bench/jax_bench.py's `pipelined` takes on its side)."""
+    events = []
+    for _ in range(n + 1):
+        fn()
+        events.append(torch.cuda.Event(enable_timing=True))
+        events[-1].record()
+    torch.cuda.synchronize()
+    return [a.elapsed_time(b) / 1e3 for a, b in zip(events, events[1:])]
+
+
 def run_train(args: argparse.Namespace) -> dict:
     torch.manual_seed(0)
     unet = build_unet().cuda().train()
@@ -49,6 +61,9 @@ def run_train(args: argparse.Namespace) -> dict:
         # diffusers' regional compilation: each repeated block compiled once and reused, minutes less to compile
         # than the whole model (whole-model compiles outran 10-minute device calls, bench/NOTES.md).
         unet._repeated_blocks = ["BasicTransformerBlock", "ResnetBlock2D", "TemporalConvLayer"]
+        # Blocks recur at several channel counts and sizes: one compile each (the default limit, 8, left the
+        # rest of the blocks eager, bench/NOTES.md).
+        torch._dynamo.config.recompile_limit = 64
         unet.compile_repeated_blocks()
     model = torch.compile(unet) if args.compile == "full" else unet
     b, lat = args.batch, args.latent
@@ -84,11 +99,14 @@ def run_train(args: argparse.Namespace) -> dict:
         flops = float(counter.get_total_flops())
     gate.compiled()
     gate.wait_turn()  # time only once no other benchmark process compiles or runs
-    times = timed(step, args.iters)
+    times_sync = timed(step, args.iters)  # each step waited for
+    times = pipelined(step, args.iters)
     med = statistics.median(times)
     impl = "torch_eager" if args.compile == "none" else f"torch_{args.compile}"
     return {"kind": "train", "impl": impl, "batch": b, "latent": lat,
-            "s_per_step": med, "times": times, "warmup_s": warmup_s, "model_flops": flops,
+            "s_per_step": med, "times": times,
+            "s_per_step_sync": statistics.median(times_sync), "times_sync": times_sync, "warmup_s": warmup_s,
+            "model_flops": flops,
             "tflops": flops / med / 1e12 if flops else None,
             "params": sum(p.numel() for p in unet.parameters()),
             "peak_gib": torch.cuda.max_memory_allocated() / 2 ** 30, "device": torch.cuda.get_device_name()}
