@@ -16,10 +16,12 @@ import jax
 from jax.profiler import ProfileData
 
 KINDS = (  # first match wins; matched against the op name and its HLO text
-    ("attention (cuDNN)", re.compile(r"cudnn.*(fmha|flash|sdpa)|__cudnn\$fmha|fmha", re.I)),
-    ("convolution", re.compile(r"conv", re.I)),
-    ("matmul", re.compile(r"gemm|cublas|dot|matmul", re.I)),
-    ("copy/transpose", re.compile(r"copy|transpose", re.I)),
+    ("attention (cuDNN)",
+     re.compile(r"cudnn.*(fmha|flash|sdpa)|__cudnn\$fmha|fmha|sdpa|dot_product_attention", re.I)),
+    ("convolution", re.compile(r"conv(?!ert)|implicit_gemm", re.I)),  # not "convert"
+    # cuBLAS names its Hopper kernels nvjet_* (and sm90_xmma_gemm_*, cutlass_*, splitKreduce)
+    ("matmul", re.compile(r"gemm|cublas|dot|matmul|nvjet|cutlass|splitKreduce", re.I)),
+    ("copy/transpose", re.compile(r"copy|transpose|memcpy|memset", re.I)),
     ("collective", re.compile(r"all-reduce|all-gather|reduce-scatter|nccl", re.I)),
 )
 
