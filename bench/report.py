@@ -35,6 +35,11 @@ def scaling(rows: dict) -> list[str]:
     return lines
 
 
+def size(key: tuple) -> str:
+    """batch x latent; sampling rows (one video) have no batch."""
+    return f"{'-' if key[2] is None else key[2]} x {key[3]}"
+
+
 def speedups(rows: dict) -> list[str]:
     """Ours (full fine-tune, one GPU) over each PyTorch peer row of the same kind and size: peer time / our time."""
     lines = []
@@ -44,7 +49,7 @@ def speedups(rows: dict) -> list[str]:
         ours = rows.get((k[0], "jax", k[2], k[3], "all" if k[0] == "train" else None, 1, "data"))
         if ours is not None:
             field = "s_per_step" if k[0] == "train" else "s_per_video"
-            lines.append(f"speedup {k[0]} {k[2]} x {k[3]}: jax vs {k[1]} {r[field] / ours[field]:.2f}")
+            lines.append(f"speedup {k[0]} {size(k)}: jax vs {k[1]} {r[field] / ours[field]:.2f}")
     return lines
 
 
@@ -63,7 +68,7 @@ def main(path: str) -> None:
         mfu = tf / peak if tf and peak else None
         loss = r.get("first_loss", r.get("loss"))
         sync = r.get("s_per_step_sync")
-        print(f"| {k[0]} | {k[1]} | {k[2]} x {k[3]} | {k[5]} {k[6]} | {k[4] or '-'} | {t:.3f} | "
+        print(f"| {k[0]} | {k[1]} | {size(k)} | {k[5]} {k[6]} | {k[4] or '-'} | {t:.3f} | "
               f"{'-' if sync is None else f'{sync:.3f}'} | {tf and round(tf, 1)} | "
               f"{mfu and round(mfu, 3)} | {r.get('peak_gib') and round(r['peak_gib'], 1)} | "
               f"{loss and round(loss, 5)} |")
