@@ -5,7 +5,8 @@
 #           sample (i2v, 16 frames, 512 px, 25 steps, guidance batch 3), b1sample (both),
 #           scale2 (1 vs 2 GPUs, data-parallel and fsdp; needs 2 GPUs), ab_b1 (temporal conv A/B + profiles + HLO),
 #           ab_gn (b4: GroupNorm A/B + profiles + HLO, beside the regionally compiled peer),
-#           train (both sizes, ours and the regionally compiled peer)
+#           train (both sizes, ours and the regionally compiled peer), ab_layout (b4: compiler-chosen state layouts
+#           A/B, both profiled, beside the peer)
 # The processes of a group start together: their compiles overlap, then they time one at a time (bench/gate.py).
 # The peer's b4 run uses diffusers' regional compilation (as measured in bench/RESULTS.md); TORCH_B4=--compile=full
 # asks for the whole-model torch.compile, which needs more than a 10-minute call to compile (bench/NOTES.md).
@@ -55,6 +56,10 @@ for g in "$@"; do
                  "torch_b1:torch_peer:train --batch=1 --latent=64 ${TORCH_B1:---compile=regional} --count_flops" \
                  "jax_b4:jax_bench:train --batch=4 --latent=32 --model_flops=57135558688768 $ja" \
                  "jax_b1:jax_bench:train --batch=1 --latent=64 --model_flops=61522056282112 $ja" ;;
+    ab_layout) group "torch_b4:torch_peer:train --batch=4 --latent=32 ${TORCH_B4:---compile=regional} --count_flops" \
+                     "jax_b4:jax_bench:train --batch=4 --latent=32 --model_flops=57135558688768 --profile=/tmp/tr4 $ja" \
+                     "jax_b4_auto:jax_bench:train --batch=4 --latent=32 --model_flops=57135558688768 --auto_layouts \
+--profile=/tmp/tr4a $ja" ;;
     paper) group "jax_b4_paper:jax_bench:train --batch=4 --latent=32 --trainable=paper $ja" ;;
     b1) group "torch_b1:torch_peer:train --batch=1 --latent=64 ${TORCH_B1:---compile=full} --count_flops" \
               "jax_b1:jax_bench:train --batch=1 --latent=64 --count_flops $ja" ;;

@@ -175,7 +175,7 @@ def run_train(args: argparse.Namespace) -> dict:
         batches = [make_batch(b, args.latent, np.random.default_rng(i)) for i in range(3)]
         batch_sh = batch_shardings(batches[0], mesh, rules)
         batches = [{k: jax.device_put(v, batch_sh[k]) for k, v in bt.items()} for bt in batches]
-        step = jit_train_step(config, model, mesh, shardings, batch_sh)
+        step = jit_train_step(config, model, mesh, shardings, batch_sh, auto_state_layouts=args.auto_layouts)
         # Compiled from shapes alone, before any weight exists: the compile overlaps the peer's (bench/gate.py).
         with_sh = lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s)
         state_in = jax.tree.map(with_sh, abstract_train_state(config, model), shardings)
@@ -198,6 +198,8 @@ def run_train(args: argparse.Namespace) -> dict:
         params = jax.block_until_ready(timing_params(model))
         log("params on the device")
         state = init_train_state(config, model, shardings, params)
+        if args.auto_layouts:  # into the layouts the compiled step chose for its (donated) state
+            state = jax.device_put(state, compiled.input_formats[0][0])
         jax.block_until_ready(state)
         log(f"state initialised ({sum(x.size for x in jax.tree.leaves(state.trainable)) / 1e9:.2f} B trainable)")
         holder = {"s": state}
@@ -220,7 +222,8 @@ def run_train(args: argparse.Namespace) -> dict:
                                    f"profile_{os.environ.get('BENCH_NAME', 'jax')}.txt"), "w") as f:
                 f.write(summary + "\n")
     med = statistics.median(times)
-    impl = "jax" + ("_conv3d" if args.conv3d else "") + ("_flaxgn" if args.flax_groupnorm else "")
+    impl = ("jax" + ("_conv3d" if args.conv3d else "") + ("_flaxgn" if args.flax_groupnorm else "")
+            + ("_autolayout" if args.auto_layouts else ""))
     return {"kind": "train", "impl": impl, "batch": args.batch,
             "devices": args.devices, "layout": args.layout, "latent": args.latent, "trainable": args.trainable,
             "remat": args.remat, "attention": args.attention, "dtype": args.dtype, "s_per_step": med,
@@ -295,6 +298,8 @@ def main() -> None:
     p.add_argument("--layout", choices=["data", "fsdp"], default="data", help="how the --devices are used")
     p.add_argument("--conv3d", action="store_true", help="A/B: temporal conv as a 3-D convolution (the old form)")
     p.add_argument("--flax_groupnorm", action="store_true", help="A/B: flax's GroupNorm (the old form)")
+    p.add_argument("--auto_layouts", action="store_true",
+                   help="A/B: the compiler picks the train state's layouts (no per-step state transposes)")
     p.add_argument("--profile", default="", help="trace dir: profile 3 steps and print where the time goes")
     p.add_argument("--dump_hlo", default="", help="dir: XLA writes the optimized HLO of every module there")
     p.add_argument("--tiny", action="store_true", help="demo-sized UNet: a CPU smoke test of this script")

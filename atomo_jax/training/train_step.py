@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
+from jax.experimental.layout import Format, Layout
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from atomo_jax.diffusion import schedule
@@ -107,10 +108,20 @@ def alphas_cumprod_from(config: ml_collections.ConfigDict) -> jax.Array:
 
 
 def jit_train_step(config: ml_collections.ConfigDict, model: Any, mesh: Mesh, state_sh: TrainState,
-                   batch_sh: dict, null_tokens: jax.Array | None = None):
-    """`train_step` under jit with explicit in/out shardings; the incoming state is donated (updated in place)."""
+                   batch_sh: dict, null_tokens: jax.Array | None = None, auto_state_layouts: bool = False):
+    """`train_step` under jit with explicit in/out shardings; the incoming state is donated (updated in place).
+
+    `auto_state_layouts`: the compiler picks the state's memory layouts (the same on the way in and out, so the
+    donation holds), e.g. the layouts cuDNN/cuBLAS give weight gradients, instead of transposing the state to and
+    from row-major every step. Such a step must be compiled ahead (`.lower(...).compile()`) and the state placed
+    with `jax.device_put(state, compiled.input_formats[0][0])`; bench/NOTES.md has where this stands.
+    """
     fn = functools.partial(train_step, model=model, tx=make_optimizer(config.train),
                            alphas_cumprod=alphas_cumprod_from(config), config=config, mesh=mesh,
                            grad_shardings=state_sh.trainable, null_tokens=null_tokens)
-    return jax.jit(fn, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, shd.replicated(mesh)),
+    state_in = state_sh
+    if auto_state_layouts:
+        state_in = jax.tree.map(lambda s: Format(Layout.AUTO, s), state_sh,
+                                is_leaf=lambda s: isinstance(s, jax.sharding.Sharding))
+    return jax.jit(fn, in_shardings=(state_in, batch_sh), out_shardings=(state_in, shd.replicated(mesh)),
                    donate_argnums=(0,))
