@@ -1,12 +1,11 @@
 #!/usr/bin/env bash
 # One lent-GPU call of the benchmark: ours and the PyTorch peer side by side, on the same GPU, in the same run.
 # Usage (on the device, from the repo root, with .whl carried):  bash bench/gpu_run.sh GROUP...
-#   groups: b4 (train, batch 4 x 32x32 latents), paper (ours, b4, the paper's trainable set), b1 (batch 1 x 64x64),
-#           sample (i2v, 16 frames, 512 px, 25 steps, guidance batch 3), b1sample (both),
-#           scale2 (1 vs 2 GPUs, data-parallel and fsdp; needs 2 GPUs), ab_b1 (temporal conv A/B + profiles + HLO),
-#           ab_gn (b4: GroupNorm A/B + profiles + HLO, beside the regionally compiled peer),
-#           train (both sizes, ours and the regionally compiled peer), ab_layout (b4: compiler-chosen state layouts
-#           A/B, both profiled, beside the peer)
+#   groups: train (both sizes: ours and the regionally compiled peer), b4 / b1 (one size; b1's peer defaults to the
+#           whole-model compile), paper (ours, b4, the paper's trainable set), sample (i2v, 16 frames, 512 px,
+#           25 steps, guidance batch 3, vs diffusers), scale2 (1 vs 2 GPUs, data-parallel and fsdp; needs 2 GPUs),
+#           ab_gn / ab_layout (b4 A/B of GroupNorm's form / of compiler-chosen state layouts, both profiled, the
+#           HLO of the default, beside the peer). JAX_ARGS adds flags to every run of ours (e.g. --profile=DIR).
 # The processes of a group start together: their compiles overlap, then they time one at a time (bench/gate.py).
 # The peer's b4 run uses diffusers' regional compilation (as measured in bench/RESULTS.md); TORCH_B4=--compile=full
 # asks for the whole-model torch.compile, which needs more than a 10-minute call to compile (bench/NOTES.md).
@@ -48,59 +47,35 @@ group() {  # "name:script:args" ..., in timing order (the peer first: it allocat
 
 python3 bench/jax_bench.py matmul --out="$res" > "$out/matmul.log" 2>&1; tail -n 1 "$out/matmul.log"
 ja=${JAX_ARGS:-}
+# FLOPs of our steps counted on a CPU host by bench/flops.py for the same program (the b4 count matched the device's
+# to the last FLOP; counting on the device beside two compiles once crashed the process, bench/NOTES.md).
+b4="--batch=4 --latent=32 --model_flops=57135558688768"
+b1="--batch=1 --latent=64 --model_flops=61522056282112"
+peer_b4="torch_b4:torch_peer:train --batch=4 --latent=32 ${TORCH_B4:---compile=regional} --count_flops"
+
+ab_b4() {  # NAME FLAG: our b4 step without and with one jax_bench switch, both profiled, beside the peer
+  group "$peer_b4" "jax_b4:jax_bench:train $b4 --profile=/tmp/tr4 --dump_hlo=/tmp/hlo_b4 $ja" \
+        "jax_b4_$1:jax_bench:train $b4 $2 --profile=/tmp/tr4_$1 $ja"
+  (cd /tmp/hlo_b4 && find . -name '*train_step*after_optimizations.txt' | head -n 4 | tar -czf "$out/hlo_b4.tgz" -T -)
+}
+
 for g in "$@"; do
   case $g in
-    b4) group "torch_b4:torch_peer:train --batch=4 --latent=32 ${TORCH_B4:---compile=regional} --count_flops" \
-              "jax_b4:jax_bench:train --batch=4 --latent=32 --count_flops $ja" ;;
-    train) group "torch_b4:torch_peer:train --batch=4 --latent=32 ${TORCH_B4:---compile=regional} --count_flops" \
+    train) group "$peer_b4" \
                  "torch_b1:torch_peer:train --batch=1 --latent=64 ${TORCH_B1:---compile=regional} --count_flops" \
-                 "jax_b4:jax_bench:train --batch=4 --latent=32 --model_flops=57135558688768 $ja" \
-                 "jax_b1:jax_bench:train --batch=1 --latent=64 --model_flops=61522056282112 $ja" ;;
-    ab_layout) group "torch_b4:torch_peer:train --batch=4 --latent=32 ${TORCH_B4:---compile=regional} --count_flops" \
-                     "jax_b4:jax_bench:train --batch=4 --latent=32 --model_flops=57135558688768 --profile=/tmp/tr4 $ja" \
-                     "jax_b4_auto:jax_bench:train --batch=4 --latent=32 --model_flops=57135558688768 --auto_layouts \
---profile=/tmp/tr4a $ja" ;;
-    paper) group "jax_b4_paper:jax_bench:train --batch=4 --latent=32 --trainable=paper $ja" ;;
+                 "jax_b4:jax_bench:train $b4 $ja" "jax_b1:jax_bench:train $b1 $ja" ;;
+    b4) group "$peer_b4" "jax_b4:jax_bench:train $b4 $ja" ;;
     b1) group "torch_b1:torch_peer:train --batch=1 --latent=64 ${TORCH_B1:---compile=full} --count_flops" \
-              "jax_b1:jax_bench:train --batch=1 --latent=64 --count_flops $ja" ;;
+              "jax_b1:jax_bench:train $b1 $ja" ;;
+    paper) group "jax_b4_paper:jax_bench:train --batch=4 --latent=32 --trainable=paper $ja" ;;
     sample) group "torch_sample:torch_peer:sample --latent=64 --steps=25 --iters=3" \
                   "jax_sample:jax_bench:sample --latent=64 --steps=25 --iters=3" ;;
-    b1sample) group "torch_b1:torch_peer:train --batch=1 --latent=64 ${TORCH_B1:---compile=full} --count_flops" \
-                    "torch_sample:torch_peer:sample --latent=64 --steps=25 --iters=3" \
-                    "jax_b1:jax_bench:train --batch=1 --latent=64 --count_flops $ja" \
-                    "jax_sample:jax_bench:sample --latent=64 --steps=25 --iters=3" ;;
-    # Profiles of both sizes beside a same-run peer. FLOPs counted on a CPU host by bench/flops.py for the same
-    # program (the b4 count matched the device's to the last FLOP); counting on the device beside two compiles
-    # once crashed the process (bench/NOTES.md).
-    profile) group "torch_b1:torch_peer:train --batch=1 --latent=64 --count_flops" \
-                   "jax_b1:jax_bench:train --batch=1 --latent=64 --model_flops=61522056282112 --profile=/tmp/tr1 $ja" \
-                   "jax_b4:jax_bench:train --batch=4 --latent=32 --model_flops=57135558688768 --profile=/tmp/tr4 $ja" ;;
-    profile_b1) group "torch_b1:torch_peer:train --batch=1 --latent=64 --count_flops" \
-                      "jax_b1:jax_bench:train --batch=1 --latent=64 --model_flops=61522056282112 --profile=/tmp/tr1 $ja" ;;
-    # Two GPUs (kind nvidia-h100-x2): the same per-GPU batch on 1 GPU, 2 GPUs data-parallel, 2 GPUs fsdp.
-    # No peer in this group (its b4 row comes from the b4 group). Three compiles (~5 min) and three host-side state
-    # builds (~1.5 min each) overrun a 10-minute call: the last run may need a call of its own on the same warm
-    # machine (bench/NOTES.md, calls 12-13).
-    scale2) group "jax_b4:jax_bench:train --batch=4 --latent=32 --model_flops=57135558688768 $ja" \
-                  "jax_b4_dp2:jax_bench:train --batch=4 --latent=32 --model_flops=57135558688768 --devices=2 $ja" \
-                  "jax_b4_fsdp2:jax_bench:train --batch=4 --latent=32 --model_flops=57135558688768 --devices=2 \
---layout=fsdp $ja" ;;
-    # A/B of the temporal convolution (matmul form vs the 3-D convolution), profiles of both, the HLO of the first.
-    ab_b1) group "torch_b1:torch_peer:train --batch=1 --latent=64 --count_flops" \
-                 "jax_b1:jax_bench:train --batch=1 --latent=64 --model_flops=61522056282112 --profile=/tmp/tr1 \
---dump_hlo=/tmp/hlo_b1 $ja" \
-                 "jax_b1_conv3d:jax_bench:train --batch=1 --latent=64 --model_flops=61522056282112 --conv3d \
---profile=/tmp/tr1c $ja"
-           (cd /tmp/hlo_b1 && find . -name '*train_step*after_optimizations.txt' | head -n 4 \
-              | tar -czf "$out/hlo_b1.tgz" -T -) ;;
-    # A/B of GroupNorm (layers.GroupNorm vs flax's), both profiled, the HLO of the first, the peer beside them.
-    ab_gn) group "torch_b4:torch_peer:train --batch=4 --latent=32 ${TORCH_B4:---compile=regional} --count_flops" \
-                 "jax_b4:jax_bench:train --batch=4 --latent=32 --model_flops=57135558688768 --profile=/tmp/tr4 \
---dump_hlo=/tmp/hlo_b4 $ja" \
-                 "jax_b4_flaxgn:jax_bench:train --batch=4 --latent=32 --model_flops=57135558688768 --flax_groupnorm \
---profile=/tmp/tr4f $ja"
-           (cd /tmp/hlo_b4 && find . -name '*train_step*after_optimizations.txt' | head -n 4 \
-              | tar -czf "$out/hlo_b4.tgz" -T -) ;;
+    # Two GPUs: the same per-GPU batch on 1 GPU, 2 GPUs data-parallel, 2 GPUs fsdp; no peer (its row comes from
+    # train). Three compiles and state builds may overrun a 10-minute call (bench/NOTES.md, calls 11-13).
+    scale2) group "jax_b4:jax_bench:train $b4 $ja" "jax_b4_dp2:jax_bench:train $b4 --devices=2 $ja" \
+                  "jax_b4_fsdp2:jax_bench:train $b4 --devices=2 --layout=fsdp $ja" ;;
+    ab_gn) ab_b4 flaxgn --flax_groupnorm ;;
+    ab_layout) ab_b4 auto --auto_layouts ;;
     *) echo "unknown group $g"; exit 2 ;;
   esac
 done
