@@ -130,3 +130,11 @@ def test_group_norm_params_dtype_and_errors():
     np.testing.assert_allclose(out.astype(jnp.float32), ref, atol=0.02)
     with pytest.raises(ValueError, match="30 channels do not split into 8 groups"):
         layers.group_norm(8, 1e-6).init(jax.random.key(0), jnp.zeros((1, 2, 2, 30)))
+
+    class Block(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return layers.group_norm(8, 1e-6, name="norm1")(x)
+
+    with pytest.raises(ValueError, match="^norm1: 30 channels"):  # names the layer
+        Block().init(jax.random.key(0), jnp.zeros((1, 2, 2, 30)))

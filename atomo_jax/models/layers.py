@@ -90,7 +90,8 @@ class GroupNorm(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         c = x.shape[-1]
         if c % self.num_groups:
-            raise ValueError(f"GroupNorm {self.name}: {c} channels do not split into {self.num_groups} groups")
+            where = "/".join(self.scope.path) or "GroupNorm"
+            raise ValueError(f"{where}: {c} channels do not split into {self.num_groups} groups")
         scale = self.param("scale", _init(nn.initializers.ones_init(), (ax.NORM,)), (c,), jnp.float32)
         bias = self.param("bias", _init(nn.initializers.zeros_init(), (ax.NORM,)), (c,), jnp.float32)
         reduced = tuple(range(1, x.ndim - 1))
