@@ -4,8 +4,8 @@
 #   groups: train (both sizes: ours and the regionally compiled peer), b4 / b1 (one size; b1's peer defaults to the
 #           whole-model compile), paper (ours, b4, the paper's trainable set), sample (i2v, 16 frames, 512 px,
 #           25 steps, guidance batch 3, vs diffusers), scale2 (1 vs 2 GPUs, data-parallel and fsdp; needs 2 GPUs),
-#           ab_gn / ab_layout (b4 A/B of GroupNorm's form / of compiler-chosen state layouts, both profiled, the
-#           HLO of the default, beside the peer). JAX_ARGS adds flags to every run of ours (e.g. --profile=DIR).
+#           ab_gn / ab_layout / ab_pack (b4 A/B of GroupNorm's form / of compiler-chosen state layouts / of the
+#           packed small leaves, both profiled, the HLO of the variant, beside the peer). JAX_ARGS adds flags to every run of ours (e.g. --profile=DIR).
 # The processes of a group start together: their compiles overlap, then they time one at a time (bench/gate.py).
 # The peer's b4 run uses diffusers' regional compilation (as measured in bench/RESULTS.md); TORCH_B4=--compile=full
 # asks for the whole-model torch.compile, which needs more than a 10-minute call to compile (bench/NOTES.md).
@@ -53,9 +53,10 @@ b4="--batch=4 --latent=32 --model_flops=57135558688768"
 b1="--batch=1 --latent=64 --model_flops=61522056282112"
 peer_b4="torch_b4:torch_peer:train --batch=4 --latent=32 ${TORCH_B4:---compile=regional} --count_flops"
 
-ab_b4() {  # NAME FLAG: our b4 step without and with one jax_bench switch, both profiled, beside the peer
-  group "$peer_b4" "jax_b4:jax_bench:train $b4 --profile=/tmp/tr4 --dump_hlo=/tmp/hlo_b4 $ja" \
-        "jax_b4_$1:jax_bench:train $b4 $2 --profile=/tmp/tr4_$1 $ja"
+ab_b4() {  # NAME FLAGS: our b4 step without and with jax_bench switches, both profiled (the HLO of the second),
+           # beside the peer
+  group "$peer_b4" "jax_b4:jax_bench:train $b4 --profile=/tmp/tr4 $ja" \
+        "jax_b4_$1:jax_bench:train $b4 $2 --profile=/tmp/tr4_$1 --dump_hlo=/tmp/hlo_b4 $ja"
   (cd /tmp/hlo_b4 && find . -name '*train_step*after_optimizations.txt' | head -n 4 | tar -czf "$out/hlo_b4.tgz" -T -)
 }
 
@@ -76,6 +77,7 @@ for g in "$@"; do
                   "jax_b4_fsdp2:jax_bench:train $b4 --devices=2 --layout=fsdp $ja" ;;
     ab_gn) ab_b4 flaxgn --flax_groupnorm ;;
     ab_layout) ab_b4 auto --auto_layouts ;;
+    ab_pack) ab_b4 pack --pack_small=16384 ;;  # with JAX_ARGS=--auto_layouts: both sides on chosen layouts
     *) echo "unknown group $g"; exit 2 ;;
   esac
 done

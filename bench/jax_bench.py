@@ -27,6 +27,8 @@ import numpy as np  # noqa: E402
 from atomo_jax.models.atomo import build_model  # noqa: E402
 from atomo_jax.parallel import axes  # noqa: E402
 from atomo_jax.parallel.mesh import make_mesh  # noqa: E402
+from atomo_jax.parallel import sharding as shd  # noqa: E402
+from atomo_jax.training.packing import LeafPacker  # noqa: E402
 from atomo_jax.training.setup import abstract_train_state, init_train_state, state_shardings  # noqa: E402
 from atomo_jax.training.train_step import batch_shardings, jit_train_step  # noqa: E402
 from bench import gate  # noqa: E402
@@ -172,13 +174,21 @@ def run_train(args: argparse.Namespace) -> dict:
     rules = axes.rules_from_config(None)
     with jax.set_mesh(mesh):
         shardings = state_shardings(config, model, mesh, rules)
+        abstract = abstract_train_state(config, model)
+        packer, step_sh = None, shardings
+        if args.pack_small:
+            packer = LeafPacker.for_trainable(abstract.trainable, shardings.trainable, args.pack_small)
+            step_sh = packer.pack_shardings(shardings, shd.replicated(mesh))
+            abstract = jax.eval_shape(packer.pack_state, abstract)
+            log(f"packed {packer.num_packed} of {len(packer.packed)} trainable leaves")
         batches = [make_batch(b, args.latent, np.random.default_rng(i)) for i in range(3)]
         batch_sh = batch_shardings(batches[0], mesh, rules)
         batches = [{k: jax.device_put(v, batch_sh[k]) for k, v in bt.items()} for bt in batches]
-        step = jit_train_step(config, model, mesh, shardings, batch_sh, auto_state_layouts=args.auto_layouts)
+        step = jit_train_step(config, model, mesh, step_sh, batch_sh, auto_state_layouts=args.auto_layouts,
+                              packer=packer)
         # Compiled from shapes alone, before any weight exists: the compile overlaps the peer's (bench/gate.py).
         with_sh = lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s)
-        state_in = jax.tree.map(with_sh, abstract_train_state(config, model), shardings)
+        state_in = jax.tree.map(with_sh, abstract, step_sh)
         batch_in = {k: with_sh(v, batch_sh[k]) for k, v in batches[0].items()}
         log("compiling")
         t0 = time.perf_counter()
@@ -190,14 +200,16 @@ def run_train(args: argparse.Namespace) -> dict:
         flops = args.model_flops * args.devices if args.model_flops else None  # given per device batch
         if args.count_flops and not flops:  # on the plain-XLA attention path, where attention is visible matmuls
             cfg_x = bench_config(argparse.Namespace(**{**vars(args), "attention": "xla"}))
-            flops = count_flops(jit_train_step(cfg_x, build_model(cfg_x.model), mesh, shardings, batch_sh),
-                                state_in, batch_in)
+            flops = count_flops(jit_train_step(cfg_x, build_model(cfg_x.model), mesh, step_sh, batch_sh,
+                                               packer=packer), state_in, batch_in)
             log(f"model FLOPs per step (matmul + conv): {flops / 1e12:.2f} T")
         gate.wait_turn()
         log("building state")
         params = jax.block_until_ready(timing_params(model))
         log("params on the device")
         state = init_train_state(config, model, shardings, params)
+        if packer:
+            state = jax.jit(packer.pack_state, out_shardings=step_sh, donate_argnums=0)(state)
         if args.auto_layouts:  # into the layouts the compiled step chose for its (donated) state
             state = jax.device_put(state, compiled.input_formats[0][0])
         jax.block_until_ready(state)
@@ -223,7 +235,7 @@ def run_train(args: argparse.Namespace) -> dict:
                 f.write(summary + "\n")
     med = statistics.median(times)
     impl = ("jax" + ("_conv3d" if args.conv3d else "") + ("_flaxgn" if args.flax_groupnorm else "")
-            + ("_autolayout" if args.auto_layouts else ""))
+            + ("_autolayout" if args.auto_layouts else "") + ("_packed" if args.pack_small else ""))
     return {"kind": "train", "impl": impl, "batch": args.batch,
             "devices": args.devices, "layout": args.layout, "latent": args.latent, "trainable": args.trainable,
             "remat": args.remat, "attention": args.attention, "dtype": args.dtype, "s_per_step": med,
@@ -300,6 +312,8 @@ def main() -> None:
     p.add_argument("--flax_groupnorm", action="store_true", help="A/B: flax's GroupNorm (the old form)")
     p.add_argument("--auto_layouts", action="store_true",
                    help="A/B: the compiler picks the train state's layouts (no per-step state transposes)")
+    p.add_argument("--pack_small", type=int, default=0,
+                   help="A/B: replicated trainable leaves of at most this many values updated as one vector")
     p.add_argument("--profile", default="", help="trace dir: profile 3 steps and print where the time goes")
     p.add_argument("--dump_hlo", default="", help="dir: XLA writes the optimized HLO of every module there")
     p.add_argument("--tiny", action="store_true", help="demo-sized UNet: a CPU smoke test of this script")

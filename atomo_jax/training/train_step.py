@@ -18,6 +18,7 @@ from atomo_jax.diffusion import schedule
 from atomo_jax.diffusion.loss import diffusion_loss
 from atomo_jax.parallel import sharding as shd
 from atomo_jax.training.optimizer import make_optimizer
+from atomo_jax.training.packing import LeafPacker
 from atomo_jax.training.state import TrainState, merge
 
 
@@ -52,11 +53,15 @@ def clip_by_norm(grads: Any, norm: jax.Array, max_norm: float) -> Any:
 
 def train_step(state: TrainState, batch: dict, *, model: Any, tx: optax.GradientTransformation,
                alphas_cumprod: jax.Array, config: ml_collections.ConfigDict, mesh: Mesh, grad_shardings: Any,
-               null_tokens: jax.Array | None = None) -> tuple[TrainState, dict]:
+               null_tokens: jax.Array | None = None, packer: LeafPacker | None = None) -> tuple[TrainState, dict]:
     """One optimizer step on a global batch; `config.train.grad_accum` splits it into sequential micro-batches.
-    Only `state.trainable` is differentiated: frozen parameters get no weight gradients and no optimizer state."""
+    Only `state.trainable` is differentiated: frozen parameters get no weight gradients and no optimizer state.
+    With `packer`, the state is in its packed form (training/packing.py) and `grad_shardings` are the packed ones."""
     accum = int(config.train.grad_accum)
     rng, step_rng = jax.random.split(jax.random.wrap_key_data(state.rng))
+    # The gradient is taken with respect to the ordinary tree, then packed by one concatenation: differentiating
+    # the slices of the packed vector would add ~1,000 padded copies of it.
+    trainable_tree = packer.unpack(state.trainable) if packer else state.trainable
 
     def loss_fn(trainable, micro, r):
         params = {**state.frozen, "unet": merge(trainable, state.frozen["unet"])}
@@ -65,20 +70,22 @@ def train_step(state: TrainState, batch: dict, *, model: Any, tx: optax.Gradient
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     if accum == 1:
-        (loss, aux), grads = grad_fn(state.trainable, batch, step_rng)
+        (loss, aux), grads = grad_fn(trainable_tree, batch, step_rng)
     else:
         micro = jax.tree.map(lambda x: x.reshape((accum, x.shape[0] // accum) + x.shape[1:]), batch)
 
         def body(carry, xs):
             g_sum, l_sum, m_sum = carry
             mb, r = xs
-            (l, a), g = grad_fn(state.trainable, mb, r)
+            (l, a), g = grad_fn(trainable_tree, mb, r)
             return (jax.tree.map(jnp.add, g_sum, g), l_sum + l, m_sum + a["mse"]), None
 
-        zeros = jax.tree.map(jnp.zeros_like, state.trainable)
+        zeros = jax.tree.map(jnp.zeros_like, trainable_tree)
         (grads, loss, mse), _ = jax.lax.scan(body, (zeros, 0.0, 0.0), (micro, jax.random.split(step_rng, accum)))
         grads = jax.tree.map(lambda g: g / accum, grads)
         loss, aux = loss / accum, {"mse": mse / accum}
+    if packer:
+        grads = packer.pack(grads)
 
     grad_norm = sharded_global_norm(grads, grad_shardings, mesh)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
@@ -108,17 +115,19 @@ def alphas_cumprod_from(config: ml_collections.ConfigDict) -> jax.Array:
 
 
 def jit_train_step(config: ml_collections.ConfigDict, model: Any, mesh: Mesh, state_sh: TrainState,
-                   batch_sh: dict, null_tokens: jax.Array | None = None, auto_state_layouts: bool = False):
+                   batch_sh: dict, null_tokens: jax.Array | None = None, auto_state_layouts: bool = False,
+                   packer: LeafPacker | None = None):
     """`train_step` under jit with explicit in/out shardings; the incoming state is donated (updated in place).
 
     `auto_state_layouts`: the compiler picks the state's memory layouts (the same on the way in and out, so the
     donation holds), e.g. the layouts cuDNN/cuBLAS give weight gradients, instead of transposing the state to and
     from row-major every step. Such a step must be compiled ahead (`.lower(...).compile()`) and the state placed
     with `jax.device_put(state, compiled.input_formats[0][0])`; bench/NOTES.md has where this stands.
+    `packer`: the state (and `state_sh`) are in packed form (training/packing.py).
     """
     fn = functools.partial(train_step, model=model, tx=make_optimizer(config.train),
                            alphas_cumprod=alphas_cumprod_from(config), config=config, mesh=mesh,
-                           grad_shardings=state_sh.trainable, null_tokens=null_tokens)
+                           grad_shardings=state_sh.trainable, null_tokens=null_tokens, packer=packer)
     state_in = state_sh
     if auto_state_layouts:
         state_in = jax.tree.map(lambda s: Format(Layout.AUTO, s), state_sh,

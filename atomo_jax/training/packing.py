@@ -1,0 +1,93 @@
+"""Small trainable leaves kept as one flat vector while training.
+
+An SD-sized UNet has ~1,600 trainable leaves; ~940 are biases and norm scales of a few thousand values or fewer.
+Updated leaf by leaf, each costs its own gradient-norm reduction and its own AdamW + EMA kernel: ~1,900 tiny kernels
+a step whose launch latency, not their bytes, sets their time (bench/NOTES.md). Packed, those leaves are one vector
+in the parameters, the Adam moments and the EMA, so the norm, the update and the EMA cover them in a few kernels;
+the model reads slices of the vector (free: a slice fuses into its consumer), and their gradients are concatenated
+once.
+
+The packed form is the train step's device form only. Checkpoints, sampling and export see the ordinary trees
+(`unpack_state`), so a checkpoint does not depend on the threshold. Only fully replicated float32 leaves are packed:
+a leaf sharded over the mesh stays as it is (packing it would gather it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable
+
+import flax
+import jax
+import jax.numpy as jnp
+
+from atomo_jax.training.state import TrainState
+
+
+@flax.struct.dataclass
+class Packed:
+    """A tree of the trainable structure in packed form."""
+    large: tuple  # the leaves kept as they are, in tree order
+    small: Any  # the packed leaves, flattened and concatenated in tree order (an array; a sharding for shardings)
+
+
+@dataclasses.dataclass(frozen=True)
+class LeafPacker:
+    """Packs and unpacks trees with the structure of the trainable parameters (static: shapes only)."""
+    treedef: Any
+    shapes: tuple[tuple[int, ...], ...]
+    packed: tuple[bool, ...]
+
+    @classmethod
+    def for_trainable(cls, trainable: Any, shardings: Any, max_size: int) -> LeafPacker:
+        """Packs the float32 leaves of at most `max_size` values that `shardings` replicates; 0 packs none."""
+        leaves, treedef = jax.tree.flatten(trainable)
+        sh = treedef.flatten_up_to(shardings)
+        packed = tuple(0 < math.prod(x.shape) <= max_size and x.dtype == jnp.float32 and s.is_fully_replicated
+                       for x, s in zip(leaves, sh))
+        return cls(treedef, tuple(tuple(x.shape) for x in leaves), packed)
+
+    @property
+    def num_packed(self) -> int:
+        return sum(self.packed)
+
+    def pack(self, tree: Any) -> Packed:
+        leaves = self.treedef.flatten_up_to(tree)
+        small = [x.reshape(-1) for x, p in zip(leaves, self.packed) if p]
+        return Packed(large=tuple(x for x, p in zip(leaves, self.packed) if not p),
+                      small=jnp.concatenate(small) if small else jnp.zeros((0,), jnp.float32))
+
+    def unpack(self, packed: Packed) -> Any:
+        large, leaves, offset = iter(packed.large), [], 0
+        for shape, p in zip(self.shapes, self.packed):
+            if p:
+                n = math.prod(shape)
+                leaves.append(packed.small[offset:offset + n].reshape(shape))
+                offset += n
+            else:
+                leaves.append(next(large))
+        return self.treedef.unflatten(leaves)
+
+    def _map_trees(self, fn: Callable[[Any], Any], tree: Any) -> Any:
+        """`fn` on every subtree with the trainable structure (params, EMA, Adam moments); the rest unchanged."""
+        matches = lambda x: jax.tree.structure(x) == self.treedef
+        return jax.tree.map(lambda x: fn(x) if matches(x) else x, tree, is_leaf=matches)
+
+    def pack_state(self, state: TrainState) -> TrainState:
+        return state.replace(trainable=self.pack(state.trainable), ema=self.pack(state.ema),
+                             opt_state=self._map_trees(self.pack, state.opt_state))
+
+    def unpack_state(self, state: TrainState) -> TrainState:
+        is_packed = lambda x: isinstance(x, Packed)
+        unpack = lambda x: self.unpack(x) if is_packed(x) else x
+        return state.replace(trainable=self.unpack(state.trainable), ema=self.unpack(state.ema),
+                             opt_state=jax.tree.map(unpack, state.opt_state, is_leaf=is_packed))
+
+    def pack_shardings(self, shardings: TrainState, replicated: jax.sharding.Sharding) -> TrainState:
+        """The shardings of the packed state: large leaves keep theirs, the vector is `replicated`."""
+        def pack(tree):
+            leaves = self.treedef.flatten_up_to(tree)
+            return Packed(large=tuple(s for s, p in zip(leaves, self.packed) if not p), small=replicated)
+        return shardings.replace(trainable=pack(shardings.trainable), ema=pack(shardings.ema),
+                                 opt_state=self._map_trees(pack, shardings.opt_state))
