@@ -218,7 +218,9 @@ def compile_train_step(config: Any, devices: list, capacity_bytes: float | None 
     from atomo_jax.models.atomo import build_model
     from atomo_jax.parallel import axes
     from atomo_jax.parallel.mesh import make_mesh
+    from atomo_jax.parallel.sharding import replicated
     from atomo_jax.training.loop import validate
+    from atomo_jax.training.packing import packer_from_config
     from atomo_jax.training.setup import abstract_train_state, state_shardings
     from atomo_jax.training.state import merge
     from atomo_jax.training.train_step import batch_shardings, jit_train_step
@@ -234,10 +236,13 @@ def compile_train_step(config: Any, devices: list, capacity_bytes: float | None 
     params = {**abstract.frozen, "unet": merge(abstract.trainable, abstract.frozen["unet"])}
     batch = abstract_batch(config, model, params)
     batch_sh = batch_shardings(batch, mesh, rules)
+    packer, state_sh = packer_from_config(config, abstract, state_sh, replicated(mesh))  # as the trainer runs it
+    if packer:
+        abstract = jax.eval_shape(packer.pack_state, abstract)
     with_sh = lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s)
     state_in = jax.tree.map(with_sh, abstract, state_sh)
     batch_in = {k: with_sh(v, batch_sh[k]) for k, v in batch.items()}
-    step = jit_train_step(config, model, mesh, state_sh, batch_sh)
+    step = jit_train_step(config, model, mesh, state_sh, batch_sh, packer=packer)
     with jax.set_mesh(mesh):
         lowered = step.lower(state_in, batch_in)
         try:

@@ -4,8 +4,8 @@
 #   groups: train (both sizes: ours and the regionally compiled peer), b4 / b1 (one size; b1's peer defaults to the
 #           whole-model compile), paper (ours, b4, the paper's trainable set), sample (i2v, 16 frames, 512 px,
 #           25 steps, guidance batch 3, vs diffusers), scale2 (1 vs 2 GPUs, data-parallel and fsdp; needs 2 GPUs),
-#           ab_gn / ab_layout / ab_pack (b4 A/B of GroupNorm's form / of compiler-chosen state layouts / of the
-#           packed small leaves, both profiled, the HLO of the variant, beside the peer). JAX_ARGS adds flags to every run of ours (e.g. --profile=DIR).
+#           ab_gn / ab_layout / ab_pack (b4 A/B of GroupNorm's form / of row-major state layouts / of updating
+#           every leaf on its own, against the default, both profiled, the HLO of the variant, beside the peer). JAX_ARGS adds flags to every run of ours (e.g. --profile=DIR).
 # The processes of a group start together: their compiles overlap, then they time one at a time (bench/gate.py).
 # The peer's b4 run uses diffusers' regional compilation (as measured in bench/RESULTS.md); TORCH_B4=--compile=full
 # asks for the whole-model torch.compile, which needs more than a 10-minute call to compile (bench/NOTES.md).
@@ -76,8 +76,8 @@ for g in "$@"; do
     scale2) group "jax_b4:jax_bench:train $b4 $ja" "jax_b4_dp2:jax_bench:train $b4 --devices=2 $ja" \
                   "jax_b4_fsdp2:jax_bench:train $b4 --devices=2 --layout=fsdp $ja" ;;
     ab_gn) ab_b4 flaxgn --flax_groupnorm ;;
-    ab_layout) ab_b4 auto --auto_layouts ;;
-    ab_pack) ab_b4 pack --pack_small=16384 ;;  # with JAX_ARGS=--auto_layouts: both sides on chosen layouts
+    ab_layout) ab_b4 rowmajor --row_major ;;
+    ab_pack) ab_b4 unpacked --pack_small=0 ;;
     *) echo "unknown group $g"; exit 2 ;;
   esac
 done

@@ -28,7 +28,7 @@ from atomo_jax.models.atomo import build_model  # noqa: E402
 from atomo_jax.parallel import axes  # noqa: E402
 from atomo_jax.parallel.mesh import make_mesh  # noqa: E402
 from atomo_jax.parallel import sharding as shd  # noqa: E402
-from atomo_jax.training.packing import LeafPacker  # noqa: E402
+from atomo_jax.training.packing import packer_from_config  # noqa: E402
 from atomo_jax.training.setup import abstract_train_state, init_train_state, state_shardings  # noqa: E402
 from atomo_jax.training.train_step import batch_shardings, jit_train_step  # noqa: E402
 from bench import gate  # noqa: E402
@@ -55,6 +55,9 @@ def bench_config(args: argparse.Namespace):
     c.train.batch_size = args.batch * args.devices  # --batch is per device: scaling runs keep it fixed
     c.train.trainable = (".*",) if args.trainable == "all" else ("temp_convs", "motion_modules", "^conv_in/")
     c.train.ema_decay = 0.9999
+    c.train.auto_layouts = not args.row_major
+    if args.pack_small is not None:
+        c.train.pack_small_leaves = args.pack_small
     c.mesh.data = args.devices if args.layout == "data" else 1
     c.mesh.fsdp = args.devices if args.layout == "fsdp" else 1
     if args.tiny:  # CPU smoke test of the harness itself
@@ -175,16 +178,15 @@ def run_train(args: argparse.Namespace) -> dict:
     with jax.set_mesh(mesh):
         shardings = state_shardings(config, model, mesh, rules)
         abstract = abstract_train_state(config, model)
-        packer, step_sh = None, shardings
-        if args.pack_small:
-            packer = LeafPacker.for_trainable(abstract.trainable, shardings.trainable, args.pack_small)
-            step_sh = packer.pack_shardings(shardings, shd.replicated(mesh))
+        packer, step_sh = packer_from_config(config, abstract, shardings, shd.replicated(mesh))  # as the trainer
+        if packer:
             abstract = jax.eval_shape(packer.pack_state, abstract)
             log(f"packed {packer.num_packed} of {len(packer.packed)} trainable leaves")
+        auto_layouts = bool(config.train.auto_layouts)
         batches = [make_batch(b, args.latent, np.random.default_rng(i)) for i in range(3)]
         batch_sh = batch_shardings(batches[0], mesh, rules)
         batches = [{k: jax.device_put(v, batch_sh[k]) for k, v in bt.items()} for bt in batches]
-        step = jit_train_step(config, model, mesh, step_sh, batch_sh, auto_state_layouts=args.auto_layouts,
+        step = jit_train_step(config, model, mesh, step_sh, batch_sh, auto_state_layouts=auto_layouts,
                               packer=packer)
         # Compiled from shapes alone, before any weight exists: the compile overlaps the peer's (bench/gate.py).
         with_sh = lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s)
@@ -209,8 +211,8 @@ def run_train(args: argparse.Namespace) -> dict:
         log("params on the device")
         state = init_train_state(config, model, shardings, params)
         if packer:
-            state = jax.jit(packer.pack_state, out_shardings=step_sh, donate_argnums=0)(state)
-        if args.auto_layouts:  # into the layouts the compiled step chose for its (donated) state
+            state = jax.device_put(packer.pack_state(state), step_sh)
+        if auto_layouts:  # into the layouts the compiled step chose for its (donated) state
             state = jax.device_put(state, compiled.input_formats[0][0])
         jax.block_until_ready(state)
         log(f"state initialised ({sum(x.size for x in jax.tree.leaves(state.trainable)) / 1e9:.2f} B trainable)")
@@ -235,7 +237,7 @@ def run_train(args: argparse.Namespace) -> dict:
                 f.write(summary + "\n")
     med = statistics.median(times)
     impl = ("jax" + ("_conv3d" if args.conv3d else "") + ("_flaxgn" if args.flax_groupnorm else "")
-            + ("_autolayout" if args.auto_layouts else "") + ("_packed" if args.pack_small else ""))
+            + ("_rowmajor" if args.row_major else "") + ("_unpacked" if args.pack_small == 0 else ""))
     return {"kind": "train", "impl": impl, "batch": args.batch,
             "devices": args.devices, "layout": args.layout, "latent": args.latent, "trainable": args.trainable,
             "remat": args.remat, "attention": args.attention, "dtype": args.dtype, "s_per_step": med,
@@ -310,10 +312,10 @@ def main() -> None:
     p.add_argument("--layout", choices=["data", "fsdp"], default="data", help="how the --devices are used")
     p.add_argument("--conv3d", action="store_true", help="A/B: temporal conv as a 3-D convolution (the old form)")
     p.add_argument("--flax_groupnorm", action="store_true", help="A/B: flax's GroupNorm (the old form)")
-    p.add_argument("--auto_layouts", action="store_true",
-                   help="A/B: the compiler picks the train state's layouts (no per-step state transposes)")
-    p.add_argument("--pack_small", type=int, default=0,
-                   help="A/B: replicated trainable leaves of at most this many values updated as one vector")
+    p.add_argument("--row_major", action="store_true",
+                   help="A/B: the train state in row-major layouts (config.train.auto_layouts=False)")
+    p.add_argument("--pack_small", type=int, default=None,
+                   help="A/B: config.train.pack_small_leaves (0: every leaf updated on its own)")
     p.add_argument("--profile", default="", help="trace dir: profile 3 steps and print where the time goes")
     p.add_argument("--dump_hlo", default="", help="dir: XLA writes the optimized HLO of every module there")
     p.add_argument("--tiny", action="store_true", help="demo-sized UNet: a CPU smoke test of this script")

@@ -27,9 +27,10 @@ from atomo_jax.parallel.mesh import make_mesh
 from atomo_jax.training import metrics as metrics_lib
 from atomo_jax.training.checkpoint import Checkpointer
 from atomo_jax.training.optimizer import learning_rate_schedule
+from atomo_jax.training.packing import packer_from_config
 from atomo_jax.training.setup import abstract_train_state, init_train_state, state_shardings
 from atomo_jax.training.state import all_finite, count_params, merge
-from atomo_jax.training.train_step import batch_shardings, jit_train_step
+from atomo_jax.training.train_step import batch_shardings, canonical_formats, jit_train_step
 
 DEVICE_KEYS = ("video", "cond_image", "mask", "latents", "image_embeds", "tokens", "context")
 
@@ -207,6 +208,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         n_train, n_frozen = count_params(state.trainable), count_params(state.frozen)
         print(f"[train] devices={jax.device_count()} mesh={dict(mesh.shape)} params: trainable={n_train:,} "
               f"frozen={n_frozen:,}", flush=True)
+        # The step's own form of the state: small leaves packed, and (auto_layouts) the layouts its compile chose.
+        # Checkpoints and samples get the ordinary form back from `canonical`.
+        packer, step_sh = packer_from_config(config, abstract, shardings, shd.replicated(mesh))
+        if packer:
+            state = jax.device_put(packer.pack_state(state), step_sh)
+        auto_layouts = bool(config.train.auto_layouts)
+
+        def canonical(s: Any) -> Any:
+            if auto_layouts:
+                s = jax.device_put(s, canonical_formats(s))
+            return packer.unpack_state(s) if packer else s
 
         step_jit = None  # built at the first batch, whose keys fix the batch shardings
         finite_jit = jax.jit(all_finite)
@@ -237,7 +249,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             if not bool(jax.device_get(finite_jit(state.trainable))):
                 raise FloatingPointError(f"refusing to save step {at}: parameters are not finite")
             loss_log.flush()
-            checkpointer.save(at, state, data_iter, config)
+            checkpointer.save(at, canonical(state), data_iter, config)
             saved_step = at
 
         while step < num_steps:
@@ -250,10 +262,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             device_batch = to_device(batch)
             if step_jit is None:
                 # Compiled once ahead of time: the executable gives the FLOPs and runs every step.
-                step_jit = jit_train_step(config, model, mesh, shardings, batch_shardings(device_batch, mesh, rules),
-                                          null_tokens=empty_prompt_tokens(config, model))
-                step_jit = step_jit.lower(state, device_batch).compile()
+                step_jit = jit_train_step(config, model, mesh, step_sh, batch_shardings(device_batch, mesh, rules),
+                                          null_tokens=empty_prompt_tokens(config, model),
+                                          auto_state_layouts=auto_layouts, packer=packer)
+                shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+                step_jit = step_jit.lower(shapes, device_batch).compile()
                 flops_per_step = metrics_lib.compiled_flops(step_jit) or 0.0
+                if auto_layouts:
+                    state = jax.device_put(state, step_jit.input_formats[0][0])
             state, m = step_jit(state, device_batch)
             step += 1
             loss_log.add(step, m["loss"])
@@ -284,7 +300,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             if checkpointer.should_save(step):
                 save(step)
             if int(config.sample.every_steps) > 0 and step % int(config.sample.every_steps) == 0 and is_main:
-                _sample(model, state, config, first_batch, workdir, step, writer)
+                _sample(model, canonical(state), config, first_batch, workdir, step, writer)
             if preemption.should_stop(step):
                 if saved_step != step:  # the periodic save may have just written this step
                     save(step)
@@ -301,9 +317,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         if not config.sample.get("at_end", True):
             pass
         elif is_main and first_batch is not None:
-            result["samples"] = _sample(model, state, config, first_batch, workdir, step, writer)
+            result["samples"] = _sample(model, canonical(state), config, first_batch, workdir, step, writer)
         elif is_main:  # resumed at the end: still leave a sample
-            result["samples"] = _sample(model, state, config, next(data_iter), workdir, step, writer)
+            result["samples"] = _sample(model, canonical(state), config, next(data_iter), workdir, step, writer)
         writer.close()
         return result
 

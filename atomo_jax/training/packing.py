@@ -15,12 +15,14 @@ a leaf sharded over the mesh stays as it is (packing it would gather it).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, Callable
 
 import flax
 import jax
 import jax.numpy as jnp
+import ml_collections
 
 from atomo_jax.training.state import TrainState
 
@@ -53,21 +55,15 @@ class LeafPacker:
         return sum(self.packed)
 
     def pack(self, tree: Any) -> Packed:
+        """Traced (in the step) or on placed arrays: the large leaves are passed on as they are, not copied."""
         leaves = self.treedef.flatten_up_to(tree)
-        small = [x.reshape(-1) for x, p in zip(leaves, self.packed) if p]
         return Packed(large=tuple(x for x, p in zip(leaves, self.packed) if not p),
-                      small=jnp.concatenate(small) if small else jnp.zeros((0,), jnp.float32))
+                      small=_concat(tuple(x for x, p in zip(leaves, self.packed) if p)))
 
     def unpack(self, packed: Packed) -> Any:
-        large, leaves, offset = iter(packed.large), [], 0
-        for shape, p in zip(self.shapes, self.packed):
-            if p:
-                n = math.prod(shape)
-                leaves.append(packed.small[offset:offset + n].reshape(shape))
-                offset += n
-            else:
-                leaves.append(next(large))
-        return self.treedef.unflatten(leaves)
+        large = iter(packed.large)
+        small = iter(_split(packed.small, tuple(s for s, p in zip(self.shapes, self.packed) if p)))
+        return self.treedef.unflatten([next(small) if p else next(large) for p in self.packed])
 
     def _map_trees(self, fn: Callable[[Any], Any], tree: Any) -> Any:
         """`fn` on every subtree with the trainable structure (params, EMA, Adam moments); the rest unchanged."""
@@ -91,3 +87,27 @@ class LeafPacker:
             return Packed(large=tuple(s for s, p in zip(leaves, self.packed) if not p), small=replicated)
         return shardings.replace(trainable=pack(shardings.trainable), ema=pack(shardings.ema),
                                  opt_state=self._map_trees(pack, shardings.opt_state))
+
+
+@jax.jit
+def _concat(leaves: tuple) -> jax.Array:
+    # jitted so that packing placed arrays is one dispatch; inside the step it is inlined.
+    return jnp.concatenate([x.reshape(-1) for x in leaves]) if leaves else jnp.zeros((0,), jnp.float32)
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _split(vector: jax.Array, shapes: tuple) -> tuple:
+    offsets = [0]
+    for shape in shapes:
+        offsets.append(offsets[-1] + math.prod(shape))
+    return tuple(vector[a:b].reshape(shape) for a, b, shape in zip(offsets, offsets[1:], shapes))
+
+
+def packer_from_config(config: ml_collections.ConfigDict, abstract: TrainState, shardings: TrainState,
+                       replicated: jax.sharding.Sharding) -> tuple[LeafPacker | None, TrainState]:
+    """The packer `config.train.pack_small_leaves` asks for (None for 0) and the shardings of the step's state."""
+    max_size = int(config.train.get("pack_small_leaves", 0))
+    if max_size <= 0:
+        return None, shardings
+    packer = LeafPacker.for_trainable(abstract.trainable, shardings.trainable, max_size)
+    return packer, packer.pack_shardings(shardings, replicated)

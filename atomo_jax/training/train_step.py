@@ -134,3 +134,9 @@ def jit_train_step(config: ml_collections.ConfigDict, model: Any, mesh: Mesh, st
                                 is_leaf=lambda s: isinstance(s, jax.sharding.Sharding))
     return jax.jit(fn, in_shardings=(state_in, batch_sh), out_shardings=(state_in, shd.replicated(mesh)),
                    donate_argnums=(0,))
+
+
+def canonical_formats(state: Any) -> Any:
+    """Row-major formats with each leaf's own sharding: where a state in compiler-chosen layouts goes back to before
+    it is saved or sampled from."""
+    return jax.tree.map(lambda x: Format(Layout(tuple(range(x.ndim))), x.sharding), state)
