@@ -22,14 +22,16 @@ _OWN_CACHE = None
 
 # XLA:CPU flags for compiles whose programs are checked for values, shardings or memory figures, never for speed: no
 # LLVM optimisation of the generated kernels. The optimised HLO, and so buffer sizes, FLOPs and collectives, are the
-# same; LLVM's part of compiling the demo train step drops (30 s -> 26 s on this machine).
+# same (the full-size fit check of test_aot: identical arguments, temporaries, outputs and FLOPs). Compiles get
+# somewhat faster on this machine: demo train step 30 s -> 26 s, full-size fit check 218 s -> 205 s.
 FAST_CPU_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 
-# The slowest files (seconds of one 2-worker run on the 2-core CI machine, 2026-11-29): test_aot 840, test_multiprocess
-# 430, test_sharding 222, test_train_demo 214, test_sample_cli 184, test_resume 135, test_export 110; every other file
-# takes under 45. With --dist loadfile, xdist hands out whole files in collection order (re-sorted by test count unless
-# told not to), so a long file collected late ran on after the other worker had finished. Longest first lets the
-# short files fill in around them.
+# The slowest files, in seconds of one 2-worker run on the 2-core CI machine (2026-11-29, with FAST_CPU_COMPILE):
+# test_aot 474, test_sharding 216, test_multiprocess 196, test_train_demo 145, test_sample_cli 140, test_resume 126,
+# test_export 91; every other file takes under 31. With --dist loadfile, xdist hands out whole files in collection
+# order, re-sorted by test count unless told not to, so the long one-test files went last: in the run before this
+# order the full-size AOT compile and the multi-process trainers began 8-9 minutes in and finished together at the
+# end. Longest first (roughly) lets the short files fill in around them.
 SLOWEST_FIRST = ("test_aot.py", "test_multiprocess.py", "test_sharding.py", "test_train_demo.py", "test_sample_cli.py",
                  "test_resume.py", "test_export.py")
 
