@@ -16,6 +16,8 @@ import textwrap
 
 import numpy as np
 
+from tests.conftest import FAST_CPU_COMPILE
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 CONFIG = textwrap.dedent("""
@@ -45,8 +47,9 @@ def _free_port() -> int:
 
 
 def _run(cfg: str, workdir: str, devices: int, extra: dict | None = None) -> subprocess.Popen:
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
-           **(extra or {})}
+    # FAST_CPU_COMPILE: three trainers compile at once for 3 steps; the test compares losses, not speed.
+    env = {**os.environ, "JAX_PLATFORMS": "cpu",
+           "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices} {FAST_CPU_COMPILE}", **(extra or {})}
     return subprocess.Popen([sys.executable, "-m", "atomo_jax.train", f"--config={cfg}", f"--workdir={workdir}"],
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 

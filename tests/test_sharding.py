@@ -121,7 +121,11 @@ def rel(a, b):
 
 
 def test_layouts_match_one_device_and_shard_as_ruled(tmp_path):
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+    from tests.conftest import FAST_CPU_COMPILE  # here, not at the top: this file also runs as the child script
+
+    # FAST_CPU_COMPILE: the child's time is compiles (four layouts); it checks values and shardings, not speed.
+    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count=8 {FAST_CPU_COMPILE}",
+           "JAX_PLATFORMS": "cpu"}
     out_file = tmp_path / "out.json"
     proc = subprocess.run([sys.executable, __file__, str(tmp_path / "ckpt"), str(out_file)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=1500)
