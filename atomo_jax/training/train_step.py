@@ -122,7 +122,7 @@ def jit_train_step(config: ml_collections.ConfigDict, model: Any, mesh: Mesh, st
     `auto_state_layouts`: the compiler picks the state's memory layouts (the same on the way in and out, so the
     donation holds), e.g. the layouts cuDNN/cuBLAS give weight gradients, instead of transposing the state to and
     from row-major every step. Such a step must be compiled ahead (`.lower(...).compile()`) and the state placed
-    with `jax.device_put(state, compiled.input_formats[0][0])`; bench/NOTES.md has where this stands.
+    with `jax.device_put(state, compiled.input_formats[0][0])`, as the trainer does (`config.train.auto_layouts`).
     `packer`: the state (and `state_sh`) are in packed form (training/packing.py).
     """
     fn = functools.partial(train_step, model=model, tx=make_optimizer(config.train),
