@@ -7,9 +7,8 @@ Pixel batches are dicts of numpy arrays (per process, b = global_batch_size // s
   "caption"    str     (b,)                      raw captions
   "skipped"    int32   (b,)                      bad records skipped to produce each example (sum it for metrics)
   "tokens"     int32   (b, 77)                   only when a `tokenize` function is given
-  "clip_image" float32 (b, 224, 224, 3)          only with data_config.clip_image=True (CLIP-normalised)
 Cached-latent batches (kind="latents") carry "latents" (b, F, h, w, 4) and "image_embeds" (b, E) instead of
-"video" / "cond_image" / "clip_image".
+"video" / "cond_image".
 
 `iter(loader)` is a grain DataLoaderIterator; `get_state()` / `set_state()` restore the exact next batch (for the
 same data_config, batch size, seed, shard and worker_count).
@@ -49,14 +48,9 @@ class SkipLog:
             logging.warning("data: skipping bad record %d: %s", self.count, error)
 
 
-# Skips seen in *this* process (with worker_count > 0 the workers count their own; the batch key "skipped" is what
-# reaches the trainer in every setting).
+# Skips seen in *this* process, for the log lines (with worker_count > 0 each worker counts its own); the batch key
+# "skipped" is what reaches the trainer in every setting.
 SKIPS = SkipLog()
-
-
-def skipped_count() -> int:
-    """Records skipped so far in this process (exact only for worker_count=0; use batch["skipped"] otherwise)."""
-    return SKIPS.count
 
 
 class MakeExample(grain.RandomMapTransform):
@@ -71,7 +65,6 @@ class MakeExample(grain.RandomMapTransform):
         num_given_frames: int = 1,
         decode_timeout_s: float | None = 30.0,
         max_retries: int = 16,
-        clip_image: bool = False,
         tokenize: Tokenizer | None = None,
     ):
         self.source = source
@@ -80,7 +73,6 @@ class MakeExample(grain.RandomMapTransform):
         self.num_given_frames = num_given_frames
         self.decode_timeout_s = decode_timeout_s
         self.max_retries = max_retries
-        self.clip_image = clip_image
         self.tokenize = tokenize
 
     def random_map(self, element: dict, rng: np.random.Generator) -> dict:
@@ -110,8 +102,6 @@ class MakeExample(grain.RandomMapTransform):
             "caption": caption,
             "skipped": np.int32(skipped),
         }
-        if self.clip_image:
-            example["clip_image"] = transforms.clip_preprocess(example["cond_image"])
         if self.tokenize is not None:
             example["tokens"] = np.asarray(self.tokenize(caption), np.int32)
         return example
@@ -135,18 +125,20 @@ class MakeExample(grain.RandomMapTransform):
 
 
 class LatentToExample(grain.RandomMapTransform):
-    """Cached-latent record -> training example (latents, image embeddings, frame mask, tokens)."""
+    """Cached-latent record -> training example (latents, image embeddings, frame mask, caption tokens)."""
 
-    def __init__(self, num_frames: int, frame_prediction_prob: float = 0.0, num_given_frames: int = 1):
+    def __init__(self, num_frames: int, frame_prediction_prob: float = 0.0, num_given_frames: int = 1,
+                 tokenize: Tokenizer | None = None):
         self.num_frames = num_frames
         self.frame_prediction_prob = frame_prediction_prob
         self.num_given_frames = num_given_frames
+        self.tokenize = tokenize
 
     def random_map(self, element: dict, rng: np.random.Generator) -> dict:
         latents = element["latents"].astype(np.float32)
         if latents.shape[0] != self.num_frames:
             raise ValueError(
-                f"cached latents have {latents.shape[0]} frames but data_config.num_frames={self.num_frames}"
+                f"cached latents have {latents.shape[0]} frames but config.data.num_frames={self.num_frames}"
             )
         example = {
             "latents": latents,
@@ -160,83 +152,60 @@ class LatentToExample(grain.RandomMapTransform):
             "caption": str(element["caption"]),
             "skipped": np.int32(0),
         }
-        if "tokens" in element:
-            example["tokens"] = element["tokens"].astype(np.int32)
+        if self.tokenize is not None:
+            example["tokens"] = np.asarray(self.tokenize(example["caption"]), np.int32)
         return example
-
-
-class CaptionTokenizer:
-    """Picklable caption -> (77,) int32 CLIP ids; the tokenizer files are loaded lazily (once per worker)."""
-
-    def __init__(self, folder: str):
-        self.folder = folder
-        self._tokenizer = None
-
-    def __getstate__(self) -> dict:
-        return {"folder": self.folder, "_tokenizer": None}
-
-    def __call__(self, caption: str) -> np.ndarray:
-        from atomo_jax.models import tokenizer as tok  # pylint: disable=g-import-not-at-top
-
-        if self._tokenizer is None:
-            self._tokenizer = tok.load_clip_tokenizer(self.folder)
-        return tok.tokenize(self._tokenizer, [caption])[0]
-
-
-def _get(cfg: Any, key: str, default: Any) -> Any:
-    return cfg.get(key, default) if hasattr(cfg, "get") else getattr(cfg, key, default)
 
 
 def clip_spec(data_config: ml_collections.ConfigDict, training: bool = True) -> ClipSpec:
     """The ClipSpec described by a data config; eval (training=False) uses the first frames and a centre crop."""
-    target_fps = _get(data_config, "target_fps", None)
+    d = data_config
     return ClipSpec(
-        num_frames=int(data_config.num_frames),
-        resolution=int(data_config.resolution),
-        stride=int(_get(data_config, "frame_stride", 1)),
-        target_fps=float(target_fps) if target_fps else None,
-        short_side=_get(data_config, "short_side", None),
-        random_start=training and bool(_get(data_config, "random_start", True)),
-        random_crop=training and bool(_get(data_config, "random_crop", True)),
-        decode_threads=int(_get(data_config, "decode_threads", 1)),
+        num_frames=int(d.num_frames),
+        resolution=int(d.resolution),
+        stride=int(d.frame_stride),
+        target_fps=float(d.target_fps) if d.target_fps else None,
+        short_side=int(d.short_side) or None,
+        random_start=training and bool(d.random_start),
+        random_crop=training and bool(d.random_crop),
+        decode_threads=int(d.decode_threads),
     )
 
 
 def synthetic_source(data_config: ml_collections.ConfigDict, *, num_videos: int | None = None,
                      seed: int | None = None) -> MovingShapesSource:
     """Moving shapes as `data_config` describes them; `num_videos`/`seed` override the config's (held-out clips)."""
+    d = data_config
     return MovingShapesSource(
-        num_videos=int(num_videos or _get(data_config, "num_videos", 4096)),
-        num_frames=int(data_config.num_frames),
-        resolution=int(_get(data_config, "source_resolution", None) or data_config.resolution),
-        seed=int(_get(data_config, "source_seed", 0) if seed is None else seed),
-        radius=tuple(_get(data_config, "shape_radius", (0.1, 0.22))),
-        speed=tuple(_get(data_config, "shape_speed", (0.04, 0.12))),
-        motion=str(_get(data_config, "shape_motion", "random")),
-        gradient_prob=float(_get(data_config, "gradient_prob", 0.5)),
-        background=str(_get(data_config, "background", "random")),
+        num_videos=int(num_videos or d.num_videos),
+        num_frames=int(d.num_frames),
+        resolution=int(d.source_resolution or d.resolution),
+        seed=int(d.source_seed if seed is None else seed),
+        radius=tuple(d.shape_radius),
+        speed=tuple(d.shape_speed),
+        motion=str(d.shape_motion),
+        gradient_prob=float(d.gradient_prob),
+        background=str(d.background),
     )
 
 
 def make_source(data_config: ml_collections.ConfigDict) -> grain.RandomAccessDataSource:
     """The random-access source for `data_config.kind` (see KINDS)."""
-    kind = _get(data_config, "kind", "synthetic")
-    if kind == "synthetic":
-        return synthetic_source(data_config)
-    if kind == "video_folder":
-        return VideoFolderSource(
-            data_config.root,
-            data_config.captions,
-            path_format=_get(data_config, "path_format", "{path}"),
-            caption_column=_get(data_config, "caption_column", "caption"),
-        )
-    if kind == "tfds":
-        return TfdsVideoSource(
-            data_config.tfds_name, _get(data_config, "tfds_split", "train"), _get(data_config, "tfds_data_dir", None)
-        )
-    if kind == "latents":
-        return LatentShardsSource.from_dir(data_config.latents_dir)
-    raise ValueError(f"data_config.kind={kind!r} is not supported; expected one of {KINDS}")
+    d = data_config
+    if d.kind == "synthetic":
+        return synthetic_source(d)
+    if d.kind == "video_folder":
+        return VideoFolderSource(d.root, d.captions, path_format=d.path_format, caption_column=d.caption_column)
+    if d.kind == "tfds":
+        if not d.tfds_name:
+            raise ValueError("config.data.kind='tfds' needs config.data.tfds_name")
+        return TfdsVideoSource(d.tfds_name, d.tfds_split, d.tfds_data_dir or None)
+    if d.kind == "latents":
+        if not d.latents_dir:
+            raise ValueError("config.data.kind='latents' needs config.data.latents_dir (a folder written by "
+                             "`python -m atomo_jax.cache_latents`)")
+        return LatentShardsSource.from_dir(d.latents_dir)
+    raise ValueError(f"config.data.kind={d.kind!r} is not supported; expected one of {KINDS}")
 
 
 def make_operations(
@@ -247,19 +216,17 @@ def make_operations(
     tokenize: Tokenizer | None = None,
 ) -> list[grain.RandomMapTransform]:
     """The per-record transforms (before batching) for `data_config.kind`."""
-    mask = dict(
-        frame_prediction_prob=float(_get(data_config, "frame_prediction_prob", 0.0)) if training else 0.0,
-        num_given_frames=int(_get(data_config, "num_given_frames", 1)),
-    )
-    if _get(data_config, "kind", "synthetic") == "latents":
-        return [LatentToExample(int(data_config.num_frames), **mask)]
+    d = data_config
+    mask = dict(frame_prediction_prob=float(d.frame_prediction_prob) if training else 0.0,
+                num_given_frames=int(d.num_given_frames))
+    if d.kind == "latents":
+        return [LatentToExample(int(d.num_frames), tokenize=tokenize, **mask)]
     return [
         MakeExample(
             source,
-            clip_spec(data_config, training),
-            decode_timeout_s=_get(data_config, "decode_timeout_s", 30.0),
-            max_retries=int(_get(data_config, "max_retries", 16)),
-            clip_image=bool(_get(data_config, "clip_image", False)),
+            clip_spec(d, training),
+            decode_timeout_s=float(d.decode_timeout_s) or None,
+            max_retries=int(d.max_retries),
             tokenize=tokenize,
             **mask,
         )
@@ -281,9 +248,8 @@ def make_loader(
 
     Records are shuffled globally by `seed` (the same permutation on every process), then split so process
     `shard_index` of `shard_count` sees a disjoint 1/shard_count of every epoch. `tokenize(caption) -> (77,) int32`
-    adds "tokens" (it must be picklable when worker_count > 0); without it, data_config.tokenizer_dir (a CLIP
-    tokenizer folder) does the same. `training=False` gives first-frames centre crops
-    and no frame-prediction masks.
+    adds "tokens" (it must be picklable when worker_count > 0). `training=False` gives first-frames centre crops
+    and no frame-prediction masks. `data_config` is a `config.data` section as configs/base.py declares it.
     """
     if global_batch_size % shard_count:
         raise ValueError(
@@ -292,12 +258,10 @@ def make_loader(
     if not 0 <= shard_index < shard_count:
         raise ValueError(f"make_loader: shard_index={shard_index} must be in [0, shard_count={shard_count})")
     source = make_source(data_config)
-    if tokenize is None and _get(data_config, "tokenizer_dir", None):
-        tokenize = CaptionTokenizer(data_config.tokenizer_dir)
     sampler = grain.IndexSampler(
         num_records=len(source),
         shard_options=grain.ShardOptions(shard_index=shard_index, shard_count=shard_count, drop_remainder=True),
-        shuffle=bool(_get(data_config, "shuffle", True)),
+        shuffle=bool(data_config.shuffle),
         num_epochs=num_epochs,
         seed=seed,
     )
@@ -309,10 +273,10 @@ def make_loader(
             *make_operations(data_config, source, training=training, tokenize=tokenize),
             grain.Batch(per_process, drop_remainder=True),
         ],
-        worker_count=int(_get(data_config, "worker_count", 0)),
-        worker_buffer_size=int(_get(data_config, "worker_buffer_size", 2)),
+        worker_count=int(data_config.worker_count),
+        worker_buffer_size=int(data_config.worker_buffer_size),
         read_options=grain.ReadOptions(
-            num_threads=int(_get(data_config, "read_threads", 4)),
-            prefetch_buffer_size=int(_get(data_config, "prefetch", 16)),
+            num_threads=int(data_config.read_threads),
+            prefetch_buffer_size=int(data_config.prefetch),
         ),
     )

@@ -145,7 +145,7 @@ def decode_record(data: bytes) -> dict[str, np.ndarray]:
 
 
 class LatentShardsSource(grain.RandomAccessDataSource):
-    """Cached latents written by `python -m data_pipelines.cache_latents` (ArrayRecord shards of npz records)."""
+    """Cached latents written by `python -m atomo_jax.cache_latents` (ArrayRecord shards of npz records)."""
 
     def __init__(self, paths: Sequence[str]):
         if not paths:

@@ -8,10 +8,6 @@ from __future__ import annotations
 
 import numpy as np
 
-# OpenAI CLIP image normalisation (transformers CLIPImageProcessor defaults).
-CLIP_MEAN = np.asarray([0.48145466, 0.4578275, 0.40821073], np.float32)
-CLIP_STD = np.asarray([0.26862954, 0.26130258, 0.27577711], np.float32)
-
 
 def to_unit_range(video: np.ndarray) -> np.ndarray:
     """uint8 [0, 255] -> float32 [-1, 1]."""
@@ -63,20 +59,3 @@ def crop(frames: np.ndarray, size: int, rng: np.random.Generator | None) -> np.n
     else:
         top, left = int(rng.integers(0, h - size + 1)), int(rng.integers(0, w - size + 1))
     return frames[..., top : top + size, left : left + size, :]
-
-
-def clip_preprocess(image: np.ndarray, size: int = 224) -> np.ndarray:
-    """CLIP image-encoder input from an image in [-1, 1] (H, W, 3): float32 (size, size, 3), normalised.
-
-    Same steps as transformers' CLIPImageProcessor: bicubic resize of the short side to `size`, centre crop,
-    scale to [0, 1], subtract the CLIP mean and divide by the CLIP std (channels-last here).
-    """
-    from PIL import Image  # pylint: disable=g-import-not-at-top
-
-    pixels = to_uint8(image)
-    h, w = pixels.shape[:2]
-    scale = size / min(h, w)
-    nh, nw = max(size, int(h * scale)), max(size, int(w * scale))
-    resized = np.asarray(Image.fromarray(pixels).resize((nw, nh), Image.BICUBIC))
-    cropped = crop(resized, size, None).astype(np.float32) / np.float32(255.0)
-    return (cropped - CLIP_MEAN) / CLIP_STD

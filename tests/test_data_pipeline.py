@@ -19,7 +19,7 @@ import pytest
 from jax.sharding import PartitionSpec
 
 from data_pipelines import transforms
-from data_pipelines.cache_latents import cache_latents, shard_name
+from atomo_jax.cache_latents import cache_latents, shard_name
 from data_pipelines.global_batch import to_global
 from data_pipelines.loader import make_loader
 from data_pipelines.sources import VideoFolderSource
@@ -214,10 +214,13 @@ def test_resize_crop_and_mask():
 
 
 def test_clip_preprocess_matches_transformers():
+    """The one CLIP preprocessing (models/clip.py, inside the jitted encoder) against transformers' processor."""
     from transformers import CLIPImageProcessor
 
+    from atomo_jax.models.clip import clip_preprocess
+
     image = np.random.default_rng(0).integers(0, 256, (60, 90, 3), dtype=np.uint8)
-    ours = transforms.clip_preprocess(transforms.to_unit_range(image))
+    ours = np.asarray(clip_preprocess(transforms.to_unit_range(image)[None], 224))[0]
     ref = CLIPImageProcessor()(images=image, return_tensors="np")["pixel_values"][0].transpose(1, 2, 0)
     assert ours.shape == ref.shape == (224, 224, 3)
     assert np.linalg.norm(ours - ref) / np.linalg.norm(ref) < 2e-2  # PIL vs processor resize rounding

@@ -1,12 +1,13 @@
 """Import pretrained PyTorch weights.
 
-  python -m atomo_jax.convert compose --sd SD15 --motion mm_sd_v15_v2.ckpt --ip_adapter ip-adapter_sd15.bin \
-      --image_encoder IP-Adapter/models/image_encoder --out /ckpt/init [--config configs/base.py]
+  python -m atomo_jax.convert compose --sd SD15 --motion mm_sd_v15_v2.ckpt --ip_adapter ip-adapter_sd15.bin
+      --image_encoder IP-Adapter/models/image_encoder --out /ckpt/init [--config configs/base.py --config.a.b=v]
   python -m atomo_jax.convert motion mm_sd_v15_v2.ckpt --out motion.safetensors
   python -m atomo_jax.convert {unet,vae,clip-text,clip-vision,ip-adapter} PATH --out FILE.{safetensors,msgpack}
 
-`compose` writes one orbax checkpoint of the params dict {"unet","vae","image_encoder","text_encoder"} for
-`python -m atomo_jax.train --config.init.checkpoint=DIR`; the single-part commands write our params of one part.
+`compose` writes one orbax checkpoint of the params dict {"unet","vae","image_encoder","text_encoder"} (and the
+config it was built for, `atomo_config.json`) for `python -m atomo_jax.train --config.init.checkpoint=DIR`; the
+single-part commands write our params of one part. `--config.a.b=value` overrides work as in training.
 """
 
 from __future__ import annotations
@@ -67,7 +68,7 @@ def _part(args: argparse.Namespace) -> tuple[Any, str]:
     from atomo_jax.convert import clip, compose, ip_adapter, motion, torch_io, unet, vae
 
     if args.command in ("unet", "motion", "ip-adapter"):
-        config = compose.build_model(compose.load_config(args.config).model).unet_config
+        config = compose.build_model(compose.load_config(args.config, args.overrides).model).unet_config
         if args.command == "motion":
             return motion.load_motion_modules(args.path, config), "motion modules"
         if args.command == "ip-adapter":
@@ -114,7 +115,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.add_argument("--out", required=True, help=f"output file, one of {', '.join(OUT_FORMATS)}")
         if name in ("unet", "motion", "ip-adapter"):
             p.add_argument("--config", help="config file for the UNet shape (default configs/base.py)")
-    args = parser.parse_args(argv)
+    args, rest = parser.parse_known_args(argv)
+    args.overrides = [a for a in rest if a.startswith("--config.")]
+    if len(args.overrides) != len(rest) or (rest and args.command not in ("compose", "unet", "motion", "ip-adapter")):
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     try:
         return _run(parser, args)
     except (ValueError, OSError) as e:  # bad input: the message names the file/key; no traceback
@@ -131,12 +135,12 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         out = Path(args.out)
         if out.exists() and not args.force:
             parser.error(f"--out {out} exists; choose a new directory or pass --force")
-        config = compose.load_config(args.config)
+        config = compose.load_config(args.config, args.overrides)
         progress = _progress(7)
         params, reports = compose.compose(config, sd=args.sd, motion=args.motion, ip_adapter=args.ip_adapter,
                                           image_encoder=args.image_encoder, seed=args.seed, progress=progress)
         progress("writing checkpoint")
-        path = compose.save_params(params, out, force=args.force)
+        path = compose.save_params(params, out, config, force=args.force)
         for report in reports:
             print(report.summary())
         for part in compose.PARTS:

@@ -13,7 +13,6 @@ report per part saying what was loaded, what was newly initialised and what was 
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import re
 from collections import Counter
@@ -31,9 +30,10 @@ from atomo_jax.convert import motion as motion_convert
 from atomo_jax.convert import torch_io
 from atomo_jax.convert import unet as unet_convert
 from atomo_jax.convert import vae as vae_convert
+from atomo_jax.configuration import load_config
 from atomo_jax.models.atomo import PARTS, AtomoVideo, build_model
+from atomo_jax.training.checkpoint import COMPOSED_CONFIG
 
-DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "base.py"
 SD_FOLDER_PARTS = {"unet": "unet", "vae": "vae", "text_encoder": "text_encoder"}
 
 
@@ -70,17 +70,6 @@ def summarize(keys: Iterable[str], limit: int = 8) -> str:
     shown = [f"{prefix} x{n}" for prefix, n in counts.most_common(limit)]
     more = len(counts) - limit
     return ", ".join(shown) + (f", ... {more} more prefixes" if more > 0 else "")
-
-
-def load_config(path: str | Path | None = None) -> ml_collections.ConfigDict:
-    """`get_config()` of a config file (default configs/base.py: the full-size model)."""
-    path = Path(path or DEFAULT_CONFIG)
-    if not path.is_file():
-        raise FileNotFoundError(f"config file not found: {path}")
-    spec = importlib.util.spec_from_file_location(f"_compose_config_{path.stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
 
 
 def flat(tree: Mapping[str, Any]) -> dict[str, Any]:
@@ -284,8 +273,10 @@ def compose(config: ml_collections.ConfigDict, *, sd: str | None = None, motion:
     return params, reports
 
 
-def save_params(params: Mapping[str, Any], out_dir: str | Path, *, force: bool = False) -> Path:
-    """Writes the plain params dict with orbax StandardCheckpointer (restorable via `config.init.checkpoint`)."""
+def save_params(params: Mapping[str, Any], out_dir: str | Path, config: ml_collections.ConfigDict, *,
+                force: bool = False) -> Path:
+    """Writes the plain params dict with orbax StandardCheckpointer (restorable via `config.init.checkpoint`) and
+    `config` as COMPOSED_CONFIG, so sampling, export and latent caching can load the composed model directly."""
     import orbax.checkpoint as ocp
 
     out = Path(out_dir).resolve()
@@ -294,6 +285,7 @@ def save_params(params: Mapping[str, Any], out_dir: str | Path, *, force: bool =
     checkpointer = ocp.StandardCheckpointer()
     checkpointer.save(out, dict(params), force=force)
     checkpointer.wait_until_finished()
+    (out / COMPOSED_CONFIG).write_text(config.to_json_best_effort(indent=1))
     return out
 
 

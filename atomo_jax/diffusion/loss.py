@@ -2,6 +2,9 @@
 
 Conditioning dropout draws one event per example, mutually exclusive: text dropped (empty-prompt context), image
 dropped (CLIP image embedding and the given-frame latents zeroed; the frame mask is kept), or both.
+
+Every random draw (VAE posterior sample, timestep, noise, dropout event) comes from the example's own key, so an
+example's loss does not depend on how the batch is split into micro-batches or over devices.
 """
 
 from __future__ import annotations
@@ -15,10 +18,14 @@ import ml_collections
 from atomo_jax.diffusion import schedule
 
 
-def dropout_masks(rng: jax.Array, batch: int, drop: ml_collections.ConfigDict) -> tuple[jax.Array, jax.Array]:
-    """(drop_text, drop_image) booleans of shape (B,)."""
-    u = jax.random.uniform(rng, (batch,))
+def dropout_masks(keys: jax.Array, drop: ml_collections.ConfigDict) -> tuple[jax.Array, jax.Array]:
+    """(drop_text, drop_image) booleans of shape (B,), one event per example key: text only, image only or both,
+    with probabilities drop.text, drop.image, drop.both."""
+    u = jax.vmap(jax.random.uniform)(keys)
     p_text, p_image, p_both = float(drop.text), float(drop.image), float(drop.both)
+    for name, p in (("text", p_text), ("image", p_image), ("both", p_both)):
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"config.cond_drop.{name}={p}: expected a probability in [0, 1]")
     if p_text + p_image + p_both > 1.0:
         raise ValueError(f"config.cond_drop probabilities sum to {p_text + p_image + p_both} > 1")
     text_only = u < p_text
@@ -27,20 +34,29 @@ def dropout_masks(rng: jax.Array, batch: int, drop: ml_collections.ConfigDict) -
     return text_only | both, image_only | both
 
 
-def loss_weights(alphas_cumprod: jax.Array, t: jax.Array, min_snr_gamma: float) -> jax.Array:
-    """Min-SNR-gamma weights for v-prediction, min(SNR, gamma) / (SNR + 1); ones when gamma <= 0."""
+def loss_weights(alphas_cumprod: jax.Array, t: jax.Array, min_snr_gamma: float, prediction_type: str) -> jax.Array:
+    """Min-SNR-gamma weights as diffusers' training scripts compute them: min(SNR, gamma) / SNR for epsilon,
+    min(SNR, gamma) / (SNR + 1) for v-prediction; ones when gamma <= 0. Under zero terminal SNR the last timestep
+    has SNR 0, where the epsilon weight takes its limit, 1, instead of 0 / 0."""
     if min_snr_gamma <= 0:
         return jnp.ones(t.shape, jnp.float32)
     snr = schedule.snr(alphas_cumprod, t)
-    return jnp.minimum(snr, min_snr_gamma) / (snr + 1.0)
+    clipped = jnp.minimum(snr, min_snr_gamma)
+    if prediction_type == "v_prediction":
+        return clipped / (snr + 1.0)
+    return jnp.where(snr > 0, clipped / jnp.where(snr > 0, snr, 1.0), 1.0)
 
 
-def diffusion_loss(model: Any, params: dict, batch: dict, rng: jax.Array, alphas_cumprod: jax.Array,
+def diffusion_loss(model: Any, params: dict, batch: dict, keys: jax.Array, alphas_cumprod: jax.Array,
                    diffusion: ml_collections.ConfigDict, drop: ml_collections.ConfigDict,
                    null_tokens: jax.Array | None = None) -> tuple[jax.Array, dict]:
     """Mean loss over the batch and auxiliary metrics. `batch` holds "video" (or "latents"), "cond_image", "mask"
-    and optionally "tokens"/"image_embeds"; frozen encoders run here under stop_gradient."""
-    r_vae, r_t, r_noise, r_drop = jax.random.split(rng, 4)
+    and optionally "tokens"/"image_embeds"; `keys` (B,) one PRNG key per example. Frozen encoders run here under
+    stop_gradient."""
+    if diffusion.prediction_type not in ("v_prediction", "epsilon"):
+        raise ValueError(f"config.diffusion.prediction_type={diffusion.prediction_type!r}: expected "
+                         "'v_prediction' or 'epsilon'")
+    r_vae, r_t, r_noise, r_drop = jnp.moveaxis(jax.vmap(lambda k: jax.random.split(k, 4))(keys), 1, 0)
     frozen = jax.lax.stop_gradient
     if "latents" in batch:
         latents = batch["latents"].astype(jnp.float32)
@@ -51,7 +67,7 @@ def diffusion_loss(model: Any, params: dict, batch: dict, rng: jax.Array, alphas
         model.encode_image(params, batch["cond_image"]))
     context = batch["context"] if "context" in batch else frozen(
         model.encode_text(params, batch.get("tokens"), b))
-    drop_text, drop_image = dropout_masks(r_drop, b, drop)
+    drop_text, drop_image = dropout_masks(r_drop, drop)
     if null_tokens is not None:
         null = frozen(model.encode_text(params, jnp.broadcast_to(null_tokens, (b,) + null_tokens.shape[-1:]), b))
     else:
@@ -63,18 +79,15 @@ def diffusion_loss(model: Any, params: dict, batch: dict, rng: jax.Array, alphas
     given = latents * keep_image[:, None, None, None, None]
 
     num_t = alphas_cumprod.shape[0]
-    t = jax.random.randint(r_t, (b,), 0, num_t)
-    noise = jax.random.normal(r_noise, latents.shape, jnp.float32)
+    t = jax.vmap(lambda k: jax.random.randint(k, (), 0, num_t))(r_t)
+    noise = jax.vmap(lambda k: jax.random.normal(k, latents.shape[1:], jnp.float32))(r_noise)
     x_t = schedule.add_noise(alphas_cumprod, latents, noise, t)
     if diffusion.prediction_type == "v_prediction":
         target = schedule.v_target(alphas_cumprod, latents, noise, t)
-    elif diffusion.prediction_type == "epsilon":
-        target = noise
     else:
-        raise ValueError(f"config.diffusion.prediction_type={diffusion.prediction_type!r}: expected "
-                         "'v_prediction' or 'epsilon'")
+        target = noise
     pred = model.predict(params, x_t, t, mask, given, context, image_embeds)
     per_example = jnp.mean(jnp.square(pred - target), axis=(1, 2, 3, 4))
-    w = loss_weights(alphas_cumprod, t, float(diffusion.min_snr_gamma))
+    w = loss_weights(alphas_cumprod, t, float(diffusion.min_snr_gamma), diffusion.prediction_type)
     loss = jnp.mean(per_example * w)
     return loss, {"mse": jnp.mean(per_example)}

@@ -6,6 +6,7 @@ Every method is jit-friendly; nothing here holds state.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import flax.linen as nn
@@ -28,10 +29,10 @@ def _fields(cfg: ml_collections.ConfigDict | dict, drop: tuple[str, ...] = ("kin
 
 
 def _dataclass(cls: type, cfg: ml_collections.ConfigDict | dict, where: str) -> Any:
-    try:
-        return cls(**_fields(cfg))
-    except TypeError as e:
-        raise ValueError(f"config.model.{where}: {e}") from None
+    """`cls` from the config section's fields that `cls` has: a section declares the fields of every kind it can
+    be (configs/base.py), each kind reads its own."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in _fields(cfg).items() if k in names})
 
 
 def _build_vae(cfg: ml_collections.ConfigDict) -> tuple[nn.Module, float]:
@@ -69,7 +70,7 @@ class AtomoVideo:
         self.image_encoder = _build_image_encoder(config.image_encoder)
         self.text_encoder = _build_text_encoder(config.text_encoder)
         self.image_size = int(config.image_encoder.image_size)
-        self.text_length = int(config.text_encoder.get("max_position_embeddings", 1))
+        self.text_length = int(config.text_encoder.max_position_embeddings) if self.text_encoder is not None else 1
 
     # ---------------------------------------------------------------- parameters
     def min_resolution(self) -> int:
@@ -103,15 +104,18 @@ class AtomoVideo:
                 "image_encoder": img_vars.get("params", {}), "text_encoder": txt_vars.get("params", {})}
 
     # ---------------------------------------------------------------- encoders
-    def encode_video(self, params: dict, video: jax.Array, rng: jax.Array | None = None) -> jax.Array:
-        """(B, F, H, W, 3) in [-1, 1] -> scaled latents (B, F, h, w, 4); samples the posterior when rng is given."""
+    def encode_video(self, params: dict, video: jax.Array, keys: jax.Array | None = None) -> jax.Array:
+        """(B, F, H, W, 3) in [-1, 1] -> scaled latents (B, F, h, w, 4); samples the posterior when `keys` (B,), one
+        PRNG key per video, are given."""
         b, f = video.shape[:2]
         mean, logvar = self.vae.apply({"params": params["vae"]}, video.reshape((b * f,) + video.shape[2:]),
                                       method="encode")
+        mean, logvar = (x.reshape((b, f) + x.shape[1:]) for x in (mean, logvar))
         z = mean
-        if rng is not None:
-            z = mean + jnp.exp(0.5 * jnp.clip(logvar, -30.0, 20.0)) * jax.random.normal(rng, mean.shape, mean.dtype)
-        return (z * self.latent_scale).reshape((b, f) + z.shape[1:]).astype(jnp.float32)
+        if keys is not None:
+            eps = jax.vmap(lambda k: jax.random.normal(k, mean.shape[1:], mean.dtype))(keys)
+            z = mean + jnp.exp(0.5 * jnp.clip(logvar, -30.0, 20.0)) * eps
+        return (z * self.latent_scale).astype(jnp.float32)
 
     def decode_latents(self, params: dict, latents: jax.Array, frames_per_chunk: int = 8) -> jax.Array:
         """Scaled latents (B, F, h, w, 4) -> (B, F, H, W, 3) in [-1, 1], decoding `frames_per_chunk` frames at a

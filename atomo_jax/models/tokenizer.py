@@ -77,6 +77,40 @@ def tokenize(tokenizer, prompts: Sequence[str], length: int = CONTEXT_LENGTH) ->
     return np.asarray(out["input_ids"], np.int32)
 
 
+class CaptionTokenizer:
+    """Picklable caption -> (length,) int32 ids for the data loader's workers; the files load lazily, once per
+    process, so a grain worker started with spawn + cloudpickle opens them itself."""
+
+    def __init__(self, folder: str | Path, length: int = CONTEXT_LENGTH):
+        self.folder = str(folder)
+        self.length = int(length)
+        self._tokenizer = None
+
+    def __getstate__(self) -> dict:
+        return {"folder": self.folder, "length": self.length, "_tokenizer": None}
+
+    def __call__(self, caption: str) -> np.ndarray:
+        if self._tokenizer is None:
+            self._tokenizer = load_clip_tokenizer(self.folder)
+        return tokenize(self._tokenizer, [caption], self.length)[0]
+
+
+def caption_tokenizer(text_encoder_config) -> CaptionTokenizer | None:
+    """The tokenizer `config.model.text_encoder` asks for (its `tokenizer` folder), checked now; None without a text
+    encoder."""
+    if text_encoder_config.kind == "none":
+        return None
+    folder = text_encoder_config.tokenizer
+    if not folder:
+        raise TokenizerError("config.model.text_encoder.kind='clip_text' needs config.model.text_encoder.tokenizer: "
+                             "a CLIP tokenizer folder (vocab.json + merges.txt; build one offline with "
+                             "`python -c \"from atomo_jax.models.tokenizer import build_clip_tokenizer_files as b; "
+                             "b('DIR')\"`)")
+    tok = CaptionTokenizer(folder, int(text_encoder_config.max_position_embeddings))
+    tok("")  # fail here, naming the folder, rather than inside a data worker
+    return tok
+
+
 def open_clip_bpe_path() -> Path:
     """The BPE merges file shipped in the open-clip-torch wheel (found without importing open_clip, which needs
     torchvision)."""

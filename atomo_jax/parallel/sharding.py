@@ -6,6 +6,8 @@ from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
+import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from atomo_jax.parallel import axes as ax
@@ -44,3 +46,11 @@ def batch_sharding(mesh: Mesh, rules: Sequence, ndim: int = 1) -> NamedSharding:
     """Leading (batch) axis split as the rules say for `batch`; the rest replicated."""
     target = dict(rules).get(ax.BATCH)
     return NamedSharding(mesh, P(target, *([None] * (ndim - 1))))
+
+
+def fetch(x: jax.Array) -> np.ndarray:
+    """The whole value of a (possibly multi-host) array as numpy, on every process. Over several processes it is a
+    collective: every process must call it (one process alone would wait for, or fetch shards it does not hold)."""
+    if x.is_fully_addressable:
+        return np.asarray(x)
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))

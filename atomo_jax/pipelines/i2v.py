@@ -3,7 +3,8 @@
 Frame 0 carries the image latent with mask 1, the other frames zeros (the 9-channel input); the CLIP embedding of
 the image feeds the IP-Adapter cross-attention. Sampling starts from pure Gaussian noise, as the paper argues.
 The whole denoising loop (all steps, all guidance branches) is ONE jitted call: a progress bar can only follow the
-VAE decode chunks and, for long videos, the windows.
+VAE decode chunks and, for long videos, the windows. Params may be global arrays sharded over a multi-host mesh (the
+trainer samples with its training shardings); every process then makes the same calls and gets the same video.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from atomo_jax.diffusion import guidance as guidance_lib
 from atomo_jax.diffusion import samplers
 from atomo_jax.diffusion.guidance import Conditioning, GuidanceConfig
 from atomo_jax.diffusion.samplers import SamplerConfig
+from atomo_jax.parallel.sharding import fetch
 
 Params = dict[str, Any]
 
@@ -113,7 +115,7 @@ def decode(model: Any, params: Params, latents: jax.Array, *, frames_per_chunk: 
     chunk = max(1, min(frames_per_chunk, f))
     padded = jnp.pad(latents, ((0, 0), (0, (-f) % chunk), (0, 0), (0, 0), (0, 0)))  # one shape: one compile
     starts = range(0, padded.shape[1], chunk)
-    out = [np.asarray(_decode_chunk(model, params["vae"], padded[:, s:s + chunk]))
+    out = [fetch(_decode_chunk(model, params["vae"], padded[:, s:s + chunk]))
            for s in tqdm(starts, desc="VAE decode", unit="chunk", disable=not progress, leave=False)]
     return np.concatenate(out, axis=1)[:, :f]
 

@@ -1,7 +1,9 @@
 """orbax checkpoints of the train state + data iterator + config, and loading a trained model for inference.
 
 A workdir holds `checkpoints/<step>/{state,data,config}`. orbax writes each step into a temporary directory and
-renames it only when complete, so a save interrupted by a kill is never picked up by restore.
+renames it only when complete, so a save interrupted by a kill is never picked up by restore. A composed checkpoint
+(`python -m atomo_jax.convert compose`) is a plain params dict with its config in COMPOSED_CONFIG; inference loads
+either kind.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import json
 import os
 from typing import Any
 
+import flax.linen as nn
 import grain.python as grain
 import jax
 import ml_collections
@@ -17,6 +20,9 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from atomo_jax.training.state import TrainState, merge
+
+
+COMPOSED_CONFIG = "atomo_config.json"
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -64,17 +70,20 @@ def _resolve_step_dir(path: str) -> epath.Path:
     p = epath.Path(os.path.abspath(path))
     if not p.exists():
         raise FileNotFoundError(f"checkpoint path {p} does not exist")
-    if (p / "state").exists():
+    if (p / "state").exists() or (p / COMPOSED_CONFIG).exists():
         return p
     root = p / "checkpoints" if (p / "checkpoints").exists() else p
     steps = sorted(int(d.name) for d in root.iterdir() if d.name.isdigit() and (d / "state").exists())
     if not steps:
-        raise FileNotFoundError(f"no finished checkpoint under {root} (expected <step>/state directories)")
+        raise FileNotFoundError(f"no finished checkpoint under {root} (expected <step>/state directories or a composed "
+                            f"checkpoint with {COMPOSED_CONFIG})")
     return root / str(steps[-1])
 
 
 def load_config(path: str) -> ml_collections.ConfigDict:
     step_dir = _resolve_step_dir(path)
+    if (step_dir / COMPOSED_CONFIG).exists():
+        return ml_collections.ConfigDict(json.loads((step_dir / COMPOSED_CONFIG).read_text()))
     cfg_file = step_dir / "config" / "metadata"
     if not cfg_file.exists():
         candidates = list((step_dir / "config").glob("*"))
@@ -86,13 +95,21 @@ def load_config(path: str) -> ml_collections.ConfigDict:
 
 def load_inference(path: str, use_ema: bool = True,
                    config: ml_collections.ConfigDict | None = None) -> tuple[ml_collections.ConfigDict, Any, dict]:
-    """(config, AtomoVideo, params) from a training checkpoint; params use the EMA weights when `use_ema`."""
+    """(config, AtomoVideo, params) from a training or composed checkpoint; a training checkpoint gives the EMA
+    weights when `use_ema` (a composed one has only one set)."""
     from atomo_jax.models.atomo import build_model
     from atomo_jax.training.setup import abstract_train_state
 
     step_dir = _resolve_step_dir(path)
     config = config or load_config(str(step_dir))
     model = build_model(config.model)
+    if (step_dir / COMPOSED_CONFIG).exists():
+        params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+                              nn.unbox(jax.eval_shape(model.init, jax.random.key(0))))
+        try:
+            return config, model, ocp.StandardCheckpointer().restore(step_dir, params)
+        except (ValueError, KeyError) as e:
+            raise ValueError(f"composed checkpoint {step_dir} does not match its model config: {e}") from None
     abstract = abstract_train_state(config, model)
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), abstract)
     try:

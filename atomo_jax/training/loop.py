@@ -19,11 +19,14 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
 
 from atomo_jax.models.atomo import build_model
+from atomo_jax.models.tokenizer import caption_tokenizer
 from atomo_jax.parallel import axes, distributed
 from atomo_jax.parallel import sharding as shd
 from atomo_jax.parallel.mesh import make_mesh
+from atomo_jax.pipelines import i2v, video_io
 from atomo_jax.training import metrics as metrics_lib
 from atomo_jax.training.checkpoint import Checkpointer
 from atomo_jax.training.optimizer import learning_rate_schedule
@@ -31,31 +34,34 @@ from atomo_jax.training.packing import packer_from_config
 from atomo_jax.training.setup import abstract_train_state, init_train_state, state_shardings
 from atomo_jax.training.state import all_finite, count_params, merge
 from atomo_jax.training.train_step import batch_shardings, canonical_formats, jit_train_step
+from data_pipelines.loader import make_loader, synthetic_source
 
 DEVICE_KEYS = ("video", "cond_image", "mask", "latents", "image_embeds", "tokens", "context")
 
 
-class _Preemption:
-    """SIGTERM (and TPU maintenance notices) -> finish the step, save, exit 0."""
+class Preemption:
+    """SIGTERM (and TPU maintenance notices) -> finish the step, save, stop.
+
+    One process: our own SIGTERM handler, installed by `listen()` before anything slow happens. Several processes:
+    JAX's preemption service, started by `jax.distributed.initialize`, catches the notice on whichever host gets it
+    and agrees on one step for all; `reached_preemption_sync_point` asks it without a collective per step.
+    """
 
     def __init__(self):
         self.requested = False
-        signal.signal(signal.SIGTERM, self._handler)
+
+    def listen(self) -> None:
+        if jax.process_count() == 1:  # with several, the preemption service's own handler must stay in place
+            signal.signal(signal.SIGTERM, self._handler)
 
     def _handler(self, signum, frame):  # noqa: ARG002
         logging.warning("SIGTERM received: saving a checkpoint after this step, then exiting")
         self.requested = True
 
     def should_stop(self, step: int) -> bool:
-        flag = self.requested
         if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
-            flag = bool(multihost_utils.process_allgather(np.int32(flag)).max())
-            try:
-                flag = flag or multihost_utils.reached_preemption_sync_point(step)
-            except (RuntimeError, AttributeError):  # no preemption service in this runtime
-                pass
-        return flag
+            return multihost_utils.reached_preemption_sync_point(step)
+        return self.requested
 
 
 def validate(config: ml_collections.ConfigDict, mesh: Any) -> None:
@@ -86,21 +92,16 @@ def _load_init_params(path: str, abstract_params: Any, shardings: Any) -> dict:
         raise ValueError(f"config.init.checkpoint={path}: does not match the model config: {e}") from None
 
 
-def _held_out_image(config: ml_collections.ConfigDict, first_batch: dict) -> np.ndarray:
-    """The conditioning frame for samples: a held-out synthetic clip, else the first training example's frame."""
+def sample_image(config: ml_collections.ConfigDict, model: Any, params: dict, device_batch: dict) -> np.ndarray:
+    """The conditioning frame of in-training samples (1, H, W, 3) in [-1, 1], the same on every process: a held-out
+    synthetic clip, else the first example of the first global batch (decoded from its latents when cached)."""
     if config.data.kind == "synthetic":
-        from data_pipelines.loader import synthetic_source
         src = synthetic_source(config.data, num_videos=1, seed=int(config.seed) + 10_000)
         return src[0]["video"][0].astype(np.float32)[None] / 127.5 - 1.0
-    return np.asarray(first_batch["cond_image"][:1], np.float32)
-
-
-def _sample_image(model: Any, params: dict, config: ml_collections.ConfigDict, first_batch: dict) -> np.ndarray:
-    """Latent-cache batches carry no pixels: the conditioning frame is then the decoded first cached frame."""
-    if config.data.kind == "latents" or "cond_image" not in first_batch:
-        latents = jnp.asarray(np.asarray(first_batch["latents"][:1, :1], np.float32))
-        return np.asarray(model.decode_latents(params, latents)[:, 0])
-    return _held_out_image(config, first_batch)
+    if "latents" in device_batch:
+        decode = jax.jit(lambda vae, lat: model.decode_latents({"vae": vae}, lat[:1, :1])[:, 0])
+        return shd.fetch(decode(params["vae"], device_batch["latents"]))
+    return shd.fetch(device_batch["cond_image"][:1])
 
 
 class LossLog:
@@ -140,27 +141,25 @@ class LossLog:
         self.pending = []
 
 
-def empty_prompt_tokens(config: ml_collections.ConfigDict, model: Any) -> jax.Array | None:
-    """Tokens of the empty prompt "" (1, 77): the text a dropped caption is replaced with, in training (CFG dropout)
+def empty_prompt_tokens(config: ml_collections.ConfigDict) -> jax.Array | None:
+    """Tokens of the empty prompt "" (1, L): the text a dropped caption is replaced with, in training (CFG dropout)
     and in the unconditional guidance branch. None when the model has no text encoder."""
-    if model.text_encoder is None:
-        return None
-    folder = config.data.get("tokenizer_dir", "")
-    if not folder:
-        raise ValueError("config.model.text_encoder is a CLIP text model, so config.data.tokenizer_dir must name a "
-                         "CLIP tokenizer folder (vocab.json + merges.txt; see README 'Importing weights')")
-    from atomo_jax.models.tokenizer import load_clip_tokenizer, tokenize
-    return jnp.asarray(tokenize(load_clip_tokenizer(folder), [""]))
+    tokenize = caption_tokenizer(config.model.text_encoder)
+    return None if tokenize is None else jnp.asarray(tokenize(""))[None]
 
 
 def write_sample(model: Any, params: dict, config: ml_collections.ConfigDict, image: np.ndarray, out_dir: str,
-                 step: int, writer: metrics_lib.MetricWriter | None = None) -> dict[str, str]:
-    """Image-to-video from `image` (1, H, W, 3) in [-1, 1]: MP4, GIF and a PNG strip (conditioning frame first)."""
-    from atomo_jax.pipelines import i2v, video_io
+                 step: int, writer: metrics_lib.MetricWriter | None = None,
+                 write: bool = True) -> dict[str, str] | None:
+    """Image-to-video from `image` (1, H, W, 3) in [-1, 1]: MP4, GIF and a PNG strip (conditioning frame first).
+    Over several processes every one calls this with the same image (the sampler runs over global arrays); only the
+    one with `write` writes the files."""
     sampler, guidance = i2v.configs_from(config)
     video = i2v.image_to_video(model, params, jnp.asarray(image), jax.random.key(int(config.seed)),
                                num_frames=int(config.sample.num_frames), sampler=sampler, guidance=guidance,
-                               empty_tokens=empty_prompt_tokens(config, model), progress=False).video[0]
+                               empty_tokens=empty_prompt_tokens(config), progress=False).video[0]
+    if not write:
+        return None
     frames = video_io.to_uint8(np.asarray(video))
     base = os.path.join(out_dir, f"sample_{step:07d}")
     paths = {ext: video_io.write_video(f"{base}.{ext}", frames, fps=float(config.sample.fps)) for ext in ("mp4", "gif")}
@@ -173,7 +172,9 @@ def write_sample(model: Any, params: dict, config: ml_collections.ConfigDict, im
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Trains until `config.train.num_steps`; returns the final metrics (and sample paths on process 0)."""
+    preemption = Preemption()
     distributed.maybe_initialize()
+    preemption.listen()
     os.makedirs(workdir, exist_ok=True)
     mesh = make_mesh(config.mesh)
     validate(config, mesh)
@@ -187,9 +188,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         abstract = abstract_train_state(config, model)
         checkpointer = Checkpointer(workdir, config.checkpoint)
 
-        from data_pipelines.loader import make_loader
         loader = make_loader(config.data, global_batch_size=int(config.train.batch_size), seed=int(config.seed),
-                             shard_index=jax.process_index(), shard_count=jax.process_count())
+                             shard_index=jax.process_index(), shard_count=jax.process_count(),
+                             tokenize=caption_tokenizer(config.model.text_encoder))
         data_iter = iter(loader)
 
         latest = checkpointer.latest_step()
@@ -233,14 +234,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             return out
 
         writer = metrics_lib.MetricWriter(os.path.join(workdir, "tensorboard"), enabled=is_main)
-        preemption = _Preemption()
         loss_log = LossLog(workdir, is_main, latest)
         num_steps = int(config.train.num_steps)
         log_every = max(1, int(config.train.log_every))
         step = int(jax.device_get(state.step))
         flops_per_step, peak = None, metrics_lib.peak_flops_per_device()
         skipped_samples, last = 0, {}
-        first_batch = None
+        sample_cond = None  # the conditioning frame of every sample of this run, fixed at the first batch
         t_log, steps_since, wait_since = time.perf_counter(), 0, 0.0
         saved_step = latest
 
@@ -256,14 +256,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             t0 = time.perf_counter()
             batch = next(data_iter)
             wait_since += time.perf_counter() - t0
-            if first_batch is None:
-                first_batch = batch
             skipped_samples += int(np.sum(batch.get("skipped", 0)))
             device_batch = to_device(batch)
+            if sample_cond is None:
+                sample_cond = sample_image(config, model, state.frozen, device_batch)
             if step_jit is None:
                 # Compiled once ahead of time: the executable gives the FLOPs and runs every step.
                 step_jit = jit_train_step(config, model, mesh, step_sh, batch_shardings(device_batch, mesh, rules),
-                                          null_tokens=empty_prompt_tokens(config, model),
+                                          null_tokens=empty_prompt_tokens(config),
                                           auto_state_layouts=auto_layouts, packer=packer)
                 shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
                 step_jit = step_jit.lower(shapes, device_batch).compile()
@@ -299,8 +299,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 t_log, steps_since, wait_since = time.perf_counter(), 0, 0.0
             if checkpointer.should_save(step):
                 save(step)
-            if int(config.sample.every_steps) > 0 and step % int(config.sample.every_steps) == 0 and is_main:
-                _sample(model, canonical(state), config, first_batch, workdir, step, writer)
+            if int(config.sample.every_steps) > 0 and step % int(config.sample.every_steps) == 0:
+                _sample(model, canonical(state), config, sample_cond, workdir, step, writer)
             if preemption.should_stop(step):
                 if saved_step != step:  # the periodic save may have just written this step
                     save(step)
@@ -314,20 +314,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         loss_log.flush()
         checkpointer.close()
         result: dict[str, Any] = {"step": step, **last}
-        if not config.sample.get("at_end", True):
-            pass
-        elif is_main and first_batch is not None:
-            result["samples"] = _sample(model, canonical(state), config, first_batch, workdir, step, writer)
-        elif is_main:  # resumed at the end: still leave a sample
-            result["samples"] = _sample(model, canonical(state), config, next(data_iter), workdir, step, writer)
+        if config.sample.at_end:
+            if sample_cond is None:  # resumed at the end: still leave a sample
+                sample_cond = sample_image(config, model, state.frozen, to_device(next(data_iter)))
+            paths = _sample(model, canonical(state), config, sample_cond, workdir, step, writer)
+            if paths:
+                result["samples"] = paths
         writer.close()
         return result
 
 
-def _sample(model: Any, state: Any, config: ml_collections.ConfigDict, first_batch: dict, workdir: str, step: int,
-            writer: metrics_lib.MetricWriter) -> dict[str, str]:
-    params = jax.device_get({**state.frozen, "unet": merge(state.ema, state.frozen["unet"])})
-    paths = write_sample(model, params, config, _sample_image(model, params, config, first_batch),
-                         os.path.join(workdir, "samples"), step, writer)
-    print(f"[train] sample written: {paths['mp4']} {paths['gif']} {paths['png']}", flush=True)
+def _sample(model: Any, state: Any, config: ml_collections.ConfigDict, image: np.ndarray, workdir: str, step: int,
+            writer: metrics_lib.MetricWriter) -> dict[str, str] | None:
+    """A sample from the EMA weights, on every process (the weights stay sharded as in training); process 0
+    writes it."""
+    params = {**state.frozen, "unet": merge(state.ema, state.frozen["unet"])}
+    paths = write_sample(model, params, config, image, os.path.join(workdir, "samples"), step, writer,
+                         write=jax.process_index() == 0)
+    if paths:
+        print(f"[train] sample written: {paths['mp4']} {paths['gif']} {paths['png']}", flush=True)
     return paths

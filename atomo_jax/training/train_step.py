@@ -1,5 +1,5 @@
-"""The pure training step: gradient accumulation over micro-batches, clipped AdamW update, non-finite guard, EMA;
-and `jit_train_step`, the one place it is jitted with explicit shardings (the trainer and the AOT check share it)."""
+"""The pure training step: gradient accumulation over strided micro-batches, clipped AdamW update, non-finite guard,
+EMA; and `jit_train_step`, the one place it is jitted with explicit shardings (the trainer and the AOT check share it)."""
 
 from __future__ import annotations
 
@@ -51,37 +51,55 @@ def clip_by_norm(grads: Any, norm: jax.Array, max_norm: float) -> Any:
     return jax.tree.map(lambda g: jnp.where(norm < max_norm, g, (g / norm.astype(g.dtype)) * max_norm), grads)
 
 
+def strided_micro_batches(tree: Any, accum: int, mesh: Mesh, batch_spec: P) -> Any:
+    """(B, ...) leaves -> (accum, B/accum, ...): micro-batch i holds rows i, i + accum, i + 2 accum, ... (as
+    MaxText's gradient accumulation), so with the batch split over devices in contiguous blocks every micro-batch
+    keeps 1/accum of each device's rows and stays on every device. The contiguous split (reshape to (accum, B/accum))
+    would put micro-batch i on 1/accum of the devices and move the batch between devices every step."""
+
+    def split(x):
+        y = jnp.swapaxes(x.reshape((x.shape[0] // accum, accum) + x.shape[1:]), 0, 1)
+        spec = P(None, *batch_spec, *([None] * (x.ndim - 1)))
+        return jax.lax.with_sharding_constraint(y, NamedSharding(mesh, spec))
+
+    return jax.tree.map(split, tree)
+
+
 def train_step(state: TrainState, batch: dict, *, model: Any, tx: optax.GradientTransformation,
                alphas_cumprod: jax.Array, config: ml_collections.ConfigDict, mesh: Mesh, grad_shardings: Any,
-               null_tokens: jax.Array | None = None, packer: LeafPacker | None = None) -> tuple[TrainState, dict]:
-    """One optimizer step on a global batch; `config.train.grad_accum` splits it into sequential micro-batches.
-    Only `state.trainable` is differentiated: frozen parameters get no weight gradients and no optimizer state.
-    With `packer`, the state is in its packed form (training/packing.py) and `grad_shardings` are the packed ones."""
+               batch_spec: P, null_tokens: jax.Array | None = None,
+               packer: LeafPacker | None = None) -> tuple[TrainState, dict]:
+    """One optimizer step on a global batch; `config.train.grad_accum` splits it into sequential micro-batches
+    (strided: see `strided_micro_batches`). Every example draws its randomness from its own key, so the gradient
+    does not depend on the split. Only `state.trainable` is differentiated: frozen parameters get no weight
+    gradients and no optimizer state. With `packer`, the state is in its packed form (training/packing.py) and
+    `grad_shardings` are the packed ones. `batch_spec`: P(mesh axes of the batch's leading axis)."""
     accum = int(config.train.grad_accum)
     rng, step_rng = jax.random.split(jax.random.wrap_key_data(state.rng))
+    b = jax.tree.leaves(batch)[0].shape[0]
+    keys = jax.lax.with_sharding_constraint(jax.random.split(step_rng, b), NamedSharding(mesh, batch_spec))
     # The gradient is taken with respect to the ordinary tree, then packed by one concatenation: differentiating
     # the slices of the packed vector would add ~1,000 padded copies of it.
     trainable_tree = packer.unpack(state.trainable) if packer else state.trainable
 
-    def loss_fn(trainable, micro, r):
+    def loss_fn(trainable, micro, k):
         params = {**state.frozen, "unet": merge(trainable, state.frozen["unet"])}
-        return diffusion_loss(model, params, micro, r, alphas_cumprod, config.diffusion, config.cond_drop,
+        return diffusion_loss(model, params, micro, k, alphas_cumprod, config.diffusion, config.cond_drop,
                               null_tokens)
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     if accum == 1:
-        (loss, aux), grads = grad_fn(trainable_tree, batch, step_rng)
+        (loss, aux), grads = grad_fn(trainable_tree, batch, keys)
     else:
-        micro = jax.tree.map(lambda x: x.reshape((accum, x.shape[0] // accum) + x.shape[1:]), batch)
+        micro = strided_micro_batches((batch, keys), accum, mesh, batch_spec)
 
         def body(carry, xs):
             g_sum, l_sum, m_sum = carry
-            mb, r = xs
-            (l, a), g = grad_fn(trainable_tree, mb, r)
+            (l, a), g = grad_fn(trainable_tree, *xs)
             return (jax.tree.map(jnp.add, g_sum, g), l_sum + l, m_sum + a["mse"]), None
 
         zeros = jax.tree.map(jnp.zeros_like, trainable_tree)
-        (grads, loss, mse), _ = jax.lax.scan(body, (zeros, 0.0, 0.0), (micro, jax.random.split(step_rng, accum)))
+        (grads, loss, mse), _ = jax.lax.scan(body, (zeros, 0.0, 0.0), micro)
         grads = jax.tree.map(lambda g: g / accum, grads)
         loss, aux = loss / accum, {"mse": mse / accum}
     if packer:
@@ -125,9 +143,11 @@ def jit_train_step(config: ml_collections.ConfigDict, model: Any, mesh: Mesh, st
     with `jax.device_put(state, compiled.input_formats[0][0])`, as the trainer does (`config.train.auto_layouts`).
     `packer`: the state (and `state_sh`) are in packed form (training/packing.py).
     """
+    batch_spec = P(next(iter(batch_sh.values())).spec[0])  # the leading (batch) axis's mesh axes
     fn = functools.partial(train_step, model=model, tx=make_optimizer(config.train),
                            alphas_cumprod=alphas_cumprod_from(config), config=config, mesh=mesh,
-                           grad_shardings=state_sh.trainable, null_tokens=null_tokens, packer=packer)
+                           grad_shardings=state_sh.trainable, batch_spec=batch_spec, null_tokens=null_tokens,
+                           packer=packer)
     state_in = state_sh
     if auto_state_layouts:
         state_in = jax.tree.map(lambda s: Format(Layout.AUTO, s), state_sh,

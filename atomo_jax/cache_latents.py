@@ -1,15 +1,17 @@
-"""Encode a video dataset once into ArrayRecord shards of latents + CLIP image embeddings (+ caption tokens).
+"""Encode a video dataset once into ArrayRecord shards of latents + CLIP image embeddings + captions.
 
-    python -m data_pipelines.cache_latents --checkpoint=WORKDIR --output_dir=latents/ \
-        [--config=configs/base.py --config.data.root=... --config.data.captions=...] \
+    python -m atomo_jax.cache_latents --checkpoint=CKPT --output_dir=latents/
+        [--config=configs/base.py --config.data.root=... --config.data.captions=...]
         [--records_per_shard=256 --batch_size=16]
 
-Uses the model's `encode_video` / `encode_image` (AtomoVideo interface) from `load_inference(--checkpoint)`; the data
-comes from `--config`'s `data` (default: the checkpoint's config). Clips are cut deterministically (first frames,
-centre crop). Shard k holds source records [k*R, (k+1)*R); process p of P writes shards k with k % P == p, and
+Uses the model's `encode_video` / `encode_image` (AtomoVideo interface) from `--checkpoint` (a composed checkpoint,
+a training workdir or one of its step dirs); the data comes from `--config`'s `data` (default: the checkpoint's).
+Multi-host: run it on every host (jax.distributed starts as for training, e.g. from the ATOMO_* variables).
+Clips are cut deterministically (first frames, centre crop). Shard k holds source records [k*R, (k+1)*R); process p of P writes shards k with k % P == p, and
 within a process each batch is split over the local devices. A shard is written to a temporary name and renamed
 when complete, so a killed run resumes by skipping finished shards. Bad videos are skipped and listed in the
-shard's `.json` sidecar. Train on the result with data.kind="latents", data.latents_dir=OUTPUT_DIR.
+shard's `.json` sidecar and counted. Train on the result with data.kind="latents", data.latents_dir=OUTPUT_DIR;
+the trainer tokenizes the cached captions.
 """
 
 from __future__ import annotations
@@ -24,10 +26,15 @@ from typing import Any, Callable
 import jax
 import ml_collections
 import numpy as np
+from absl import app, flags
 from array_record.python.array_record_module import ArrayRecordWriter
 from jax.sharding import NamedSharding, PartitionSpec
+from ml_collections import config_flags
+from tqdm import tqdm
 
-from data_pipelines.loader import Tokenizer, clip_spec, make_source
+from atomo_jax.parallel import distributed
+from atomo_jax.training.checkpoint import load_inference
+from data_pipelines.loader import clip_spec, make_source
 from data_pipelines.sources import encode_record
 from data_pipelines.transforms import to_unit_range
 from data_pipelines.video_decode import BadVideo, call_with_timeout, decode_clip
@@ -86,18 +93,15 @@ def cache_latents(
     batch_size: int = 8,
     process_index: int = 0,
     process_count: int = 1,
-    tokenize: Tokenizer | None = None,
     latent_dtype: str = "float16",
     decode_threads: int = 4,
     progress: bool = True,
 ) -> dict[str, int]:
     """Writes this process's shards; returns {"written", "skipped", "shards_done", "shards_skipped_existing"}."""
-    from tqdm import tqdm  # pylint: disable=g-import-not-at-top
-
     os.makedirs(output_dir, exist_ok=True)
     source = make_source(data_config)
     spec = clip_spec(data_config, training=False)
-    timeout_s = data_config.get("decode_timeout_s", 30.0)
+    timeout_s = float(data_config.decode_timeout_s) or None
     num_shards = math.ceil(len(source) / records_per_shard)
     mine = [s for s in range(num_shards) if s % process_count == process_index]
     todo = [s for s in mine if not os.path.exists(os.path.join(output_dir, shard_name(s, num_shards)))]
@@ -119,8 +123,6 @@ def cache_latents(
                 for (index, _, caption), lat, emb in zip(batch, latents, embeds):
                     record = {"latents": lat.astype(latent_dtype), "image_embeds": emb.astype(np.float32),
                               "caption": caption, "key": str(index)}
-                    if tokenize is not None:
-                        record["tokens"] = np.asarray(tokenize(caption), np.int32)
                     writer.write(encode_record(record))
                 stats["written"] += len(batch)
 
@@ -149,40 +151,29 @@ def cache_latents(
     return stats
 
 
-def main(argv):
-    del argv
-    from absl import flags  # pylint: disable=g-import-not-at-top
-    from atomo_jax.training.checkpoint import load_inference  # pylint: disable=g-import-not-at-top
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config whose .data to encode (default: the checkpoint's); "
+                                          "--config.a.b=value overrides apply to it.", lock_config=True)
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Composed checkpoint, training workdir or step dir.")
+_OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Where the ArrayRecord shards go.")
+_RECORDS = flags.DEFINE_integer("records_per_shard", 256, "Source records per shard (the unit of resumption).")
+_BATCH = flags.DEFINE_integer("batch_size", 8, "Videos per encoder call (split over this process's devices).")
+_WEIGHTS = flags.DEFINE_enum("weights", "ema", ["ema", "raw"], "A training checkpoint's EMA or raw weights.")
+_ALL_BARS = flags.DEFINE_bool("all_progress_bars", False, "A progress bar on every process, not just process 0.")
+flags.mark_flags_as_required(["checkpoint", "output_dir"])
 
-    FLAGS = flags.FLAGS
-    if FLAGS.multiprocess:
-        jax.distributed.initialize()
-    ckpt_config, model, params = load_inference(FLAGS.checkpoint, use_ema=FLAGS.use_ema)
-    config = FLAGS.config if FLAGS.config is not None else ckpt_config
-    stats = cache_latents(
-        model,
-        params,
-        config.data,
-        FLAGS.output_dir,
-        records_per_shard=FLAGS.records_per_shard,
-        batch_size=FLAGS.batch_size,
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
-        progress=jax.process_index() == 0 or FLAGS.all_progress_bars,
-    )
-    print(json.dumps(stats))
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    distributed.maybe_initialize()
+    ckpt_config, model, params = load_inference(_CHECKPOINT.value, use_ema=_WEIGHTS.value == "ema")
+    config = _CONFIG.value if _CONFIG.value is not None else ckpt_config
+    stats = cache_latents(model, params, config.data, _OUTPUT_DIR.value, records_per_shard=_RECORDS.value,
+                          batch_size=_BATCH.value, process_index=jax.process_index(),
+                          process_count=jax.process_count(),
+                          progress=jax.process_index() == 0 or _ALL_BARS.value)
+    print(json.dumps({"process": jax.process_index(), **stats}), flush=True)
 
 
 if __name__ == "__main__":
-    from absl import app, flags  # pylint: disable=g-import-not-at-top
-    from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
-
-    config_flags.DEFINE_config_file("config", None, "Config whose .data to encode (default: the checkpoint's).")
-    flags.DEFINE_string("checkpoint", None, "Training workdir or checkpoint dir for load_inference.", required=True)
-    flags.DEFINE_string("output_dir", None, "Where the ArrayRecord shards go.", required=True)
-    flags.DEFINE_integer("records_per_shard", 256, "Source records per shard (the unit of resumption).")
-    flags.DEFINE_integer("batch_size", 8, "Videos per encoder call (split over this process's devices).")
-    flags.DEFINE_bool("use_ema", True, "Encode with the EMA parameters.")
-    flags.DEFINE_bool("multiprocess", False, "Call jax.distributed.initialize() (multi-host).")
-    flags.DEFINE_bool("all_progress_bars", False, "Show a progress bar on every process, not just process 0.")
     app.run(main)

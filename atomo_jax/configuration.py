@@ -1,0 +1,42 @@
+"""Config files as every entry point reads them: `get_config()` of a Python file, then `--config.a.b=value`
+overrides, parsed by ml_collections exactly as `python -m atomo_jax.train` parses them (types checked, the config
+locked so a misspelled key is refused)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import ml_collections
+from absl import flags
+from ml_collections import config_flags
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_CONFIG = REPO / "configs" / "base.py"
+
+
+def config_import_path() -> None:
+    """Config files import each other as `configs.*`: from the working directory or this repository."""
+    for root in (os.getcwd(), str(REPO)):
+        if root not in sys.path:
+            sys.path.insert(0, root)
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
+    """`get_config()` of `path` (default configs/base.py) with `overrides` such as `--config.train.num_steps=5`."""
+    path = Path(path or DEFAULT_CONFIG)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file not found: {path}")
+    bad = [o for o in overrides if not o.startswith("--config.")]
+    if bad:
+        raise ValueError(f"not a config override (expected --config.a.b=value): {' '.join(bad)}")
+    config_import_path()
+    values = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", str(path), "config file", flag_values=values, lock_config=True)
+    try:
+        values(["config", *overrides])
+        return values.config
+    except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{path}: {e}") from None
