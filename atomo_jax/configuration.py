@@ -36,7 +36,7 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     values = flags.FlagValues()
     config_flags.DEFINE_config_file("config", str(path), "config file", flag_values=values, lock_config=True)
     try:
-        values(["config", *overrides])
+        values(["config", f"--config={path}", *overrides])  # overrides are flags only once --config is parsed
         return values.config
     except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
         raise ValueError(f"{path}: {e}") from None

@@ -7,10 +7,15 @@ a fresh directory per pytest run (xdist workers inherit it from the controller) 
 compiled program outlives the run. Set JAX_COMPILATION_CACHE_DIR yourself to keep one between runs.
 """
 
+import json
 import os
 import shutil
+import socket
+import subprocess
 import sys
 import tempfile
+import time
+from typing import Callable, Sequence
 
 import pytest
 
@@ -55,3 +60,86 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 def pytest_unconfigure(config: pytest.Config) -> None:
     if _OWN_CACHE:
         shutil.rmtree(_OWN_CACHE, ignore_errors=True)
+
+
+# ---- one subprocess harness for every test that runs the project's CLIs as a user does ---------------------------
+
+
+def cli_env(devices: int = 1, **extra: str) -> dict:
+    """Environment of a CLI run: CPU only, `devices` fake devices, FAST_CPU_COMPILE (tests check values, not speed)."""
+    return {**os.environ, "JAX_PLATFORMS": "cpu",
+            "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices} {FAST_CPU_COMPILE}", **extra}
+
+
+def start(module: str, *args: str, env: dict | None = None) -> subprocess.Popen:
+    """`python -m MODULE ARGS` from the repository root, stdout and stderr together."""
+    return subprocess.Popen([sys.executable, "-m", module, *args], cwd=ROOT, env=env or cli_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def run(module: str, *args: str, env: dict | None = None, timeout: float = 900) -> str:
+    """Runs a CLI to the end; its output, or a failure showing the output's tail."""
+    proc = start(module, *args, env=env)
+    out, _ = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, f"python -m {module} {' '.join(args)} exited {proc.returncode}:\n{out[-5000:]}"
+    return out
+
+
+def start_processes(module: str, *args: str, num_processes: int, devices_per_process: int,
+                    extra_args: Sequence[Sequence[str]] | None = None) -> list[subprocess.Popen]:
+    """One multi-host job of `num_processes` local processes (jax.distributed on 127.0.0.1 through the ATOMO_*
+    variables the entry points honour); `extra_args[i]` are appended for process i."""
+    port = free_port()
+    return [start(module, *args, *(extra_args[i] if extra_args else ()),
+                  env=cli_env(devices_per_process, ATOMO_COORDINATOR=f"127.0.0.1:{port}",
+                              ATOMO_NUM_PROCESSES=str(num_processes), ATOMO_PROCESS_ID=str(i)))
+            for i in range(num_processes)]
+
+
+def wait_all(procs: Sequence[subprocess.Popen], timeout: float = 900) -> list[str]:
+    """Waits for every process; their outputs, or a failure showing each one's tail."""
+    outs = [p.communicate(timeout=timeout)[0] for p in procs]
+    for i, (p, out) in enumerate(zip(procs, outs)):
+        assert p.returncode == 0, f"process {i} exited {p.returncode}:\n{out[-5000:]}"
+    return outs
+
+
+def kill_all(procs: Sequence[subprocess.Popen]) -> None:
+    """SIGKILL to each process we started (by PID), then reap it."""
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+    for p in procs:
+        p.wait(timeout=60)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def losses(workdir: str | os.PathLike) -> dict[int, float]:
+    """`WORKDIR/losses.jsonl` as {step: loss} (complete lines only: a kill may cut the last one)."""
+    path = os.path.join(workdir, "losses.jsonl")
+    out = {}
+    if os.path.exists(path):
+        for line in open(path):
+            if line.endswith("\n"):
+                rec = json.loads(line)
+                out[rec["step"]] = rec["loss"]
+    return out
+
+
+def wait_for(predicate: Callable[[], bool], procs: Sequence[subprocess.Popen], what: str,
+             timeout: float = 900) -> None:
+    """Polls `predicate` while every process in `procs` is alive."""
+    t0 = time.time()
+    while not predicate():
+        for p in procs:
+            if p.poll() is not None:
+                raise AssertionError(f"exited ({p.returncode}) before {what}:\n{p.stdout.read()[-5000:]}")
+        if time.time() - t0 > timeout:
+            kill_all(procs)
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.2)

@@ -205,7 +205,7 @@ def write_demo_checkpoint(workdir) -> None:
     c.sample.num_steps = 2
     c.checkpoint.async_save = False
     rng = np.random.default_rng(5)
-    shapes = torch_io.flatten_shapes(boxed_abstract_params(c, build_model(c.model)))
+    shapes = torch_io.flatten_shapes(boxed_abstract_params(build_model(c.model)))
     params = {part: {} for part in PARTS}  # parts without parameters (pixel autoencoder, no text encoder) stay {}
     params.update(unflat({k: (rng.standard_normal(v.shape) / np.sqrt(np.prod(v.shape[:-1]) if len(v.shape) > 1 else 10)
                          ).astype(np.float32) + np.float32(k.endswith("/scale")) for k, v in shapes.items()}))

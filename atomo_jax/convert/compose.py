@@ -132,8 +132,7 @@ def read_sd(path: str | Path) -> SDWeights:
 
 def _fresh(model: AtomoVideo, config: ml_collections.ConfigDict, part: str, rng: jax.Array) -> dict[str, Any]:
     """Our initialisation of one part (jitted: XLA drops the other parts' initialisers)."""
-    init = jax.jit(lambda r: flax.linen.meta.unbox(model.init(r, num_frames=int(config.data.num_frames),
-                                                              resolution=int(config.data.resolution)))[part])
+    init = jax.jit(lambda r: flax.linen.meta.unbox(model.init(r))[part])
     return jax.tree.map(np.asarray, init(rng))
 
 
@@ -258,8 +257,7 @@ def compose(config: ml_collections.ConfigDict, *, sd: str | None = None, motion:
     if sd_weights is not None and sd_weights.ignored:
         reports.append(PartReport("sd (unused entries)", sd_weights.source, ignored=sd_weights.ignored))
     progress("checking against the model")
-    abstract = flax.linen.meta.unbox(jax.eval_shape(lambda r: model.init(
-        r, num_frames=int(config.data.num_frames), resolution=int(config.data.resolution)), jax.random.key(0)))
+    abstract = flax.linen.meta.unbox(jax.eval_shape(model.init, jax.random.key(0)))
     for part, report in zip(PARTS, reports):
         got, expected = flat(params[part]), torch_io.flatten_shapes(abstract[part])
         unused = sorted(set(got) - set(expected))

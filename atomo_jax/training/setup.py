@@ -16,10 +16,10 @@ from atomo_jax.training.optimizer import make_optimizer
 from atomo_jax.training.state import TrainState, split_trainable
 
 
-def boxed_abstract_params(config: ml_collections.ConfigDict, model: Any) -> dict:
-    """Shapes + logical axis names of every parameter, without allocating any."""
-    return jax.eval_shape(lambda r: model.init(r, num_frames=int(config.data.num_frames),
-                                               resolution=int(config.data.resolution)), jax.random.key(0))
+def boxed_abstract_params(model: Any) -> dict:
+    """Shapes + logical axis names of every parameter, without allocating any. Parameter shapes do not depend on the
+    input size, so the model is initialised at its smallest input (AtomoVideo.init says why)."""
+    return jax.eval_shape(model.init, jax.random.key(0))
 
 
 def _state_from_params(params: dict, config: ml_collections.ConfigDict, tx: optax.GradientTransformation,
@@ -32,13 +32,13 @@ def _state_from_params(params: dict, config: ml_collections.ConfigDict, tx: opta
 
 def abstract_train_state(config: ml_collections.ConfigDict, model: Any) -> TrainState:
     tx = make_optimizer(config.train)
-    params = nn.unbox(boxed_abstract_params(config, model))
+    params = nn.unbox(boxed_abstract_params(model))
     return jax.eval_shape(lambda p: _state_from_params(p, config, tx, jax.random.key(0)), params)
 
 
 def state_shardings(config: ml_collections.ConfigDict, model: Any, mesh: Mesh, rules) -> TrainState:
     tx = make_optimizer(config.train)
-    param_sh = shd.param_shardings(boxed_abstract_params(config, model), mesh, rules)
+    param_sh = shd.param_shardings(boxed_abstract_params(model), mesh, rules)
     trainable_sh, frozen_unet_sh = split_trainable(param_sh["unet"], config.train.trainable)
     abstract = abstract_train_state(config, model)
     rep = shd.replicated(mesh)
@@ -56,8 +56,7 @@ def init_train_state(config: ml_collections.ConfigDict, model: Any, shardings: T
     r_init, r_state = jax.random.split(rng)
     if init_params is None:
         def create(r1, r2):
-            params = nn.unbox(model.init(r1, num_frames=int(config.data.num_frames),
-                                         resolution=int(config.data.resolution)))
+            params = nn.unbox(model.init(r1))
             return _state_from_params(params, config, tx, r2)
         return jax.jit(create, out_shardings=shardings)(r_init, r_state)
     return jax.jit(lambda p, r: _state_from_params(p, config, tx, r), out_shardings=shardings)(init_params, r_state)
