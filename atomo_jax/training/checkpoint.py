@@ -103,15 +103,16 @@ def load_inference(path: str, use_ema: bool = True,
     step_dir = _resolve_step_dir(path)
     config = config or load_config(str(step_dir))
     model = build_model(config.model)
+    # Onto this process's first device, whatever mesh the checkpoint was written from.
+    local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    on_device = lambda tree: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=local), tree)
     if (step_dir / COMPOSED_CONFIG).exists():
-        params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
-                              nn.unbox(jax.eval_shape(model.init, jax.random.key(0))))
+        params = on_device(nn.unbox(jax.eval_shape(model.init, jax.random.key(0))))
         try:
             return config, model, ocp.StandardCheckpointer().restore(step_dir, params)
         except (ValueError, KeyError) as e:
             raise ValueError(f"composed checkpoint {step_dir} does not match its model config: {e}") from None
-    abstract = abstract_train_state(config, model)
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), abstract)
+    abstract = on_device(abstract_train_state(config, model))
     try:
         state = ocp.StandardCheckpointer().restore(step_dir / "state", abstract)
     except (ValueError, KeyError) as e:
