@@ -293,7 +293,7 @@ def describe(report: Report, target: Target, usable_fraction: float = 0.95) -> s
 def sweep_layouts(config: Any, n: int) -> list[tuple[int, int, int]]:
     """(data, fsdp, tensor) layouts over n devices: tensor in {1, 2, 4}, fsdp powers of two, batch-divisible."""
     b = int(config.train.batch_size) // int(config.train.grad_accum)
-    dcn = int(config.mesh.get("dcn_data", 1))
+    dcn = int(config.mesh.dcn_data)
     out = []
     for tensor in (1, 2, 4):
         fsdp = 1
@@ -329,7 +329,7 @@ def main(argv: list[str]) -> None:
                                    f" --xla_force_host_platform_device_count={target.chips * target.num_slices}")
     sys.path.insert(0, os.getcwd())  # configs import each other as `configs.*`
     config = FLAGS.config
-    if target.num_slices > 1 and int(config.mesh.get("dcn_data", 1)) == 1:
+    if target.num_slices > 1 and int(config.mesh.dcn_data) == 1:
         with config.unlocked():
             config.mesh.dcn_data = target.num_slices
         print(f"[aot] {target.num_slices} slices: data parallelism across slices, config.mesh.dcn_data="

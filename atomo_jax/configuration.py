@@ -40,3 +40,21 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
         return values.config
     except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
         raise ValueError(f"{path}: {e}") from None
+
+
+def config_from_saved(saved: dict) -> ml_collections.ConfigDict:
+    """A config saved with a checkpoint (JSON), laid over configs/base.py: every key the code reads is present,
+    also for a checkpoint written before a key was added; a saved key base.py does not declare is an error."""
+    config = load_config(DEFAULT_CONFIG).unlock()
+
+    def merge(target: ml_collections.ConfigDict, values: dict, where: str) -> None:
+        for key, value in values.items():
+            if key not in target:
+                raise ValueError(f"saved config key {where}{key} is not declared in {DEFAULT_CONFIG}")
+            if isinstance(value, dict) and isinstance(target[key], ml_collections.ConfigDict):
+                merge(target[key], value, f"{where}{key}.")
+            else:
+                target[key] = tuple(value) if isinstance(value, list) else value
+
+    merge(config, saved, "")
+    return config

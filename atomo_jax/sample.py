@@ -62,7 +62,7 @@ def _tokens(model, config, prompt: str):
                             "--prompt is ignored")
         return None, None
     from atomo_jax.models import tokenizer as tok  # pylint: disable=g-import-not-at-top
-    folder = FLAGS.tokenizer or config.model.text_encoder.get("tokenizer", None)
+    folder = FLAGS.tokenizer or config.model.text_encoder.tokenizer
     if not folder:
         raise ValueError("this model has a text encoder: pass --tokenizer=DIR (a CLIP tokenizer folder with "
                          "vocab.json + merges.txt; build one offline with "
@@ -124,7 +124,7 @@ def sample() -> None:
                                          rescale=FLAGS.rescale)
     num_frames = FLAGS.num_frames or int(config.sample.num_frames)
     size = FLAGS.resolution or int(config.data.resolution)
-    fps = FLAGS.fps or float(config.sample.get("fps", 8))
+    fps = FLAGS.fps or float(config.sample.fps)
     prompt_tokens, empty_tokens = _tokens(model, config, FLAGS.prompt)
     common = dict(sampler=sampler, guidance=guidance, prompt_tokens=prompt_tokens, empty_tokens=empty_tokens,
                   frames_per_chunk=FLAGS.frames_per_chunk)
@@ -141,7 +141,7 @@ def sample() -> None:
         if FLAGS.mode == "i2v":
             video = i2v.image_to_video(model, params, image, rng, num_frames=num_frames, **common)
         else:
-            given = FLAGS.given_frames or int(config.data.get("num_given_frames", 1))
+            given = FLAGS.given_frames or int(config.data.num_given_frames)
             video = long_video.long_video(model, params, image, rng, num_frames=num_frames,
                                           num_windows=FLAGS.windows, num_given=given, **common)
 

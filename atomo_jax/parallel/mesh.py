@@ -39,7 +39,7 @@ def mesh_shape(mesh_config: ml_collections.ConfigDict, num_devices: int) -> tupl
 def make_mesh(mesh_config: ml_collections.ConfigDict, devices: list | None = None) -> Mesh:
     devices = list(jax.devices() if devices is None else devices)
     shape = mesh_shape(mesh_config, len(devices))
-    dcn = int(mesh_config.get("dcn_data", 1))
+    dcn = int(mesh_config.dcn_data)
     num_slices = len({getattr(d, "slice_index", 0) for d in devices})
     if num_slices > 1 or dcn > 1:
         from jax.experimental import mesh_utils

@@ -42,7 +42,7 @@ def configs_from(config: Any, **overrides: Any) -> tuple[SamplerConfig, Guidance
     if d.prediction_type != "v_prediction":
         raise ValueError(f"config.diffusion.prediction_type={d.prediction_type!r}: video sampling expects "
                          "'v_prediction' (the model's training target)")
-    sampler = SamplerConfig(sampler=s["sampler"], num_steps=int(s["num_steps"]), eta=float(s.get("eta", 0.0)),
+    sampler = SamplerConfig(sampler=s["sampler"], num_steps=int(s["num_steps"]), eta=float(s["eta"]),
                             prediction_type=d.prediction_type, num_train_timesteps=d.num_train_timesteps,
                             beta_start=d.beta_start, beta_end=d.beta_end, beta_schedule=d.beta_schedule,
                             rescale_zero_snr=d.rescale_zero_snr)

@@ -306,14 +306,14 @@ def main(argv: list[str] | None = None) -> int:
             num_steps=pick(args.steps, int(s["num_steps"])),
             image_scale=pick(args.image_scale, float(s["image_scale"])),
             text_scale=pick(args.text_scale, float(s["text_scale"])), rescale=pick(args.rescale, float(s["rescale"])),
-            eta=pick(args.eta, float(s.get("eta", 0.0))), generator=generator, prompt_ids=prompt_ids,
+            eta=pick(args.eta, float(s["eta"])), generator=generator, prompt_ids=prompt_ids,
             empty_ids=empty_ids)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
 
     frames = video_io.to_uint8(video[0].permute(1, 2, 3, 0).cpu().numpy())
-    fps = float(s.get("fps", 8))
+    fps = float(s["fps"])
     mp4 = video_io.write_video(args.out, frames, fps=fps)
     gif = video_io.write_video(os.path.splitext(args.out)[0] + ".gif", frames, fps=fps)
     print(f"wrote {frames.shape[0]} frames of {frames.shape[2]}x{frames.shape[1]}: {mp4} and {gif}")

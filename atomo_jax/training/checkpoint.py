@@ -19,6 +19,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 from etils import epath
 
+from atomo_jax.configuration import config_from_saved
 from atomo_jax.training.state import TrainState, merge
 
 
@@ -83,14 +84,14 @@ def _resolve_step_dir(path: str) -> epath.Path:
 def load_config(path: str) -> ml_collections.ConfigDict:
     step_dir = _resolve_step_dir(path)
     if (step_dir / COMPOSED_CONFIG).exists():
-        return ml_collections.ConfigDict(json.loads((step_dir / COMPOSED_CONFIG).read_text()))
+        return config_from_saved(json.loads((step_dir / COMPOSED_CONFIG).read_text()))
     cfg_file = step_dir / "config" / "metadata"
     if not cfg_file.exists():
         candidates = list((step_dir / "config").glob("*"))
         if not candidates:
             raise FileNotFoundError(f"checkpoint {step_dir} has no config item")
         cfg_file = candidates[0]
-    return ml_collections.ConfigDict(json.loads(cfg_file.read_text()))
+    return config_from_saved(json.loads(cfg_file.read_text()))
 
 
 def load_inference(path: str, use_ema: bool = True,

@@ -241,6 +241,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         flops_per_step, peak = None, metrics_lib.peak_flops_per_device()
         skipped_samples, last = 0, {}
         sample_cond = None  # the conditioning frame of every sample of this run, fixed at the first batch
+        sampled = (None, None)  # (step, paths on process 0) of the latest sample
         t_log, steps_since, wait_since = time.perf_counter(), 0, 0.0
         saved_step = latest
 
@@ -300,7 +301,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             if checkpointer.should_save(step):
                 save(step)
             if int(config.sample.every_steps) > 0 and step % int(config.sample.every_steps) == 0:
-                _sample(model, canonical(state), config, sample_cond, workdir, step, writer)
+                sampled = (step, _sample(model, canonical(state), config, sample_cond, workdir, step, writer))
             if preemption.should_stop(step):
                 if saved_step != step:  # the periodic save may have just written this step
                     save(step)
@@ -314,12 +315,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         loss_log.flush()
         checkpointer.close()
         result: dict[str, Any] = {"step": step, **last}
-        if config.sample.at_end:
+        if config.sample.at_end and sampled[0] != step:
             if sample_cond is None:  # resumed at the end: still leave a sample
                 sample_cond = sample_image(config, model, state.frozen, to_device(next(data_iter)))
-            paths = _sample(model, canonical(state), config, sample_cond, workdir, step, writer)
-            if paths:
-                result["samples"] = paths
+            sampled = (step, _sample(model, canonical(state), config, sample_cond, workdir, step, writer))
+        if sampled[1]:
+            result["samples"] = sampled[1]
         writer.close()
         return result
 

@@ -5,20 +5,32 @@ logging and the non-finite guard (see `train_step.clip_by_norm`)."""
 
 from __future__ import annotations
 
+import jax.numpy as jnp
 import ml_collections
 import optax
 
 
 def learning_rate_schedule(train: ml_collections.ConfigDict) -> optax.Schedule:
+    """Learning rate of optimizer step `count` (0-based): linear warmup reaching the peak at step `warmup_steps`
+    (step 1 already trains, at peak / warmup_steps; warmup_steps=0: the peak from step 1), then constant or cosine
+    decay to 1% of the peak at `num_steps`."""
     warmup = int(train.warmup_steps)
     peak = float(train.learning_rate)
-    if train.lr_schedule == "constant":
-        return optax.join_schedules([optax.linear_schedule(0.0, peak, max(warmup, 1)), optax.constant_schedule(peak)],
-                                    [max(warmup, 1)])
-    if train.lr_schedule == "cosine":
-        return optax.warmup_cosine_decay_schedule(0.0, peak, max(warmup, 1), max(int(train.num_steps), warmup + 1),
-                                                  end_value=peak * 0.01)
-    raise ValueError(f"config.train.lr_schedule={train.lr_schedule!r}: expected 'constant' or 'cosine'")
+    if peak <= 0:
+        raise ValueError(f"config.train.learning_rate={peak}: expected > 0")
+    if warmup < 0:
+        raise ValueError(f"config.train.warmup_steps={warmup}: expected >= 0")
+    if train.lr_schedule not in ("constant", "cosine"):
+        raise ValueError(f"config.train.lr_schedule={train.lr_schedule!r}: expected 'constant' or 'cosine'")
+    decay = optax.cosine_decay_schedule(peak, max(int(train.num_steps) - warmup, 1), alpha=0.01)
+
+    def schedule(count):
+        ramp = jnp.minimum(1.0, (count + 1) / warmup) if warmup else 1.0
+        if train.lr_schedule == "constant":
+            return peak * ramp
+        return jnp.where(count < warmup, peak * ramp, decay(count - warmup))
+
+    return schedule
 
 
 def make_optimizer(train: ml_collections.ConfigDict) -> optax.GradientTransformation:

@@ -107,7 +107,7 @@ def _split(vector: jax.Array, shapes: tuple) -> tuple:
 def packer_from_config(config: ml_collections.ConfigDict, abstract: TrainState, shardings: TrainState,
                        replicated: jax.sharding.Sharding) -> tuple[LeafPacker | None, TrainState]:
     """The packer `config.train.pack_small_leaves` asks for (None for 0) and the shardings of the step's state."""
-    max_size = int(config.train.get("pack_small_leaves", 0))
+    max_size = int(config.train.pack_small_leaves)
     if max_size <= 0:
         return None, shardings
     packer = LeafPacker.for_trainable(abstract.trainable, shardings.trainable, max_size)
