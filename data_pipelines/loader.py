@@ -23,7 +23,7 @@ import grain.python as grain
 import ml_collections
 import numpy as np
 
-from data_pipelines import transforms
+from data_pipelines import transforms, worker_guard
 from data_pipelines.sources import LatentShardsSource, TfdsVideoSource, VideoFolderSource
 from data_pipelines.synthetic import MovingShapesSource
 from data_pipelines.video_decode import BadVideo, ClipSpec, call_with_timeout, decode_clip
@@ -76,6 +76,7 @@ class MakeExample(grain.RandomMapTransform):
         self.tokenize = tokenize
 
     def random_map(self, element: dict, rng: np.random.Generator) -> dict:
+        worker_guard.guard()
         skipped = 0
         while True:
             try:
@@ -135,6 +136,7 @@ class LatentToExample(grain.RandomMapTransform):
         self.tokenize = tokenize
 
     def random_map(self, element: dict, rng: np.random.Generator) -> dict:
+        worker_guard.guard()
         latents = element["latents"].astype(np.float32)
         if latents.shape[0] != self.num_frames:
             raise ValueError(
