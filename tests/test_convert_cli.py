@@ -29,9 +29,9 @@ from configs import demo
 def get_config():
     c = demo.get_config()
     c.model.unet.update(dict(ip_tokens=4, motion_max_seq_length=16))
-    c.model.vae = ml_collections.ConfigDict(dict(kind="sd", block_out_channels=(32, 64), layers_per_block=1,
-                                                 norm_num_groups=8, scaling_factor=0.18215))
-    c.model.text_encoder = ml_collections.ConfigDict(dict(
+    c.model.vae.update(dict(kind="sd", block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8,
+                            scaling_factor=0.18215))
+    c.model.text_encoder.update(dict(
         kind="clip_text", vocab_size=1000, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
         num_attention_heads=4, max_position_embeddings=77, eos_token_id=2))
     return c
@@ -207,3 +207,24 @@ def test_unet_command_reads_original_single_file(parts, tmp_path, capsys):
     np.testing.assert_array_equal(saved["down_blocks_0/resnets_0/conv1/kernel"],
                                   torch_unet["down_blocks.0.resnets.0.conv1.weight"].transpose(2, 3, 1, 0))
     assert "newly initialised" in capsys.readouterr().out
+
+
+def test_wrong_head_counts_are_refused_naming_file_field_and_values(parts, tmp_path, capsys):
+    """Head counts never show in tensor shapes: only the checkpoint's config.json can catch a wrong one (the parts
+    have 4 spatial and 4 motion heads)."""
+    config = ["--config", str(parts["config"])]
+    wrong_heads = "--config.model.unet.num_attention_heads=8"
+    code = main(["compose", "--sd", str(parts["sd"]), "--out", str(tmp_path / "a"), *config, wrong_heads])
+    err = capsys.readouterr().err
+    assert code == 1 and "unet/config.json" in err and "num_attention_heads" in err and "=4" in err and "=8" in err
+    assert not (tmp_path / "a").exists()
+    assert main(["unet", str(parts["sd"]), "--out", str(tmp_path / "u.safetensors"), *config, wrong_heads]) == 1
+    assert "num_attention_heads" in capsys.readouterr().err
+    wrong_motion = "--config.model.unet.motion_num_heads=8"
+    assert main(["motion", str(parts["motion"]), "--out", str(tmp_path / "m.safetensors"), *config,
+                 wrong_motion]) == 1
+    err = capsys.readouterr().err
+    assert "motion/config.json" in err and "motion_num_attention_heads=4" in err and "motion_num_heads=8" in err
+    code = main(["compose", "--motion", str(parts["motion"]), "--out", str(tmp_path / "b"), *config,
+                 "--config.model.unet.motion_max_seq_length=32"])
+    assert code == 1 and "motion_max_seq_length=16" in capsys.readouterr().err

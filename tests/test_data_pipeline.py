@@ -18,8 +18,9 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec
 
-from data_pipelines import transforms
 from atomo_jax.cache_latents import cache_latents, shard_name
+from configs import base
+from data_pipelines import transforms
 from data_pipelines.global_batch import to_global
 from data_pipelines.loader import make_loader
 from data_pipelines.sources import VideoFolderSource
@@ -78,12 +79,18 @@ def video_dir(tmp_path_factory):
     return root
 
 
+def data_config(**values) -> ml_collections.ConfigDict:
+    """configs/base.py's data section with `values` set (every key the loader reads is declared there)."""
+    cfg = base.get_config().data
+    cfg.update(values)
+    return cfg
+
+
 def folder_config(root, captions: str = "all.csv", **overrides) -> ml_collections.ConfigDict:
-    cfg = dict(kind="video_folder", root=str(root), captions=str(root / captions), path_format="{file}",
-               caption_column="text", num_frames=4, resolution=32, frame_stride=2, worker_count=0, prefetch=2,
-               read_threads=2, decode_timeout_s=20.0)
-    cfg.update(overrides)
-    return ml_collections.ConfigDict(cfg)
+    return data_config(**{**dict(kind="video_folder", root=str(root), captions=str(root / captions),
+                                 path_format="{file}", caption_column="text", num_frames=4, resolution=32,
+                                 frame_stride=2, worker_count=0, prefetch=2, read_threads=2, decode_timeout_s=20.0),
+                          **overrides})
 
 
 def take(loader, n: int) -> list[dict]:
@@ -141,7 +148,7 @@ def test_moving_shapes_options_by_shape_motion_black_background_sizes():
 
 
 def test_synthetic_loader_batch_shapes_and_ranges():
-    cfg = ml_collections.ConfigDict(dict(kind="synthetic", num_videos=32, num_frames=8, resolution=32, worker_count=0))
+    cfg = data_config(kind="synthetic", num_videos=32, num_frames=8, resolution=32, worker_count=0)
     batch = take(make_loader(cfg, global_batch_size=8, seed=0, shard_index=1, shard_count=2), 1)[0]
     assert batch["video"].shape == (4, 8, 32, 32, 3) and batch["video"].dtype == np.float32
     assert batch["cond_image"].shape == (4, 32, 32, 3)
@@ -342,7 +349,7 @@ def test_cache_latents_resumes_and_feeds_loader(video_dir, tmp_path):
     with open(os.path.join(out, shard_name(0, 3) + ".json")) as f:
         assert len(json.load(f)["skipped"]) == 0
 
-    lat_cfg = ml_collections.ConfigDict(dict(kind="latents", latents_dir=out, num_frames=4, worker_count=0))
+    lat_cfg = data_config(kind="latents", latents_dir=str(out), num_frames=4, worker_count=0)
     batches = list(make_loader(lat_cfg, global_batch_size=2, seed=0, shard_index=0, shard_count=1, num_epochs=1))
     assert len(batches) == 3
     b = batches[0]
@@ -370,13 +377,15 @@ def test_to_global_assembles_sharded_arrays():
 
 
 
-def test_caption_tokens_from_tokenizer_dir(tmp_path):
-    from atomo_jax.models.tokenizer import build_clip_tokenizer_files, load_clip_tokenizer, tokenize
+def test_caption_tokens_from_the_text_encoder_tokenizer(tmp_path):
+    from atomo_jax.models.tokenizer import build_clip_tokenizer_files, caption_tokenizer, load_clip_tokenizer, tokenize
 
     build_clip_tokenizer_files(str(tmp_path))
-    cfg = ml_collections.ConfigDict(dict(kind="synthetic", num_videos=8, num_frames=4, resolution=16,
-                                         tokenizer_dir=str(tmp_path)))
-    batch = take(make_loader(cfg, global_batch_size=2, seed=0, shard_index=0, shard_count=1), 1)[0]
+    text_encoder = base.get_config().model.text_encoder
+    text_encoder.tokenizer = str(tmp_path)
+    cfg = data_config(kind="synthetic", num_videos=8, num_frames=4, resolution=16, worker_count=0)
+    batch = take(make_loader(cfg, global_batch_size=2, seed=0, shard_index=0, shard_count=1,
+                             tokenize=caption_tokenizer(text_encoder)), 1)[0]
     assert batch["tokens"].shape == (2, 77) and batch["tokens"].dtype == np.int32
     want = tokenize(load_clip_tokenizer(str(tmp_path)), batch["caption"].tolist())
     np.testing.assert_array_equal(batch["tokens"], want)

@@ -152,17 +152,15 @@ def test_full_size_model_loads_strictly_on_meta():
 def test_sd_vae_and_text_encoder_folders(tmp_path):
     """A real (tiny) AutoencoderKL and CLIP text encoder: diffusers / transformers load the folders with no key left
     over, and the importers read them back exactly."""
-    import ml_collections
     from configs import demo as demo_config
 
     from atomo_jax.models.atomo import build_model
 
     c = demo_config.get_config().model
-    c.vae = ml_collections.ConfigDict(dict(kind="sd", block_out_channels=(8, 16), layers_per_block=1,
-                                           norm_num_groups=4, scaling_factor=0.5))
-    c.text_encoder = ml_collections.ConfigDict(dict(kind="clip_text", vocab_size=100, hidden_size=16,
-                                                    intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                                                    max_position_embeddings=8))
+    c.vae.update(dict(kind="sd", block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4,
+                      scaling_factor=0.5))
+    c.text_encoder.update(dict(kind="clip_text", vocab_size=100, hidden_size=16, intermediate_size=32,
+                               num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=8))
     model = build_model(c)
     shapes = jax.eval_shape(lambda: flax.linen.meta.unbox(model.init(jax.random.key(0), num_frames=1,
                                                                       resolution=16)))

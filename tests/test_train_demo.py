@@ -113,14 +113,12 @@ def test_required_keys_exist_in_every_training_config():
 
 def test_empty_prompt_tokens_need_a_tokenizer_when_the_model_has_a_text_encoder(tmp_path):
     from configs import base
-    from atomo_jax.models.atomo import build_model
     from atomo_jax.models.tokenizer import build_clip_tokenizer_files
     from atomo_jax.training.loop import empty_prompt_tokens
     c = base.get_config()
-    model = build_model(c.model)
-    with pytest.raises(ValueError, match="tokenizer_dir"):
-        empty_prompt_tokens(c, model)
-    c.data.tokenizer_dir = str(build_clip_tokenizer_files(tmp_path / "tok"))
-    tokens = np.asarray(empty_prompt_tokens(c, model))
+    with pytest.raises(ValueError, match="config.model.text_encoder.tokenizer"):
+        empty_prompt_tokens(c)
+    c.model.text_encoder.tokenizer = str(build_clip_tokenizer_files(tmp_path / "tok"))
+    tokens = np.asarray(empty_prompt_tokens(c))
     assert tokens.shape == (1, 77)
     assert tokens[0, 0] == 49406 and tokens[0, 1] == 49407  # <|startoftext|> <|endoftext|>

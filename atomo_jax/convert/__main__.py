@@ -65,17 +65,20 @@ def _count(params: Any) -> str:
 
 def _part(args: argparse.Namespace) -> tuple[Any, str]:
     """The single-part commands: (params, description)."""
-    from atomo_jax.convert import clip, compose, ip_adapter, motion, torch_io, unet, vae
+    from atomo_jax.convert import architecture, clip, compose, ip_adapter, motion, torch_io, unet, vae
 
     if args.command in ("unet", "motion", "ip-adapter"):
         config = compose.build_model(compose.load_config(args.config, args.overrides).model).unet_config
         if args.command == "motion":
+            architecture.check_motion_adapter(args.path, config)
             return motion.load_motion_modules(args.path, config), "motion modules"
         if args.command == "ip-adapter":
             return ip_adapter.load_ip_adapter(args.path, config), "IP-Adapter"
         path = Path(args.path)
         if path.is_dir() and (path / "unet").is_dir():
             path = path / "unet"
+        if path.is_dir():
+            architecture.check_unet(path, config)
         state = (torch_io.load_state_dict(path) if path.is_dir() else compose.read_sd(path).unet)
         params, report = unet.load_unet_state_dict(state, config, source=str(args.path))
         print(report.summary())

@@ -24,6 +24,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from atomo_jax.convert import architecture
 from atomo_jax.convert import clip as clip_convert
 from atomo_jax.convert import ip_adapter as ip_convert
 from atomo_jax.convert import motion as motion_convert
@@ -142,7 +143,10 @@ def compose_unet(model: AtomoVideo, sd: SDWeights | None, motion: str | None, ip
     report = PartReport("unet", sd.source if sd else "no SD weights")
     extra: dict[str, np.ndarray] = {}
     motion_paths: list[str] = []
+    if sd is not None and "unet" in sd.folders:
+        architecture.check_unet(sd.folders["unet"], cfg)
     if motion:
+        architecture.check_motion_adapter(motion, cfg)
         state = torch_io.load_state_dict(motion)
         tables = [k for k in state if k.endswith(".pe")]
         tree = motion_convert.motion_modules_params(state, cfg, source=str(motion))
