@@ -34,12 +34,16 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
         raise ValueError(f"not a config override (expected --config.a.b=value): {' '.join(bad)}")
     config_import_path()
     values = flags.FlagValues()
-    config_flags.DEFINE_config_file("config", str(path), "config file", flag_values=values, lock_config=True)
+    # config_flags reads the overrides from `sys_argv` (default: the process's sys.argv), not from the parsed list.
+    argv = ["config", f"--config={path}", *overrides]
+    config_flags.DEFINE_config_file("config", str(path), "config file", flag_values=values, lock_config=True,
+                                    sys_argv=argv)
     try:
-        values(["config", f"--config={path}", *overrides])  # overrides are flags only once --config is parsed
+        values(argv)
         return values.config
     except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
-        raise ValueError(f"{path}: {e}") from None
+        message = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+        raise ValueError(f"{path}: {' '.join(str(message).split())}") from None
 
 
 def config_from_saved(saved: dict) -> ml_collections.ConfigDict:

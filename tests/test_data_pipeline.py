@@ -82,6 +82,7 @@ def video_dir(tmp_path_factory):
 def data_config(**values) -> ml_collections.ConfigDict:
     """configs/base.py's data section with `values` set (every key the loader reads is declared there)."""
     cfg = base.get_config().data
+    cfg.update(dict(frame_prediction_prob=0.0, num_given_frames=1))  # image-to-video masks unless a test says
     cfg.update(values)
     return cfg
 

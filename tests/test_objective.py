@@ -130,7 +130,8 @@ def test_min_snr_weights_match_diffusers(prediction_type):
     ours = np.asarray(loss_weights(schedule.make_alphas_cumprod(), jnp.asarray(t), gamma, prediction_type))
     ref = weights.numpy()
     finite = np.isfinite(ref)
-    np.testing.assert_allclose(ours[finite], ref[finite], rtol=1e-5, atol=1e-7)
+    # float32 on both sides: 1 - alphas_cumprod near t=0 (~1e-3) cancels, so the SNRs agree to ~5e-5 only.
+    np.testing.assert_allclose(ours[finite], ref[finite], rtol=1e-4, atol=1e-7)
     # Zero terminal SNR: the last step's SNR is 0. diffusers' epsilon formula gives 0/0 there; ours its limit, 1.
     assert float(snr[-1]) == 0.0
     assert finite.sum() == (999 if prediction_type == "epsilon" else 1000)
