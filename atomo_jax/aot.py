@@ -219,7 +219,7 @@ def compile_train_step(config: Any, devices: list, capacity_bytes: float | None 
     from atomo_jax.parallel import axes
     from atomo_jax.parallel.mesh import make_mesh
     from atomo_jax.parallel.sharding import replicated
-    from atomo_jax.training.loop import validate
+    from atomo_jax.training.setup import validate
     from atomo_jax.training.packing import packer_from_config
     from atomo_jax.training.setup import abstract_train_state, state_shardings
     from atomo_jax.training.state import merge

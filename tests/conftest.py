@@ -37,8 +37,8 @@ FAST_CPU_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expens
 # order, re-sorted by test count unless told not to, so the long one-test files went last: in the run before this
 # order the full-size AOT compile and the multi-process trainers began 8-9 minutes in and finished together at the
 # end. Longest first (roughly) lets the short files fill in around them.
-SLOWEST_FIRST = ("test_aot.py", "test_multiprocess.py", "test_sharding.py", "test_train_demo.py", "test_sample_cli.py",
-                 "test_resume.py", "test_export.py")
+SLOWEST_FIRST = ("test_journey.py", "test_aot.py", "test_multiprocess.py", "test_sharding.py", "test_train_demo.py",
+                 "test_sample_cli.py", "test_resume.py", "test_train_step.py", "test_worker_exit.py", "test_export.py")
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -41,15 +41,19 @@ def tiny_unet2d() -> UNet2DConditionModel:
                                 attention_head_dim=2, cross_attention_dim=16, norm_num_groups=8).eval()
 
 
-@pytest.fixture(scope="module")
-def adapter() -> MotionAdapter:
+def make_adapter(mid_block: bool) -> MotionAdapter:
     torch.manual_seed(1)
     adapter = MotionAdapter(block_out_channels=(32, 64), motion_layers_per_block=1, motion_num_attention_heads=2,
-                            motion_norm_num_groups=8, motion_max_seq_length=8, use_motion_mid_block=True)
+                            motion_norm_num_groups=8, motion_max_seq_length=8, use_motion_mid_block=mid_block)
     with torch.no_grad():  # the zero-initialised proj_out would hide every other motion weight
         for p in adapter.parameters():
             p.normal_(0.0, 0.2)
     return adapter
+
+
+@pytest.fixture(scope="module")
+def adapter() -> MotionAdapter:
+    return make_adapter(mid_block=True)
 
 
 def spatial_params(unet2d: UNet2DConditionModel, config: UNetConfig) -> dict:
@@ -76,10 +80,13 @@ def full_params(config: UNetConfig, *parts) -> dict:
 # Motion modules
 
 
-def test_motion_adapter_and_ip_adapter_parity_vs_unet_motion_model(adapter):
+@pytest.mark.parametrize("mid_block", [True, False], ids=["v2_mid_block", "v1_no_mid_block"])
+def test_motion_adapter_and_ip_adapter_parity_vs_unet_motion_model(mid_block):
     """Our UNet (motion modules from a MotionAdapter, IP-Adapter from the original layout) vs diffusers'
-    UNetMotionModel built from the same UNet2DConditionModel + MotionAdapter with the IP-Adapter loaded by diffusers."""
-    config = UNetConfig(**TINY)
+    UNetMotionModel built from the same UNet2DConditionModel + MotionAdapter with the IP-Adapter loaded by diffusers;
+    with a mid-block motion module (AnimateDiff v2+) and without (v1)."""
+    adapter = make_adapter(mid_block)
+    config = UNetConfig(**{**TINY, "motion_mid_block": mid_block})
     unet2d = tiny_unet2d()
     nested = original_ip_weights(unet2d, config.image_embed_dim)
     reference = UNetMotionModel.from_unet2d(unet2d, adapter).eval()

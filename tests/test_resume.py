@@ -11,12 +11,11 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
 import sys
 import textwrap
-import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.conftest import ROOT, cli_env, losses, start, wait_for
+
 NUM_STEPS = 10
 
 CONFIG = textwrap.dedent(f"""
@@ -37,33 +36,12 @@ CONFIG = textwrap.dedent(f"""
 """)
 
 
-def _env() -> dict:
-    return {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+def _start(cfg: str, workdir: str):
+    return start("atomo_jax.train", f"--config={cfg}", f"--workdir={workdir}", env=cli_env(1))
 
 
-def _start(cfg: str, workdir: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "atomo_jax.train", f"--config={cfg}", f"--workdir={workdir}"],
-                            cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
-def _losses(workdir: str) -> dict[int, float]:
-    path = os.path.join(workdir, "losses.jsonl")
-    if not os.path.exists(path):
-        return {}
-    out = {}
-    for line in open(path):
-        if line.endswith("\n"):
-            rec = json.loads(line)
-            out[rec["step"]] = rec["loss"]
-    return out
-
-
-def _wait_for_step(proc: subprocess.Popen, workdir: str, step: int, timeout: float = 400) -> None:
-    t0 = time.time()
-    while max(_losses(workdir), default=0) < step:
-        assert proc.poll() is None, f"trainer exited early:\n{proc.stdout.read()[-3000:]}"
-        assert time.time() - t0 < timeout, "trainer too slow"
-        time.sleep(0.1)
+def _wait_for_step(proc, workdir: str, step: int) -> None:
+    wait_for(lambda: max(losses(workdir), default=0) >= step, [proc], f"step {step}")
 
 
 def test_sigterm_then_sigkill_resume_is_bitwise_identical(tmp_path):
@@ -78,7 +56,7 @@ def test_sigterm_then_sigkill_resume_is_bitwise_identical(tmp_path):
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out[-3000:]
-    stopped = max(_losses(broken))
+    stopped = max(losses(broken))
     assert f"preempted: saved step {stopped}" in out, out[-3000:]
     steps = sorted(int(d) for d in os.listdir(os.path.join(broken, "checkpoints")) if d.isdigit())
     assert steps[-1] == stopped
@@ -88,7 +66,7 @@ def test_sigterm_then_sigkill_resume_is_bitwise_identical(tmp_path):
     _wait_for_step(proc, broken, stopped + 3)
     proc.kill()
     proc.wait(timeout=60)
-    killed_at = max(_losses(broken))
+    killed_at = max(losses(broken))
 
     proc = _start(str(cfg), broken)
     out, _ = proc.communicate(timeout=400)
@@ -97,7 +75,7 @@ def test_sigterm_then_sigkill_resume_is_bitwise_identical(tmp_path):
 
     out, _ = reference.communicate(timeout=400)
     assert reference.returncode == 0, out[-3000:]
-    want, got = _losses(full), _losses(broken)
+    want, got = losses(full), losses(broken)
     assert sorted(want) == list(range(1, NUM_STEPS + 1))
     assert got == want, (stopped, killed_at, got, want)
     # The log reads as one run: no duplicated or stale lines after the resumes.

@@ -155,14 +155,13 @@ class MidBlock(_Layers):
     def __call__(self, x, temb, context, ip_tokens, ip_scale, temporal: bool):
         cfg = self.config
         x = self.layer(0, self.channels, False, x, temb, context, ip_tokens, ip_scale, temporal, has_motion=False)
-        # attention + motion module after the first resnet, then the second resnet (+ its temporal conv)
-        if cfg.use_motion_modules and not cfg.motion_mid_block:
-            raise ValueError("unet.motion_mid_block=False is not supported with motion modules")
+        # attention + motion module (AnimateDiff v2+; v1 has none) after the first resnet, then the second resnet
+        # (+ its temporal conv)
         dt = cfg.compute_dtype
         x = _remat(Transformer2D, cfg.remat)(self.channels, cfg.num_attention_heads, cfg.transformer_layers,
                                              cfg.norm_num_groups, cfg.ip_adapter, cfg.attention_impl, dt,
                                              name="attentions_0")(x, context, ip_tokens, ip_scale)
-        if cfg.use_motion_modules and temporal:
+        if cfg.use_motion_modules and cfg.motion_mid_block and temporal:
             batch = temb.shape[0]
             x = _remat(MotionModule, cfg.remat)(self.channels, cfg.motion_num_heads, cfg.motion_max_seq_length,
                                                 cfg.motion_layers, cfg.norm_num_groups, cfg.attention_impl, dt,

@@ -31,7 +31,7 @@ from atomo_jax.training import metrics as metrics_lib
 from atomo_jax.training.checkpoint import Checkpointer
 from atomo_jax.training.optimizer import learning_rate_schedule
 from atomo_jax.training.packing import packer_from_config
-from atomo_jax.training.setup import abstract_train_state, init_train_state, state_shardings
+from atomo_jax.training.setup import abstract_train_state, init_train_state, state_shardings, validate
 from atomo_jax.training.state import all_finite, count_params, merge
 from atomo_jax.training.train_step import batch_shardings, canonical_formats, jit_train_step
 from data_pipelines.loader import make_loader, synthetic_source
@@ -62,23 +62,6 @@ class Preemption:
         if jax.process_count() > 1:
             return multihost_utils.reached_preemption_sync_point(step)
         return self.requested
-
-
-def validate(config: ml_collections.ConfigDict, mesh: Any) -> None:
-    b = int(config.train.batch_size)
-    accum = int(config.train.grad_accum)
-    shards = mesh.shape["data"] * mesh.shape["fsdp"]
-    if b <= 0 or b % accum:
-        raise ValueError(f"config.train.batch_size={b} must be positive and divisible by grad_accum={accum}")
-    if (b // accum) % shards:
-        raise ValueError(f"config.train.batch_size={b} (per micro-batch {b // accum}) must be divisible by the "
-                         f"data x fsdp mesh size {shards}")
-    if b % jax.process_count():
-        raise ValueError(f"config.train.batch_size={b} must be divisible by the process count {jax.process_count()}")
-    if config.train.nonfinite not in ("skip", "stop"):
-        raise ValueError(f"config.train.nonfinite={config.train.nonfinite!r}: expected 'skip' or 'stop'")
-    if int(config.checkpoint.every_steps) < 0:
-        raise ValueError("config.checkpoint.every_steps must be >= 0")
 
 
 def _load_init_params(path: str, abstract_params: Any, shardings: Any) -> dict:

@@ -60,3 +60,33 @@ def init_train_state(config: ml_collections.ConfigDict, model: Any, shardings: T
             return _state_from_params(params, config, tx, r2)
         return jax.jit(create, out_shardings=shardings)(r_init, r_state)
     return jax.jit(lambda p, r: _state_from_params(p, config, tx, r), out_shardings=shardings)(init_params, r_state)
+
+
+def validate(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
+    """Values that must agree with each other and with the mesh; the trainer and the AOT fit check both call it."""
+    b = int(config.train.batch_size)
+    accum = int(config.train.grad_accum)
+    if accum < 1:
+        raise ValueError(f"config.train.grad_accum={accum}: expected >= 1")
+    frames, limit = int(config.data.num_frames), int(config.model.unet.motion_max_seq_length)
+    if not 1 <= frames <= limit:
+        raise ValueError(f"config.data.num_frames={frames}: expected 1..{limit} (the temporal position table, "
+                         "config.model.unet.motion_max_seq_length)")
+    vae = config.model.vae
+    factor = int(vae.factor) if vae.kind == "pixel" else 2 ** (len(vae.block_out_channels) - 1)
+    multiple = factor * 2 ** (len(config.model.unet.block_out_channels) - 1)
+    if int(config.data.resolution) < multiple or int(config.data.resolution) % multiple:
+        raise ValueError(f"config.data.resolution={config.data.resolution}: expected a multiple of {multiple} "
+                         f"(autoencoder factor {factor} x 2^UNet down-samplings)")
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    if b <= 0 or b % accum:
+        raise ValueError(f"config.train.batch_size={b} must be positive and divisible by grad_accum={accum}")
+    if (b // accum) % shards:
+        raise ValueError(f"config.train.batch_size={b} (per micro-batch {b // accum}) must be divisible by the "
+                         f"data x fsdp mesh size {shards}")
+    if b % jax.process_count():
+        raise ValueError(f"config.train.batch_size={b} must be divisible by the process count {jax.process_count()}")
+    if config.train.nonfinite not in ("skip", "stop"):
+        raise ValueError(f"config.train.nonfinite={config.train.nonfinite!r}: expected 'skip' or 'stop'")
+    if int(config.checkpoint.every_steps) < 0:
+        raise ValueError("config.checkpoint.every_steps must be >= 0")
