@@ -95,6 +95,9 @@ def train_step(state: TrainState, batch: dict, *, model: Any, tx: optax.Gradient
 
         def body(carry, xs):
             g_sum, l_sum, m_sum = carry
+            # The loop body's slice keeps the batch split (sharding propagation into a while loop may lose it).
+            xs = jax.tree.map(lambda x: jax.lax.with_sharding_constraint(
+                x, NamedSharding(mesh, P(*batch_spec, *([None] * (x.ndim - 1))))), xs)
             (l, a), g = grad_fn(trainable_tree, *xs)
             return (jax.tree.map(jnp.add, g_sum, g), l_sum + l, m_sum + a["mse"]), None
 
