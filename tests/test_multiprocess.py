@@ -8,11 +8,13 @@ sharding of the sampler. Tolerance: per-step losses agree to relative 1e-5 (only
 from __future__ import annotations
 
 import os
+import re
+import signal
 import textwrap
 
 import numpy as np
 
-from tests.conftest import cli_env, losses, start, start_processes, wait_all
+from tests.conftest import cli_env, kill_all, losses, start, start_processes, wait_all, wait_for
 
 CONFIG = textwrap.dedent("""
     from configs import demo
@@ -49,3 +51,25 @@ def test_two_processes_train_like_one(tmp_path):
     assert np.linalg.norm(a - b) / np.linalg.norm(a) < 1e-5, (a, b)
     # Both processes wrote one shared checkpoint at the end.
     assert os.listdir(os.path.join(two, "checkpoints")) == ["3"] or "3" in os.listdir(os.path.join(two, "checkpoints"))
+
+
+def test_sigterm_on_one_host_stops_every_host_at_the_same_saved_step(tmp_path):
+    """A preemption notice reaches one host: JAX's preemption service (not a per-step all-gather) brings every
+    process to the same step, where all save one checkpoint and stop."""
+    workdir = tmp_path / "run"
+    procs = start_processes("atomo_jax.train", "--config=configs/demo.py", f"--workdir={workdir}",
+                            "--config.train.num_steps=1000", "--config.train.log_every=1", "--config.data.num_frames=2",
+                            "--config.train.batch_size=4", "--config.checkpoint.every_steps=0",
+                            "--config.sample.at_end=False", num_processes=2, devices_per_process=1)
+    try:
+        wait_for(lambda: max(losses(workdir), default=0) >= 3, procs, "step 3")
+        os.kill(procs[1].pid, signal.SIGTERM)
+        outs = wait_all(procs, timeout=600)
+    finally:
+        kill_all(procs)
+    stopped = [re.search(r"preempted: saved step (\d+)", out) for out in outs]
+    assert all(stopped), [out[-2000:] for out in outs]
+    step = int(stopped[0].group(1))
+    assert int(stopped[1].group(1)) == step >= 3
+    assert os.listdir(workdir / "checkpoints") == [str(step)]
+    assert max(losses(workdir)) == step
