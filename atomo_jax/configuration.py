@@ -4,10 +4,11 @@ locked so a misspelled key is refused)."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Iterable, Sequence
 
 import ml_collections
 from absl import flags
@@ -62,3 +63,83 @@ def config_from_saved(saved: dict) -> ml_collections.ConfigDict:
 
     merge(config, saved, "")
     return config
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A checkpoint's architecture laid over a config.
+
+# Model sections that describe what a checkpoint holds; keys that only say how to run it are not architecture.
+ARCHITECTURE_SECTIONS = ("unet", "vae", "image_encoder", "text_encoder")
+RUNTIME_KEYS = {"unet": ("dtype", "attention_impl", "remat")}
+
+
+@dataclasses.dataclass(frozen=True)
+class Found:
+    """A model config value a checkpoint gives: `where` names the file and field (or shape) it was read from;
+    `certain` is False for a value the file does not state but its variant has (e.g. SD 1.x's 8 heads)."""
+
+    value: Any
+    where: str
+    certain: bool = True
+
+
+Architecture = dict[str, dict[str, Found]]  # section -> key -> Found
+
+
+def _plain(value: Any) -> Any:
+    return tuple(value) if isinstance(value, (list, tuple)) else value
+
+
+def merge_architectures(*parts: Architecture) -> Architecture:
+    """One architecture from several files; two files stating different values for one key is an error."""
+    out: Architecture = {}
+    for part in parts:
+        for section, items in part.items():
+            for key, found in items.items():
+                have = out.setdefault(section, {}).get(key)
+                if have is None or (found.certain and not have.certain):
+                    out[section][key] = found
+                elif found.certain and have.certain and _plain(have.value) != _plain(found.value):
+                    raise ValueError(f"the inputs disagree on model.{section}.{key}: {have.value!r} ({have.where}) "
+                                     f"vs {found.value!r} ({found.where})")
+    return out
+
+
+def saved_architecture(saved_model: dict, where: str) -> Architecture:
+    """The architecture keys of a saved `config.model` (a composed checkpoint's COMPOSED_CONFIG)."""
+    return {section: {key: Found(value, f"{where} (model.{section}.{key})")
+                      for key, value in saved_model.get(section, {}).items()
+                      if key not in RUNTIME_KEYS.get(section, ())}
+            for section in ARCHITECTURE_SECTIONS if section in saved_model}
+
+
+def override_keys(overrides: Iterable[str]) -> frozenset[str]:
+    """`--config.a.b=value` -> "a.b": the keys a command line sets, whatever their value."""
+    return frozenset(o[len("--config."):].split("=", 1)[0] for o in overrides if o.startswith("--config."))
+
+
+def adopt_architecture(config: ml_collections.ConfigDict, found: Architecture,
+                       explicit: Iterable[str] = ()) -> list[str]:
+    """Lays `found` over `config.model` in place. A key the config sets (on the command line, `explicit` as from
+    `override_keys`, or in its file, to something other than configs/base.py's default) must match what the file
+    states, else one ValueError lists every such key with both values and the file; any other key takes the
+    checkpoint's value. Returns notes on set keys a file could not confirm."""
+    base, explicit = load_config(DEFAULT_CONFIG).model, frozenset(explicit)
+    conflicts, notes = [], []
+    for section, items in found.items():
+        for key, f in items.items():
+            if key not in config.model[section]:
+                raise ValueError(f"{f.where}: model.{section}.{key} is not declared in {DEFAULT_CONFIG}")
+            ours, theirs = _plain(config.model[section][key]), _plain(f.value)
+            if ours == theirs:
+                continue
+            if ours == _plain(base[section][key]) and f"model.{section}.{key}" not in explicit:
+                config.model[section][key] = theirs
+            elif f.certain:
+                conflicts.append(f"model.{section}.{key}: {theirs!r} in {f.where}, but {ours!r} in the config")
+            else:
+                notes.append(f"model.{section}.{key}={ours!r} as configured ({theirs!r} in {f.where})")
+    if conflicts:
+        raise ValueError("the checkpoint's architecture differs from the config:\n  " + "\n  ".join(conflicts)
+                         + "\nLeave those keys unset to take the checkpoint's values, or give the matching file.")
+    return notes

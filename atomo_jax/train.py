@@ -26,7 +26,9 @@ def main(argv: list[str]) -> None:
         logging.set_verbosity(logging.WARNING)
     sys.path.insert(0, os.getcwd())  # configs import each other as `configs.*`
     from atomo_jax.training.loop import train_and_evaluate
-    result = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    explicit = frozenset(name[len("config."):] for name in flags.FLAGS
+                         if name.startswith("config.") and flags.FLAGS[name].present)
+    result = train_and_evaluate(_CONFIG.value, _WORKDIR.value, explicit)
     print(f"[train] done at step {result['step']}", flush=True)
 
 

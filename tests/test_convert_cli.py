@@ -17,9 +17,11 @@ from diffusers import AutoencoderKL, MotionAdapter, UNet2DConditionModel
 from safetensors.numpy import load_file, save_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModelWithProjection
 
+from atomo_jax.configuration import load_config
 from atomo_jax.convert import compose
 from atomo_jax.convert.__main__ import main
 from atomo_jax.models.atomo import build_model
+from atomo_jax.training import checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_CONFIG = '''
@@ -100,10 +102,10 @@ def test_help():
 
 
 def test_compose_loads_reports_and_restores(parts, tmp_path, capsys):
+    """Non-standard sizes composed with no --config at all: every size, head count and norm comes from the files."""
     out = tmp_path / "init"
     code = main(["compose", "--sd", str(parts["sd"]), "--motion", str(parts["motion"]), "--ip_adapter",
-                 str(parts["ip"]), "--image_encoder", str(parts["image_encoder"]), "--out", str(out),
-                 "--config", str(parts["config"])])
+                 str(parts["ip"]), "--image_encoder", str(parts["image_encoder"]), "--out", str(out)])
     captured = capsys.readouterr()
     text = captured.out
     assert code == 0, captured.err
@@ -115,7 +117,12 @@ def test_compose_loads_reports_and_restores(parts, tmp_path, capsys):
     assert "position tables" in unet_block and "conv_in" in unet_block  # checked tables, 4 -> 9 channel note
     assert "scheduler/" in text and "model_index.json" in text  # ignored entries of the SD folder
 
-    config = compose.load_config(parts["config"])
+    config = checkpoint.load_config(str(out))  # what compose found, over configs/base.py
+    tiny = load_config(parts["config"]).model
+    for section in ("unet", "vae", "image_encoder", "text_encoder"):
+        for key, value in tiny[section].items():
+            if key not in ("dtype", "remat", "attention_impl", "factor"):
+                assert config.model[section][key] == value, (section, key)
     model = build_model(config.model)
     abstract = flax.linen.meta.unbox(jax.eval_shape(lambda r: model.init(r, num_frames=8, resolution=32),
                                                     jax.random.key(0)))
@@ -216,7 +223,8 @@ def test_wrong_head_counts_are_refused_naming_file_field_and_values(parts, tmp_p
     wrong_heads = "--config.model.unet.num_attention_heads=8"
     code = main(["compose", "--sd", str(parts["sd"]), "--out", str(tmp_path / "a"), *config, wrong_heads])
     err = capsys.readouterr().err
-    assert code == 1 and "unet/config.json" in err and "num_attention_heads" in err and "=4" in err and "=8" in err
+    assert code == 1 and "model.unet.num_attention_heads: 4 in " in err and "unet/config.json (attention_head_dim)" in err
+    assert "but 8 in the config" in err
     assert not (tmp_path / "a").exists()
     assert main(["unet", str(parts["sd"]), "--out", str(tmp_path / "u.safetensors"), *config, wrong_heads]) == 1
     assert "num_attention_heads" in capsys.readouterr().err
@@ -224,7 +232,7 @@ def test_wrong_head_counts_are_refused_naming_file_field_and_values(parts, tmp_p
     assert main(["motion", str(parts["motion"]), "--out", str(tmp_path / "m.safetensors"), *config,
                  wrong_motion]) == 1
     err = capsys.readouterr().err
-    assert "motion/config.json" in err and "motion_num_attention_heads=4" in err and "motion_num_heads=8" in err
+    assert "model.unet.motion_num_heads: 4 in " in err and "motion/config.json (motion_num_attention_heads)" in err
     code = main(["compose", "--motion", str(parts["motion"]), "--out", str(tmp_path / "b"), *config,
                  "--config.model.unet.motion_max_seq_length=32"])
-    assert code == 1 and "motion_max_seq_length=16" in capsys.readouterr().err
+    assert code == 1 and "model.unet.motion_max_seq_length: 16 in " in capsys.readouterr().err

@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 from atomo_jax.convert import torch_io
 from atomo_jax.convert.clip import load_image_encoder, load_text_encoder, text_params_from_torch, \
     text_param_shapes, vision_param_shapes, vision_params_from_torch
-from atomo_jax.convert.vae import load_vae, vae_config_from_diffusers, vae_param_shapes, vae_params_from_torch
+from atomo_jax.convert.vae import load_vae, vae_param_shapes, vae_params_from_torch
 from atomo_jax.models.clip import CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModelWithProjection
 from atomo_jax.models.pixel_autoencoder import PixelAutoencoder, PixelAutoencoderConfig
 from atomo_jax.models.tokenizer import TokenizerError, build_clip_tokenizer_files, load_clip_tokenizer, \
@@ -161,8 +161,10 @@ def test_vae_single_file_matches_diffusers_oracle(tiny_vae, tmp_path):
     folder_cfg, params = load_vae(tmp_path / "vae")
     assert folder_cfg == cfg
     jax.tree.map(np.testing.assert_array_equal, params, reference)
-    with pytest.raises(ValueError, match="shift_factor=0.1"):
-        vae_config_from_diffusers({**tiny_vae.config, "shift_factor": 0.1})
+    raw = json.loads((tmp_path / "vae" / "config.json").read_text())
+    (tmp_path / "vae" / "config.json").write_text(json.dumps({**raw, "shift_factor": 0.1}))
+    with pytest.raises(ValueError, match=r"vae/config.json: unsupported architecture: shift_factor=0.1"):
+        load_vae(tmp_path / "vae")
 
 
 # ----------------------------------------------------------------------------------------------------- CLIP

@@ -7,7 +7,9 @@
 
 `compose` writes one orbax checkpoint of the params dict {"unet","vae","image_encoder","text_encoder"} (and the
 config it was built for, `atomo_config.json`) for `python -m atomo_jax.train --config.init.checkpoint=DIR`; the
-single-part commands write our params of one part. `--config.a.b=value` overrides work as in training.
+single-part commands write our params of one part. Sizes, heads and norms come from the inputs themselves (a
+folder's config.json, a single file's shapes); `--config` and `--config.a.b=value` overrides (as in training) set
+the rest, and a setting the inputs contradict is an error naming both values and the file.
 """
 
 from __future__ import annotations
@@ -64,33 +66,56 @@ def _count(params: Any) -> str:
 
 
 def _part(args: argparse.Namespace) -> tuple[Any, str]:
-    """The single-part commands: (params, description)."""
-    from atomo_jax.convert import architecture, clip, compose, ip_adapter, motion, torch_io, unet, vae
+    """The single-part commands: (params, description). The part's architecture comes from its file (config.json
+    or shapes) laid over `--config` (see `configuration.adopt_architecture`)."""
+    from atomo_jax.configuration import adopt_architecture, load_config, override_keys
+    from atomo_jax.convert import architecture, clip, compose, motion, torch_io, unet, vae
+    from atomo_jax.models.atomo import build_model
 
-    if args.command in ("unet", "motion", "ip-adapter"):
-        config = compose.build_model(compose.load_config(args.config, args.overrides).model).unet_config
-        if args.command == "motion":
-            architecture.check_motion_adapter(args.path, config)
-            return motion.load_motion_modules(args.path, config), "motion modules"
-        if args.command == "ip-adapter":
-            return ip_adapter.load_ip_adapter(args.path, config), "IP-Adapter"
-        path = Path(args.path)
+    config = load_config(args.config, args.overrides)
+    path = Path(args.path)
+    file_key = lambda key: key  # noqa: E731
+    if args.command in ("motion", "ip-adapter"):
+        sources = (compose.read_sources(motion=args.path) if args.command == "motion"
+                   else compose.read_sources(ip_adapter=args.path))
+        found = compose.architecture_of(sources)
+    elif args.command == "unet":
         if path.is_dir() and (path / "unet").is_dir():
             path = path / "unet"
         if path.is_dir():
-            architecture.check_unet(path, config)
-        state = (torch_io.load_state_dict(path) if path.is_dir() else compose.read_sd(path).unet)
-        params, report = unet.load_unet_state_dict(state, config, source=str(args.path))
+            state = torch_io.load_state_dict(path)
+        else:
+            sd = compose.read_sd(path)
+            state, file_key = sd.unet, sd.file_key
+        found = architecture.describe("unet", path, state)
+    else:
+        section = {"vae": "vae", "clip-text": "text_encoder", "clip-vision": "image_encoder"}[args.command]
+        state = torch_io.load_state_dict(path)
+        if section == "vae" and vae.is_ldm_vae(state):
+            state = vae.ldm_vae_to_diffusers(state)
+        if section == "text_encoder" and any(k.startswith(clip.LDM_TEXT_PREFIXES) for k in state):
+            state = clip.ldm_text_encoder_to_transformers(state)
+        found = architecture.describe(section, path, state)
+    for note in adopt_architecture(config, found, override_keys(args.overrides)):
+        print(f"note: {note}")
+    model = build_model(config.model)
+    if args.command == "motion":
+        return motion.motion_modules_params(sources.motion[1], model.unet_config, source=args.path), "motion modules"
+    if args.command == "ip-adapter":
+        from atomo_jax.convert import ip_adapter
+
+        return ip_adapter.ip_adapter_params(sources.ip_adapter[1], model.unet_config, source=args.path), "IP-Adapter"
+    if args.command == "unet":
+        params, report = unet.load_unet_state_dict(state, model.unet_config, source=str(args.path), file_key=file_key)
         print(report.summary())
         return params, "UNet"
     if args.command == "vae":
-        _, params = vae.load_vae(args.path)
-        return params["params"], "VAE"
+        return vae.vae_params_from_torch(state, model.vae.config, source=str(path))["params"], "VAE"
     if args.command == "clip-text":
-        _, params = clip.load_text_encoder(args.path)
-        return params["params"], "CLIP text encoder"
-    _, params = clip.load_image_encoder(args.path)
-    return params["params"], "CLIP vision encoder"
+        return clip.text_params_from_torch(state, model.text_encoder.config, source=str(path))["params"], \
+            "CLIP text encoder"
+    return clip.vision_params_from_torch(state, model.image_encoder.config, source=str(path))["params"], \
+        "CLIP vision encoder"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -116,12 +141,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         p = sub.add_parser(name, help=text, description=text)
         p.add_argument("path", help="input weights (file or folder)")
         p.add_argument("--out", required=True, help=f"output file, one of {', '.join(OUT_FORMATS)}")
-        if name in ("unet", "motion", "ip-adapter"):
-            p.add_argument("--config", help="config file for the UNet shape (default configs/base.py)")
+        p.add_argument("--config", help="config file laid under the file's own architecture (default "
+                                        "configs/base.py); --config.a.b=value overrides follow it")
     args, rest = parser.parse_known_args(argv)
     args.overrides = [a for a in rest if a.startswith("--config.")]
-    if len(args.overrides) != len(rest) or (rest and args.command not in ("compose", "unet", "motion", "ip-adapter")):
-        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    if len(args.overrides) != len(rest):
+        parser.error(f"unrecognized arguments: {' '.join(a for a in rest if not a.startswith('--config.'))}")
     try:
         return _run(parser, args)
     except (ValueError, OSError) as e:  # bad input: the message names the file/key; no traceback
@@ -131,6 +156,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     if args.command == "compose":
+        from atomo_jax.configuration import load_config, override_keys
         from atomo_jax.convert import compose
 
         if not any((args.sd, args.motion, args.ip_adapter, args.image_encoder)):
@@ -138,14 +164,20 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         out = Path(args.out)
         if out.exists() and not args.force:
             parser.error(f"--out {out} exists; choose a new directory or pass --force")
-        config = compose.load_config(args.config, args.overrides)
-        progress = _progress(7)
-        params, reports = compose.compose(config, sd=args.sd, motion=args.motion, ip_adapter=args.ip_adapter,
-                                          image_encoder=args.image_encoder, seed=args.seed, progress=progress)
+        progress = _progress(8)
+        progress("reading the inputs")
+        sources = compose.read_sources(sd=args.sd, motion=args.motion, ip_adapter=args.ip_adapter,
+                                       image_encoder=args.image_encoder)
+        progress("architecture")
+        config, notes = compose.configure(load_config(args.config, args.overrides), sources,
+                                          override_keys(args.overrides))
+        params, reports = compose.compose(config, sources, seed=args.seed, progress=progress)
         progress("writing checkpoint")
         path = compose.save_params(params, out, config, force=args.force)
         for report in reports:
             print(report.summary())
+        for note in notes:
+            print(f"note: {note}")
         for part in compose.PARTS:
             print(f"{part}: {_count(params[part])}")
         print(f"wrote {path}  (train with --config.init.checkpoint={path})")

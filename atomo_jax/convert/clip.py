@@ -7,8 +7,6 @@ transformers keys (`text_model.embeddings.token_embedding.weight`, ...).
 
 from __future__ import annotations
 
-import dataclasses
-import json
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -16,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from atomo_jax.convert import architecture
 from atomo_jax.convert.torch_io import convert_state_dict, load_state_dict
 from atomo_jax.models.clip import CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModelWithProjection
 
@@ -70,46 +69,35 @@ def vision_params_from_torch(state_dict: Mapping[str, np.ndarray], config: CLIPV
                               embeddings=_VISION_EMBEDDINGS, source=source, prefix="params")
 
 
-def _from_transformers(cls: type, config: Mapping[str, Any], sub: str) -> Any:
-    """transformers config.json dict -> our dataclass: shared field names; a full CLIPConfig gives its `sub` part."""
-    config = config.get(sub) or config
-    if isinstance(config.get("image_size"), (list, tuple)) or isinstance(config.get("patch_size"), (list, tuple)):
-        raise ValueError(f"only square CLIP images/patches are supported, got image_size={config.get('image_size')}, "
-                         f"patch_size={config.get('patch_size')}")
-    names = {f.name for f in dataclasses.fields(cls)}
-    return cls(**{k: v for k, v in config.items() if k in names and v is not None})
+def text_config_from_transformers(config: Mapping[str, Any], path: str | Path = "config.json") -> CLIPTextConfig:
+    """A transformers CLIP(Text)Config as a dict -> our config."""
+    return architecture.dataclass_from(CLIPTextConfig, architecture.text_encoder_from_config(Path(path), config))
 
 
-def text_config_from_transformers(config: Mapping[str, Any]) -> CLIPTextConfig:
-    return _from_transformers(CLIPTextConfig, config, "text_config")
-
-
-def vision_config_from_transformers(config: Mapping[str, Any]) -> CLIPVisionConfig:
-    return _from_transformers(CLIPVisionConfig, config, "vision_config")
-
-
-def _read_config(path: Path) -> dict[str, Any] | None:
-    file = path / "config.json"
-    return json.loads(file.read_text()) if file.is_file() else None
+def vision_config_from_transformers(config: Mapping[str, Any], path: str | Path = "config.json") -> CLIPVisionConfig:
+    """A transformers CLIP(Vision)Config as a dict -> our config."""
+    return architecture.dataclass_from(CLIPVisionConfig, architecture.image_encoder_from_config(Path(path), config))
 
 
 def load_text_encoder(path: str | Path, config: CLIPTextConfig | None = None) -> tuple[CLIPTextConfig, dict]:
-    """A transformers CLIPTextModel folder (config.json read unless `config` is given) or a full original SD
-    checkpoint (SD 1.5 text config unless given) -> (config, {"params": ...})."""
+    """A transformers CLIPTextModel folder or a full original SD checkpoint -> (config, {"params": ...}); without
+    `config`, the architecture is the folder's config.json or the file's shapes (`architecture.describe`)."""
     path = Path(path)
+    state = load_state_dict(path)
+    if any(k.startswith(LDM_TEXT_PREFIXES) for k in state):
+        state = ldm_text_encoder_to_transformers(state)
     if config is None:
-        raw = _read_config(path)
-        config = text_config_from_transformers(raw) if raw else CLIPTextConfig()
-    return config, text_params_from_torch(load_state_dict(path), config, source=str(path))
+        config = architecture.dataclass_from(CLIPTextConfig,
+                                             architecture.describe("text_encoder", path, state)["text_encoder"])
+    return config, text_params_from_torch(state, config, source=str(path))
 
 
 def load_image_encoder(path: str | Path, config: CLIPVisionConfig | None = None) -> tuple[CLIPVisionConfig, dict]:
     """A transformers CLIPVisionModelWithProjection folder (e.g. IP-Adapter's `models/image_encoder`) ->
-    (config, {"params": ...}); the folder's config.json is read unless `config` is given."""
+    (config, {"params": ...}); without `config`, the architecture is the folder's config.json."""
     path = Path(path)
+    state = load_state_dict(path)
     if config is None:
-        raw = _read_config(path)
-        if raw is None:
-            raise FileNotFoundError(f"{path}: no config.json; pass a CLIPVisionConfig for a bare weight file")
-        config = vision_config_from_transformers(raw)
-    return config, vision_params_from_torch(load_state_dict(path), config, source=str(path))
+        config = architecture.dataclass_from(CLIPVisionConfig,
+                                             architecture.describe("image_encoder", path, state)["image_encoder"])
+    return config, vision_params_from_torch(state, config, source=str(path))

@@ -1,8 +1,10 @@
 """Assemble one initial training checkpoint from pretrained parts.
 
-`compose(...)` reads SD 1.5 (a diffusers folder or the original single file), AnimateDiff motion modules, IP-Adapter
-SD 1.5 weights and a CLIP vision folder, converts each with its converter (all or nothing), fills what no file
-provides with our initialisation (temporal layers start as the identity), and returns the params dict
+`read_sources(...)` reads SD 1.5 (a diffusers folder or the original single file), AnimateDiff motion modules,
+IP-Adapter SD 1.5 weights and a CLIP vision folder once; `configure(config, sources)` makes the config's model what
+those files hold (sizes, heads, norms, from config.json or shapes; see `convert/architecture.py`); `compose(...)`
+converts each part with its converter (all or nothing), fills what no file provides with our initialisation
+(temporal layers start as the identity), and returns the params dict
 `{"unet", "vae", "image_encoder", "text_encoder"}` shaped exactly like `build_model(config.model).init(...)`, plus one
 report per part saying what was loaded, what was newly initialised and what was ignored.
 
@@ -12,8 +14,8 @@ report per part saying what was loaded, what was newly initialised and what was 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
-import json
 import re
 from collections import Counter
 from pathlib import Path
@@ -31,7 +33,7 @@ from atomo_jax.convert import motion as motion_convert
 from atomo_jax.convert import torch_io
 from atomo_jax.convert import unet as unet_convert
 from atomo_jax.convert import vae as vae_convert
-from atomo_jax.configuration import load_config
+from atomo_jax.configuration import Architecture, Found, adopt_architecture, merge_architectures
 from atomo_jax.models.atomo import PARTS, AtomoVideo, build_model
 from atomo_jax.training.checkpoint import COMPOSED_CONFIG
 
@@ -81,15 +83,6 @@ def _strip_params(variables: Mapping[str, Any]) -> dict[str, Any]:
     return flax.core.unfreeze(variables.get("params", variables))
 
 
-def _same_config(part: str, ours: Any, theirs: Any, source: str, config_key: str) -> None:
-    """The checkpoint's own config.json must describe the model our config builds."""
-    diff = [f"{f.name}: checkpoint {getattr(theirs, f.name)!r}, ours {getattr(ours, f.name)!r}"
-            for f in dataclasses.fields(ours) if getattr(theirs, f.name) != getattr(ours, f.name)]
-    if diff:
-        raise ValueError(f"{source}: its config does not match config.model.{config_key} ({part}): " + "; ".join(diff)
-                         + f". Set config.model.{config_key}.<field> to the checkpoint's values.")
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Reading Stable Diffusion.
 
@@ -105,6 +98,7 @@ class SDWeights:
     text_encoder: dict[str, np.ndarray]
     folders: dict[str, Path]
     ignored: list[str]
+    file_key: Callable[[str], str] = lambda key: key  # UNet key -> the key as the file names it
 
 
 def read_sd(path: str | Path) -> SDWeights:
@@ -125,31 +119,82 @@ def read_sd(path: str | Path) -> SDWeights:
 
     parts = single_file.read_single_file(path)
     return SDWeights(str(path), "single file", parts["unet"], parts["vae"], parts["text_encoder"], {},
-                     parts["ignored"])
+                     parts["ignored"], parts["file_key"])
+
+
+@dataclasses.dataclass
+class Sources:
+    """Every input of `compose`, read once: the state dicts (diffusers/transformers names) and where they came from."""
+
+    sd: SDWeights | None = None
+    motion: tuple[str, dict[str, np.ndarray]] | None = None  # (path, MotionAdapter-layout state dict)
+    ip_adapter: tuple[str, dict[str, np.ndarray], str] | None = None  # (path, state dict, layout)
+    image_encoder: tuple[str, dict[str, np.ndarray]] | None = None  # (path, state dict)
+
+
+def read_sources(*, sd: str | None = None, motion: str | None = None, ip_adapter: str | None = None,
+                 image_encoder: str | None = None) -> Sources:
+    out = Sources(sd=read_sd(sd) if sd else None)
+    if motion:
+        out.motion = str(motion), motion_convert.to_diffusers_layout(torch_io.load_state_dict(motion), str(motion))
+    if ip_adapter:
+        state = ip_convert.load_ip_adapter_state_dict(ip_adapter)
+        ip_convert.check_supported(state, str(ip_adapter))
+        out.ip_adapter = str(ip_adapter), state, ip_convert.detect_layout(state, str(ip_adapter))
+    if image_encoder:
+        out.image_encoder = str(image_encoder), torch_io.load_state_dict(image_encoder)
+    return out
+
+
+def architecture_of(sources: Sources) -> Architecture:
+    """What the inputs say the model is (config.json where a folder has one, else shapes and the known variant)."""
+    parts: list[Architecture] = []
+    if sources.sd is not None:
+        sd = sources.sd
+        for part in SD_FOLDER_PARTS:
+            parts.append(architecture.describe(part, sd.folders.get(part, sd.source), getattr(sd, part)))
+        parts.append({"vae": {"kind": Found("sd", f"{sd.source} (an SD VAE)")},
+                      "text_encoder": {"kind": Found("clip_text", f"{sd.source} (a CLIP text encoder)")}})
+        tokenizer = Path(sd.source) / "tokenizer"
+        if tokenizer.is_dir():  # a default for training and sampling; a configured tokenizer is kept
+            parts.append({"text_encoder": {"tokenizer": Found(str(tokenizer.resolve()), f"{sd.source} (tokenizer/)",
+                                                              certain=False)}})
+    if sources.motion is not None:
+        parts.append(architecture.describe_motion(*sources.motion))
+    if sources.ip_adapter is not None:
+        parts.append(architecture.describe_ip_adapter(*sources.ip_adapter))
+    if sources.image_encoder is not None:
+        parts.append(architecture.describe("image_encoder", *sources.image_encoder))
+    return merge_architectures(*parts)
+
+
+def configure(config: ml_collections.ConfigDict, sources: Sources, explicit: Iterable[str] = ()
+              ) -> tuple[ml_collections.ConfigDict, list[str]]:
+    """A copy of `config` whose model is what the inputs hold (see `configuration.adopt_architecture`; `explicit`:
+    the keys the command line set), and notes on configured values the files could not confirm."""
+    config = copy.deepcopy(config)
+    notes = adopt_architecture(config, architecture_of(sources), explicit)
+    return config, notes
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Parts.
 
-def _fresh(model: AtomoVideo, config: ml_collections.ConfigDict, part: str, rng: jax.Array) -> dict[str, Any]:
+def _fresh(model: AtomoVideo, part: str, rng: jax.Array) -> dict[str, Any]:
     """Our initialisation of one part (jitted: XLA drops the other parts' initialisers)."""
     init = jax.jit(lambda r: flax.linen.meta.unbox(model.init(r))[part])
     return jax.tree.map(np.asarray, init(rng))
 
 
-def compose_unet(model: AtomoVideo, sd: SDWeights | None, motion: str | None, ip_adapter: str | None,
-                 rng: jax.Array) -> tuple[dict[str, Any], PartReport]:
-    cfg = model.unet_config
+def compose_unet(model: AtomoVideo, sources: Sources, rng: jax.Array) -> tuple[dict[str, Any], PartReport]:
+    cfg, sd = model.unet_config, sources.sd
     report = PartReport("unet", sd.source if sd else "no SD weights")
     extra: dict[str, np.ndarray] = {}
     motion_paths: list[str] = []
-    if sd is not None and "unet" in sd.folders:
-        architecture.check_unet(sd.folders["unet"], cfg)
-    if motion:
-        architecture.check_motion_adapter(motion, cfg)
-        state = torch_io.load_state_dict(motion)
+    if sources.motion is not None:
+        motion, state = sources.motion
         tables = [k for k in state if k.endswith(".pe")]
-        tree = motion_convert.motion_modules_params(state, cfg, source=str(motion))
+        tree = motion_convert.motion_modules_params(state, cfg, source=motion)
         motion_paths = list(flat(tree))
         extra.update(unet_convert.unet_params_to_torch(tree))
         report.source += f" + motion modules {motion}"
@@ -158,8 +203,9 @@ def compose_unet(model: AtomoVideo, sd: SDWeights | None, motion: str | None, ip
             report.notes.append(f"{len(tables)} position tables (*.pe) of {motion} were checked equal to our fixed "
                                 f"sinusoidal table; the model computes it, so they are not stored")
     ip_paths: list[str] = []
-    if ip_adapter:
-        tree = ip_convert.load_ip_adapter(ip_adapter, cfg)
+    if sources.ip_adapter is not None:
+        ip_adapter, state, _ = sources.ip_adapter
+        tree = ip_convert.ip_adapter_params(state, cfg, source=ip_adapter)
         ip_paths = list(flat(tree))
         extra.update(unet_convert.unet_params_to_torch(tree))
         report.source += f" + IP-Adapter {ip_adapter}"
@@ -171,95 +217,77 @@ def compose_unet(model: AtomoVideo, sd: SDWeights | None, motion: str | None, ip
     state.update(extra)
     # without SD weights everything is new; with them only the layers SD 1.5 does not have
     new_ok = (lambda p: unet_convert.is_temporal(p) or unet_convert.is_ip_adapter(p)) if sd else (lambda p: True)
-    params, unet_report = unet_convert.load_unet_state_dict(state, cfg, rng=rng, new_ok=new_ok, source=report.source)
+    params, unet_report = unet_convert.load_unet_state_dict(state, cfg, rng=rng, new_ok=new_ok, source=report.source,
+                                                            file_key=sd.file_key if sd else lambda key: key)
     report.loaded, report.new = unet_report.loaded, unet_report.newly_initialised
     report.notes += unet_report.notes
     if motion_paths:
-        report.notes.append(f"{len(motion_paths)} motion-module tensors from {motion}")
+        report.notes.append(f"{len(motion_paths)} motion-module tensors from {sources.motion[0]}")
     if ip_paths:
-        report.notes.append(f"{len(ip_paths)} IP-Adapter tensors from {ip_adapter}")
-    if cfg.use_motion_modules and not motion:
+        report.notes.append(f"{len(ip_paths)} IP-Adapter tensors from {sources.ip_adapter[0]}")
+    if cfg.use_motion_modules and sources.motion is None:
         report.notes.append("no --motion: motion modules start as the identity (random attention, zero proj_out)")
-    if cfg.ip_adapter and not ip_adapter:
+    if cfg.ip_adapter and sources.ip_adapter is None:
         report.notes.append("no --ip_adapter: to_k_ip/to_v_ip/image_proj are RANDOM, so image features perturb the "
                             "SD output from step 0; pass IP-Adapter weights or expect to train them")
     return params, report
 
 
-def _folder_config(sd: SDWeights, part: str) -> dict[str, Any] | None:
-    file = sd.folders[part] / "config.json" if part in sd.folders else None
-    return json.loads(file.read_text()) if file is not None and file.is_file() else None
-
-
-def compose_vae(model: AtomoVideo, sd: SDWeights | None, config, rng) -> tuple[dict[str, Any], PartReport]:
-    kind = config.model.vae.kind
-    if kind == "pixel":
+def compose_vae(model: AtomoVideo, sd: SDWeights | None, rng: jax.Array) -> tuple[dict[str, Any], PartReport]:
+    if model.config.vae.kind == "pixel":
         return {}, PartReport("vae", "pixel-space stand-in: no weights", notes=["config.model.vae.kind='pixel'"])
     if sd is None:
-        params = _fresh(model, config, "vae", rng)
+        params = _fresh(model, "vae", rng)
         return params, PartReport("vae", "no SD weights", new=list(flat(params)),
                                   notes=["RANDOM VAE: pass --sd for the pretrained one"])
-    ours = model.vae.config
-    raw = _folder_config(sd, "vae")
-    if raw is not None:
-        _same_config("vae", ours, vae_convert.vae_config_from_diffusers(raw), str(sd.folders["vae"]), "vae")
-    params = _strip_params(vae_convert.vae_params_from_torch(sd.vae, ours, source=sd.source))
+    params = _strip_params(vae_convert.vae_params_from_torch(sd.vae, model.vae.config, source=sd.source))
     return params, PartReport("vae", sd.source, loaded=list(flat(params)))
 
 
-def compose_text_encoder(model: AtomoVideo, sd: SDWeights | None, config, rng) -> tuple[dict[str, Any], PartReport]:
+def compose_text_encoder(model: AtomoVideo, sd: SDWeights | None, rng: jax.Array
+                         ) -> tuple[dict[str, Any], PartReport]:
     if model.text_encoder is None:
         return {}, PartReport("text_encoder", "none", notes=["config.model.text_encoder.kind='none'"])
     if sd is None:
-        params = _fresh(model, config, "text_encoder", rng)
+        params = _fresh(model, "text_encoder", rng)
         return params, PartReport("text_encoder", "no SD weights", new=list(flat(params)),
                                   notes=["RANDOM text encoder: pass --sd for the pretrained one"])
-    ours = model.text_encoder.config
-    raw = _folder_config(sd, "text_encoder")
-    if raw is not None:
-        _same_config("text_encoder", ours, clip_convert.text_config_from_transformers(raw),
-                     str(sd.folders["text_encoder"]), "text_encoder")
-    params = _strip_params(clip_convert.text_params_from_torch(sd.text_encoder, ours, source=sd.source))
+    params = _strip_params(clip_convert.text_params_from_torch(sd.text_encoder, model.text_encoder.config,
+                                                               source=sd.source))
     return params, PartReport("text_encoder", sd.source, loaded=list(flat(params)))
 
 
-def compose_image_encoder(model: AtomoVideo, path: str | None, config, rng) -> tuple[dict[str, Any], PartReport]:
-    if path is None:
-        params = _fresh(model, config, "image_encoder", rng)
+def compose_image_encoder(model: AtomoVideo, source: tuple[str, dict] | None, rng: jax.Array
+                          ) -> tuple[dict[str, Any], PartReport]:
+    if source is None:
+        params = _fresh(model, "image_encoder", rng)
         return params, PartReport("image_encoder", "no --image_encoder", new=list(flat(params)),
                                   notes=["RANDOM image encoder: pass the IP-Adapter CLIP vision folder"])
-    ours = model.image_encoder.config
-    config_file = Path(path) / "config.json"
-    if config_file.is_file():
-        theirs = clip_convert.vision_config_from_transformers(json.loads(config_file.read_text()))
-        _same_config("image_encoder", ours, theirs, str(path), "image_encoder")
-    _, params = clip_convert.load_image_encoder(path, ours)
-    params = _strip_params(params)
-    return params, PartReport("image_encoder", str(path), loaded=list(flat(params)))
+    path, state = source
+    params = _strip_params(clip_convert.vision_params_from_torch(state, model.image_encoder.config, source=path))
+    return params, PartReport("image_encoder", path, loaded=list(flat(params)))
 
 
-def compose(config: ml_collections.ConfigDict, *, sd: str | None = None, motion: str | None = None,
-            ip_adapter: str | None = None, image_encoder: str | None = None, seed: int = 0,
+def compose(config: ml_collections.ConfigDict, sources: Sources, *, seed: int = 0,
             progress: Callable[[str], None] = lambda step: None) -> tuple[dict[str, Any], list[PartReport]]:
-    """-> (params {"unet", "vae", "image_encoder", "text_encoder"} as numpy float32, one report per part).
+    """-> (params {"unet", "vae", "image_encoder", "text_encoder"} as numpy float32, one report per part) for the
+    model of `config` (see `configure` for a config that matches `sources`).
 
     The tree is checked against `jax.eval_shape` of `build_model(config.model).init` (every path, every shape), so
     what is saved restores into the trainer's model."""
     model = build_model(config.model)
     rngs = dict(zip(PARTS, jax.random.split(jax.random.key(seed), len(PARTS))))
-    progress("reading SD weights")
-    sd_weights = read_sd(sd) if sd else None
     params, reports = {}, []
-    steps = (("unet", lambda: compose_unet(model, sd_weights, motion, ip_adapter, rngs["unet"])),
-             ("vae", lambda: compose_vae(model, sd_weights, config, rngs["vae"])),
-             ("text_encoder", lambda: compose_text_encoder(model, sd_weights, config, rngs["text_encoder"])),
-             ("image_encoder", lambda: compose_image_encoder(model, image_encoder, config, rngs["image_encoder"])))
+    steps = (("unet", lambda: compose_unet(model, sources, rngs["unet"])),
+             ("vae", lambda: compose_vae(model, sources.sd, rngs["vae"])),
+             ("text_encoder", lambda: compose_text_encoder(model, sources.sd, rngs["text_encoder"])),
+             ("image_encoder", lambda: compose_image_encoder(model, sources.image_encoder, rngs["image_encoder"])))
     for part, run in steps:
         progress(part)
         params[part], report = run()
         reports.append(report)
-    if sd_weights is not None and sd_weights.ignored:
-        reports.append(PartReport("sd (unused entries)", sd_weights.source, ignored=sd_weights.ignored))
+    if sources.sd is not None and sources.sd.ignored:
+        reports.append(PartReport("sd (unused entries)", sources.sd.source, ignored=sources.sd.ignored))
     progress("checking against the model")
     abstract = flax.linen.meta.unbox(jax.eval_shape(model.init, jax.random.key(0)))
     for part, report in zip(PARTS, reports):

@@ -22,7 +22,7 @@ from __future__ import annotations
 import dataclasses
 import re
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 
@@ -160,10 +160,17 @@ def diffusers_unet_to_ldm(state_dict: Mapping[str, np.ndarray], layout: LDMUNetL
     return out
 
 
+def ldm_key_namer(layout: LDMUNetLayout) -> Callable[[str], str]:
+    """diffusers UNet key -> its name in an original checkpoint of `layout` (other keys unchanged): errors then name
+    the keys the user's file holds."""
+    prefixes = {v: k for k, v in module_prefixes(layout).items()}
+    return lambda key: LDM_UNET_PREFIX + new if (new := _rename(key, prefixes)) else key
+
+
 def read_single_file(path: str | Path, *, use_ema: bool = False) -> dict[str, Any]:
     """An original SD 1.x `.safetensors` / `.ckpt` (read with `torch.load(weights_only=True)`) -> {"unet": diffusers
     UNet state dict, "vae": diffusers AutoencoderKL state dict, "text_encoder": transformers CLIPTextModel state
-    dict, "ignored": keys of no part (e.g. schedule buffers, unused EMA copies)}."""
+    dict, "ignored": keys of no part (e.g. schedule buffers, unused EMA copies), "file_key": the UNet key namer}."""
     from atomo_jax.convert.clip import LDM_TEXT_PREFIXES, ldm_text_encoder_to_transformers
     from atomo_jax.convert.vae import LDM_VAE_PREFIXES, ldm_vae_to_diffusers
 
@@ -172,7 +179,9 @@ def read_single_file(path: str | Path, *, use_ema: bool = False) -> dict[str, An
     used_ema = use_ema and any(k.startswith(LDM_EMA_PREFIX) for k in checkpoint)
     ignored = sorted(k for k in checkpoint if not k.startswith(parts)
                      and not (used_ema and k.startswith(LDM_EMA_PREFIX + "diffusion_model")))
-    return {"unet": ldm_unet_to_diffusers(checkpoint, use_ema=use_ema, source=str(path)),
+    unet = ldm_unet_to_diffusers(checkpoint, use_ema=use_ema, source=str(path))
+    layout = infer_layout({k[len(LDM_UNET_PREFIX):]: v for k, v in checkpoint.items() if k.startswith(LDM_UNET_PREFIX)})
+    return {"unet": unet, "file_key": ldm_key_namer(layout),
             "vae": ldm_vae_to_diffusers(checkpoint),
             "text_encoder": ldm_text_encoder_to_transformers(checkpoint),
             "ignored": ignored}

@@ -157,17 +157,18 @@ def assign(shapes: Any, mapping: Mapping[FlaxPath, np.ndarray], *, origin: Mappi
     """Builds the params tree shaped like `shapes` from `{flax_path: array}`; all or nothing.
 
     `shapes`: tree of `jax.ShapeDtypeStruct` (e.g. `jax.eval_shape(model.init, rng, x)`; logical-partitioning boxes
-    are removed). `origin` names the source key of each flax path for error messages; `source` names the checkpoint.
+    are removed). `origin` names the file's key of each flax path (given or expected) for error messages; `source`
+    names the checkpoint.
     Arrays are cast to the dtype of `shapes`. Raises `WeightMappingError` listing every missing, unexpected and
     mis-shaped key.
     """
     expected = flatten_shapes(shapes)
     origin = origin or {}
 
-    def named(p: FlaxPath) -> str:
-        return f"{p} (from {origin[p]})" if p in origin else p
+    def named(p: FlaxPath, how: str = "from") -> str:
+        return f"{p} ({how} {origin[p]})" if p in origin else p
 
-    missing = sorted(set(expected) - set(mapping))
+    missing = sorted(named(p, "expected as") for p in set(expected) - set(mapping))
     unexpected = sorted(named(p) for p in set(mapping) - set(expected))
     misshaped = sorted(f"{named(p)}: got {tuple(np.shape(mapping[p]))}, expected {tuple(expected[p].shape)}"
                        for p in set(mapping) & set(expected) if tuple(np.shape(mapping[p])) != tuple(expected[p].shape))

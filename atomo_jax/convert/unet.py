@@ -193,15 +193,16 @@ def _new_ok_default(path: str) -> bool:
 
 def load_unet_state_dict(state_dict: Mapping[str, np.ndarray], config: UNetConfig, *,
                          rng: jax.Array | None = None, init_params: Any = None,
-                         new_ok: Callable[[str], bool] = _new_ok_default,
-                         source: str = "UNet checkpoint") -> tuple[dict[str, Any], UNetImportReport]:
+                         new_ok: Callable[[str], bool] = _new_ok_default, source: str = "UNet checkpoint",
+                         file_key: Callable[[str], str] = lambda key: key) -> tuple[dict[str, Any], UNetImportReport]:
     """diffusers-named UNet state dict -> (our params tree without the "params" level, report).
 
     Parameters absent from `state_dict` for which `new_ok(flax_path)` holds (default: temporal and IP-Adapter layers)
     take their value from `init_params` (a params tree of the same model) or, if None, from our init with `rng`
     (default `PRNGKey(0)`); they are listed in the report. A `conv_in` with fewer input channels than ours (SD's 4
     latent channels) fills the first channels of our kernel (the noise slice) and the rest are zero. Anything else
-    that does not match raises `torch_io.WeightMappingError` listing every offending key; nothing is loaded then.
+    that does not match raises `torch_io.WeightMappingError` listing every offending key as the file names it
+    (`file_key`: diffusers key -> the file's, e.g. `single_file.ldm_key_namer`); nothing is loaded then.
     """
     shapes = unet_param_shapes(config)
     expected = torch_io.flatten_shapes(shapes)
@@ -210,6 +211,7 @@ def load_unet_state_dict(state_dict: Mapping[str, np.ndarray], config: UNetConfi
     origin: dict[str, str] = {}
     loaded, new, notes = [], [], []
     for row in table:
+        origin[row.flax_path] = file_key(row.torch_key)
         if row.torch_key in state_dict:
             value = to_flax_array(row.transform, state_dict[row.torch_key])
             want = tuple(expected[row.flax_path].shape)
@@ -219,7 +221,7 @@ def load_unet_state_dict(state_dict: Mapping[str, np.ndarray], config: UNetConfi
                 value = np.concatenate([value, np.zeros(want[:2] + (want[2] - given,) + want[3:], value.dtype)], 2)
                 notes.append(f"conv_in: the checkpoint's {given} input channels fill channels [0:{given}] (noise "
                              f"latents); channels [{given}:{want[2]}] (mask, image latents) start at zero")
-            mapping[row.flax_path], origin[row.flax_path] = value, row.torch_key
+            mapping[row.flax_path] = value
             loaded.append(row.flax_path)
         elif new_ok(row.flax_path):
             new.append(row.flax_path)
@@ -234,7 +236,7 @@ def load_unet_state_dict(state_dict: Mapping[str, np.ndarray], config: UNetConfi
     for key in sorted(set(state_dict) - known):  # unexpected: reported by `assign` under a Flax-like name
         path, value = torch_io.torch_to_flax(key, np.asarray(state_dict[key]))
         path = path if path not in mapping else f"{path}#{key}"
-        mapping[path], origin[path] = value, key
+        mapping[path], origin[path] = value, file_key(key)
     params = torch_io.assign(shapes, mapping, origin=origin, source=source)
     return params, UNetImportReport(source, loaded, new, notes)
 

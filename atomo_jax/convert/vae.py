@@ -10,7 +10,6 @@ to_out.0}` where q/k/v/proj_out are 1x1 convs (squeezed to linear weights).
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Any, Mapping
@@ -19,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from atomo_jax.convert import architecture
 from atomo_jax.convert.torch_io import convert_state_dict, load_state_dict
 from atomo_jax.models.vae import AutoencoderKL, VAEConfig
 
@@ -84,40 +84,13 @@ def vae_params_from_torch(state_dict: Mapping[str, np.ndarray], config: VAEConfi
                               prefix="params")
 
 
-def vae_config_from_diffusers(config: Mapping[str, Any]) -> VAEConfig:
-    """A diffusers `AutoencoderKL` config.json (as a dict) -> VAEConfig; refuses variants this port does not have."""
-    problems = []
-    if any(t != "DownEncoderBlock2D" for t in config.get("down_block_types", ())):
-        problems.append(f"down_block_types={config['down_block_types']} (only DownEncoderBlock2D)")
-    if any(t != "UpDecoderBlock2D" for t in config.get("up_block_types", ())):
-        problems.append(f"up_block_types={config['up_block_types']} (only UpDecoderBlock2D)")
-    if config.get("act_fn", "silu") != "silu":
-        problems.append(f"act_fn={config['act_fn']!r} (only 'silu')")
-    for key in ("use_quant_conv", "use_post_quant_conv"):
-        if not config.get(key, True):
-            problems.append(f"{key}=False (only True)")
-    for key in ("shift_factor", "latents_mean", "latents_std"):
-        if config.get(key) is not None:
-            problems.append(f"{key}={config[key]!r} (only None, as in SD 1.x)")
-    if problems:
-        raise ValueError("unsupported AutoencoderKL config: " + "; ".join(problems))
-    d = VAEConfig()
-    return VAEConfig(in_channels=config.get("in_channels", d.in_channels),
-                     out_channels=config.get("out_channels", d.out_channels),
-                     block_out_channels=tuple(config.get("block_out_channels", d.block_out_channels)),
-                     layers_per_block=config.get("layers_per_block", d.layers_per_block),
-                     latent_channels=config.get("latent_channels", d.latent_channels),
-                     norm_num_groups=config.get("norm_num_groups", d.norm_num_groups),
-                     scaling_factor=config.get("scaling_factor", d.scaling_factor),
-                     mid_block_add_attention=config.get("mid_block_add_attention", d.mid_block_add_attention))
-
-
 def load_vae(path: str | Path, config: VAEConfig | None = None) -> tuple[VAEConfig, dict[str, Any]]:
-    """A diffusers VAE folder (its config.json is read unless `config` is given), a stand-alone VAE file or a full
-    original SD checkpoint (SD 1.5 config unless given) -> (config, {"params": ...})."""
+    """A diffusers VAE folder, a stand-alone VAE file or a full original SD checkpoint -> (config, {"params": ...});
+    without `config`, the architecture is the folder's config.json or the file's shapes (`architecture.describe`)."""
     path = Path(path)
+    state = load_state_dict(path)
+    if is_ldm_vae(state):
+        state = ldm_vae_to_diffusers(state)
     if config is None:
-        config_file = path / "config.json"
-        config = (vae_config_from_diffusers(json.loads(config_file.read_text())) if config_file.is_file()
-                  else VAEConfig())
-    return config, vae_params_from_torch(load_state_dict(path), config, source=str(path))
+        config = architecture.dataclass_from(VAEConfig, architecture.describe("vae", path, state)["vae"])
+    return config, vae_params_from_torch(state, config, source=str(path))

@@ -19,7 +19,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 from etils import epath
 
-from atomo_jax.configuration import config_from_saved
+from atomo_jax.configuration import adopt_architecture, config_from_saved, saved_architecture
 from atomo_jax.training.state import TrainState, merge
 
 
@@ -92,6 +92,24 @@ def load_config(path: str) -> ml_collections.ConfigDict:
             raise FileNotFoundError(f"checkpoint {step_dir} has no config item")
         cfg_file = candidates[0]
     return config_from_saved(json.loads(cfg_file.read_text()))
+
+
+def adopt_init_architecture(config: ml_collections.ConfigDict, explicit: frozenset[str] = frozenset()) -> list[str]:
+    """Makes `config.model` the model of `config.init.checkpoint` (a composed checkpoint states it in
+    COMPOSED_CONFIG), so training from it needs no size flags; a model key the config sets differently (`explicit`:
+    the keys the command line set) is an error naming both values (`configuration.adopt_architecture`). Returns
+    notes to print."""
+    if not config.init.checkpoint:
+        return []
+    saved = epath.Path(os.path.abspath(config.init.checkpoint)) / COMPOSED_CONFIG
+    if not saved.exists():
+        raise FileNotFoundError(f"config.init.checkpoint={config.init.checkpoint}: no {COMPOSED_CONFIG}; expected "
+                                f"the output directory of `python -m atomo_jax.convert compose`")
+    try:
+        model = json.loads(saved.read_text())["model"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ValueError(f"{saved}: not a composed checkpoint's config ({e})") from None
+    return adopt_architecture(config, saved_architecture(model, str(saved)), explicit)
 
 
 def load_inference(path: str, use_ema: bool = True,

@@ -28,7 +28,7 @@ from atomo_jax.parallel import sharding as shd
 from atomo_jax.parallel.mesh import make_mesh
 from atomo_jax.pipelines import i2v, video_io
 from atomo_jax.training import metrics as metrics_lib
-from atomo_jax.training.checkpoint import Checkpointer
+from atomo_jax.training.checkpoint import Checkpointer, adopt_init_architecture
 from atomo_jax.training.optimizer import learning_rate_schedule
 from atomo_jax.training.packing import packer_from_config
 from atomo_jax.training.setup import abstract_train_state, init_train_state, state_shardings, validate
@@ -153,12 +153,16 @@ def write_sample(model: Any, params: dict, config: ml_collections.ConfigDict, im
     return paths
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-    """Trains until `config.train.num_steps`; returns the final metrics (and sample paths on process 0)."""
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       explicit: frozenset[str] = frozenset()) -> dict[str, Any]:
+    """Trains until `config.train.num_steps`; returns the final metrics (and sample paths on process 0).
+    `explicit`: the config keys the command line set (they must agree with an init checkpoint's model)."""
     preemption = Preemption()
     distributed.maybe_initialize()
     preemption.listen()
     os.makedirs(workdir, exist_ok=True)
+    for note in adopt_init_architecture(config, explicit):
+        logging.warning("%s", note)
     mesh = make_mesh(config.mesh)
     validate(config, mesh)
     rules = axes.rules_from_config(config.mesh.rules)
