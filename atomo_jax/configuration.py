@@ -15,6 +15,12 @@ from absl import flags
 from ml_collections import config_flags
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+class ConfigError(ValueError):
+    """A config value out of range or contradicting a checkpoint; the message names each key. Entry points print
+    it as it is, without a traceback."""
+
 DEFAULT_CONFIG = REPO / "configs" / "base.py"
 
 
@@ -71,6 +77,8 @@ def config_from_saved(saved: dict) -> ml_collections.ConfigDict:
 # Model sections that describe what a checkpoint holds; keys that only say how to run it are not architecture.
 ARCHITECTURE_SECTIONS = ("unet", "vae", "image_encoder", "text_encoder")
 RUNTIME_KEYS = {"unet": ("dtype", "attention_impl", "remat")}
+# Keys a checkpoint suggests but does not fix: taken when the config leaves them unset, never a conflict.
+SUGGESTED_KEYS = {"text_encoder": ("tokenizer",)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,9 +115,14 @@ def merge_architectures(*parts: Architecture) -> Architecture:
 
 def saved_architecture(saved_model: dict, where: str) -> Architecture:
     """The architecture keys of a saved `config.model` (a composed checkpoint's COMPOSED_CONFIG)."""
-    return {section: {key: Found(value, f"{where} (model.{section}.{key})")
-                      for key, value in saved_model.get(section, {}).items()
-                      if key not in RUNTIME_KEYS.get(section, ())}
+    def found(section: str, key: str, value: Any) -> Found | None:
+        if key in RUNTIME_KEYS.get(section, ()):
+            return None
+        suggested = key in SUGGESTED_KEYS.get(section, ())
+        return None if suggested and not value else Found(value, f"{where} (model.{section}.{key})", not suggested)
+
+    return {section: {key: f for key, value in saved_model[section].items()
+                      if (f := found(section, key, value)) is not None}
             for section in ARCHITECTURE_SECTIONS if section in saved_model}
 
 
@@ -140,6 +153,6 @@ def adopt_architecture(config: ml_collections.ConfigDict, found: Architecture,
             else:
                 notes.append(f"model.{section}.{key}={ours!r} as configured ({theirs!r} in {f.where})")
     if conflicts:
-        raise ValueError("the checkpoint's architecture differs from the config:\n  " + "\n  ".join(conflicts)
+        raise ConfigError("the checkpoint's architecture differs from the config:\n  " + "\n  ".join(conflicts)
                          + "\nLeave those keys unset to take the checkpoint's values, or give the matching file.")
     return notes

@@ -25,10 +25,15 @@ def main(argv: list[str]) -> None:
     if not flags.FLAGS["verbosity"].present:  # library INFO chatter (orbax, grain) hides the progress lines
         logging.set_verbosity(logging.WARNING)
     sys.path.insert(0, os.getcwd())  # configs import each other as `configs.*`
+    from atomo_jax.configuration import ConfigError
     from atomo_jax.training.loop import train_and_evaluate
     explicit = frozenset(name[len("config."):] for name in flags.FLAGS
                          if name.startswith("config.") and flags.FLAGS[name].present)
-    result = train_and_evaluate(_CONFIG.value, _WORKDIR.value, explicit)
+    try:
+        result = train_and_evaluate(_CONFIG.value, _WORKDIR.value, explicit)
+    except ConfigError as e:  # a bad value: its key and the allowed range, no traceback
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
     print(f"[train] done at step {result['step']}", flush=True)
 
 

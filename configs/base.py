@@ -3,7 +3,8 @@
 Run (after composing pretrained weights into an init checkpoint, see README "Importing weights"):
   python -m atomo_jax.train --config=configs/base.py --workdir=/tmp/atomo \
       --config.init.checkpoint=/path/to/composed --config.data.kind=video_folder --config.data.root=/data/videos \
-      --config.data.captions=/data/videos/captions.csv --config.model.text_encoder.tokenizer=/weights/sd15/tokenizer
+      --config.data.captions=/data/videos/captions.csv
+The model is the composed checkpoint's (its tokenizer too when composed from a diffusers SD folder): no size flags.
 
 This file declares every configuration key the code reads, once, with what it means; other configs (demo.py) start
 from `get_config()` here and change values, so any key below can be set from the command line on any config.
@@ -170,7 +171,9 @@ def get_config() -> ml_collections.ConfigDict:
         keep=3,  # checkpoints kept
         async_save=True))  # write in the background while training continues
     c.init = ml_collections.ConfigDict(dict(
-        checkpoint=""))  # a composed checkpoint (`python -m atomo_jax.convert compose`) to start from
+        # A composed checkpoint (`python -m atomo_jax.convert compose`) to start from; its model is used (model keys
+        # left at this file's defaults take its values, set ones must agree).
+        checkpoint=""))
     c.mesh = ml_collections.ConfigDict(dict(
         data=-1, fsdp=1, tensor=1,  # mesh axis sizes; -1 fills with the remaining devices
         dcn_data=1,  # slices over DCN (multi-slice TPU): the data axis spans them

@@ -74,3 +74,26 @@ def test_no_config_read_has_a_hidden_default():
             if re.search(r"\b(config|cfg|data_config|train|mesh_config)(\.[a-z_]+)*\.get\(\"", line):
                 offenders.append(f"{path.relative_to(ROOT)}:{n}: {line.strip()}")
     assert not offenders, "\n".join(offenders)
+
+
+BAD_VALUES = {  # key -> a value out of its range; each must be named in the trainer's error
+    "data.num_frames": "0", "data.num_given_frames": "9", "data.resolution": "4", "data.frame_prediction_prob": "1.5",
+    "cond_drop.image": "-0.1", "train.learning_rate": "-0.002", "train.warmup_steps": "-1",
+    "train.lr_schedule": "linear", "train.grad_accum": "0", "train.ema_decay": "1.0", "train.num_steps": "0",
+    "sample.num_steps": "0", "sample.sampler": "euler", "checkpoint.every_steps": "-5",
+}
+
+
+def test_bad_values_through_the_cli_name_every_key(tmp_path):
+    """One trainer run with every bad value at once: exit 2 before any work, one line per key, no traceback."""
+    from tests.conftest import cli_env, start
+
+    args = [f"--config.{key}={value}" for key, value in BAD_VALUES.items()]
+    proc = start("atomo_jax.train", "--config=configs/demo.py", f"--workdir={tmp_path / 'run'}", *args,
+                 env=cli_env())
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 2, out[-3000:]
+    assert "Traceback" not in out, out[-3000:]
+    for key, value in BAD_VALUES.items():
+        assert any(line.removeprefix("error: ").startswith(f"config.{key}=") for line in out.splitlines()), (key, out)
+    assert not (tmp_path / "run" / "checkpoints").exists()  # refused before anything was written

@@ -236,3 +236,105 @@ def test_wrong_head_counts_are_refused_naming_file_field_and_values(parts, tmp_p
     code = main(["compose", "--motion", str(parts["motion"]), "--out", str(tmp_path / "b"), *config,
                  "--config.model.unet.motion_max_seq_length=32"])
     assert code == 1 and "model.unet.motion_max_seq_length: 16 in " in capsys.readouterr().err
+
+
+def damaged_files(root: Path, good: Path) -> dict[str, tuple[Path, str]]:
+    """{case: (file, what the error must say)}: truncated and foreign files in both formats, and a pickle with code."""
+    data = good.read_bytes()
+    cases = {"truncated.safetensors": data[: len(data) // 2], "header.safetensors": data[:20],
+             "text.safetensors": b"not weights at all\n"}
+    torch.save({"w": torch.zeros(64)}, root / "good.ckpt")
+    ckpt = (root / "good.ckpt").read_bytes()
+    cases.update({"truncated.ckpt": ckpt[: len(ckpt) // 2], "text.bin": b"not weights at all\n"})
+    out = {}
+    for name, content in cases.items():
+        (root / name).write_bytes(content)
+        kind = "safetensors file" if name.endswith(".safetensors") else "PyTorch checkpoint"
+        out[name] = root / name, f"damaged or not a {kind}"
+    torch.save({"state_dict": {"w": torch.zeros(2)}, "trainer": NotATensor()}, root / "code.ckpt")
+    out["code.ckpt"] = root / "code.ckpt", "not allowed: it holds pickled objects other than tensors"
+    return out
+
+
+@pytest.mark.parametrize("command", [["compose", "--sd"], ["compose", "--motion"], ["compose", "--ip_adapter"],
+                                     ["unet"], ["motion"], ["ip-adapter"], ["vae"], ["clip-text"]])
+def test_damaged_and_foreign_files_are_one_line_naming_the_file(parts, tmp_path, capsys, command):
+    cases = damaged_files(tmp_path, parts["sd"] / "unet" / "diffusion_pytorch_model.safetensors")
+    for name, (path, message) in cases.items():
+        out = ["--out", str(tmp_path / ("c" if command[0] == "compose" else "o.safetensors")), "--force"]
+        code = main(command + [str(path)] + out[: 2 if command[0] != "compose" else 3])
+        err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+        assert code == 1 and len(err) == 1, (name, err)
+        assert err[0].startswith(f"error: {path}: {message}"), (name, err[0])
+    assert "Traceback" not in capsys.readouterr().err
+
+
+def test_damaged_file_through_the_real_cli(parts, tmp_path):
+    path, message = damaged_files(tmp_path, parts["motion"] / "diffusion_pytorch_model.safetensors")[
+        "truncated.safetensors"]
+    out = subprocess.run([sys.executable, "-m", "atomo_jax.convert", "motion", str(path), "--out",
+                          str(tmp_path / "m.safetensors")], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert out.stderr.strip().splitlines()[-1] == f"error: {path}: {message} (incomplete metadata, file not fully " \
+                                                  f"covered)"
+
+
+def test_single_file_composes_and_trains_with_no_size_flags(parts, tmp_path):
+    """An original single-file SD 1.x checkpoint at a size no config has (widths 32/64, one resnet per level, 64-wide
+    CLIP text): compose reads every size off its shapes, training takes the model from the composed checkpoint,
+    and neither command is told a size."""
+    from atomo_jax.convert import single_file
+    from atomo_jax.models.tokenizer import build_clip_tokenizer_files
+    from tests.conftest import run
+    from tests.test_models_vae_clip import diffusers_vae_to_ldm
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64),
+                                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), layers_per_block=1,
+                                attention_head_dim=8, cross_attention_dim=64, norm_num_groups=32)
+    vae = AutoencoderKL(block_out_channels=(32, 64), layers_per_block=1, latent_channels=4, norm_num_groups=32,
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)
+    text = CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                        num_attention_heads=1, max_position_embeddings=77, eos_token_id=2))
+    numpy = lambda module: {k: v.detach().numpy().copy() for k, v in module.state_dict().items()}  # noqa: E731
+    layout = single_file.LDMUNetLayout(layers_per_block=1, down_attention=(True, False))
+    ldm = single_file.diffusers_unet_to_ldm(numpy(unet), layout)
+    ldm.update(diffusers_vae_to_ldm(numpy(vae), 2))  # with its first_stage_model. prefix
+    ldm.update({f"cond_stage_model.transformer.text_model.{k.removeprefix('text_model.')}": v
+                for k, v in numpy(text).items()})
+    single = tmp_path / "sd_tiny.safetensors"
+    save_file(ldm, str(single))
+    tokenizer = build_clip_tokenizer_files(tmp_path / "tokenizer")
+    runtime = ["--config=configs/base.py", "--config.model.unet.dtype=float32", "--config.model.unet.remat=none"]
+
+    init = tmp_path / "init"
+    run("atomo_jax.convert", "compose", "--sd", str(single), "--image_encoder", str(parts["image_encoder"]),
+        "--out", str(init), *runtime)
+    composed = json.loads((init / "atomo_config.json").read_text())["model"]
+    assert composed["unet"]["block_out_channels"] == [32, 64] and composed["unet"]["layers_per_block"] == 1
+    assert composed["unet"]["down_attention"] == [True, False] and composed["unet"]["cross_attention_dim"] == 64
+    assert composed["unet"]["image_embed_dim"] == 32  # the image encoder's projection
+    assert composed["vae"]["block_out_channels"] == [32, 64] and composed["vae"]["kind"] == "sd"
+    assert composed["text_encoder"]["hidden_size"] == 64 and composed["text_encoder"]["num_attention_heads"] == 1
+    assert composed["image_encoder"]["hidden_size"] == 32
+
+    exported = tmp_path / "torch"  # what you would train from, back in PyTorch: the composed checkpoint exports
+    run("atomo_jax.export", "--checkpoint", str(init), "--out", str(exported))
+    back, info = UNet2DConditionModel.from_pretrained(exported / "unet", output_loading_info=True)
+    assert not any(info.values()), info
+    np.testing.assert_array_equal(back.state_dict()["up_blocks.1.attentions.0.proj_in.weight"].numpy(),
+                                  unet.state_dict()["up_blocks.1.attentions.0.proj_in.weight"].numpy())
+
+    workdir = tmp_path / "run"
+    run("atomo_jax.train", f"--workdir={workdir}", *runtime, f"--config.init.checkpoint={init}",
+        f"--config.model.text_encoder.tokenizer={tokenizer}", "--config.data.kind=synthetic",
+        "--config.data.num_frames=4", "--config.data.resolution=32", "--config.data.worker_count=0",
+        "--config.data.num_given_frames=2", "--config.train.num_steps=1", "--config.train.batch_size=2",
+        "--config.sample.at_end=False")
+    trained = checkpoint.load_config(str(workdir)).model.to_dict()
+    plain = lambda v: list(v) if isinstance(v, tuple) else v  # noqa: E731 - JSON has lists
+    for section in ("unet", "vae", "text_encoder", "image_encoder"):
+        for key, value in composed[section].items():
+            if key != "tokenizer":
+                assert plain(trained[section][key]) == value, (section, key)

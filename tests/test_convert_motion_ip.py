@@ -41,10 +41,11 @@ def tiny_unet2d() -> UNet2DConditionModel:
                                 attention_head_dim=2, cross_attention_dim=16, norm_num_groups=8).eval()
 
 
-def make_adapter(mid_block: bool) -> MotionAdapter:
+def make_adapter(mid_block: bool, max_seq_length: int = 8) -> MotionAdapter:
     torch.manual_seed(1)
     adapter = MotionAdapter(block_out_channels=(32, 64), motion_layers_per_block=1, motion_num_attention_heads=2,
-                            motion_norm_num_groups=8, motion_max_seq_length=8, use_motion_mid_block=mid_block)
+                            motion_norm_num_groups=8, motion_max_seq_length=max_seq_length,
+                            use_motion_mid_block=mid_block)
     with torch.no_grad():  # the zero-initialised proj_out would hide every other motion weight
         for p in adapter.parameters():
             p.normal_(0.0, 0.2)
@@ -149,6 +150,29 @@ def test_original_motion_checkpoint_matches_diffusers_layout(adapter):
     assert a.keys() == b.keys() and len(a) > 100
     for k in a:
         np.testing.assert_array_equal(a[k], b[k])
+
+
+def test_original_v1_file_converts_with_no_size_flags(tmp_path):
+    """An AnimateDiff v1 file as released (original layout, `.ckpt`, no mid-block module, 24 positions) through the
+    CLI with no flags: the mid-block's absence and the table length come from the file, and the weights equal the
+    diffusers-layout conversion (whose parity vs UNetMotionModel is tested above)."""
+    from safetensors.numpy import load_file
+
+    from atomo_jax.convert.__main__ import main
+
+    adapter = make_adapter(mid_block=False, max_seq_length=24)
+    original = to_original_layout(numpy_sd(adapter))
+    assert not any(k.startswith("mid_block.") for k in original)
+    torch.save({k: torch.from_numpy(v) for k, v in original.items()}, tmp_path / "mm_sd_v14.ckpt")
+    out = tmp_path / "motion.safetensors"
+    assert main(["motion", str(tmp_path / "mm_sd_v14.ckpt"), "--out", str(out)]) == 0
+    config = UNetConfig(**{**TINY, "motion_mid_block": False, "motion_max_seq_length": 24}, ip_adapter=False)
+    expected = {"/".join(k): v for k, v in
+                flax.traverse_util.flatten_dict(motion.motion_modules_params(numpy_sd(adapter), config)).items()}
+    saved = load_file(str(out))
+    assert saved.keys() == expected.keys() and not any(k.startswith("mid_block") for k in saved)
+    for key, value in expected.items():
+        np.testing.assert_array_equal(saved[key], value)
 
 
 def test_motion_position_table_is_checked_not_dropped(adapter):

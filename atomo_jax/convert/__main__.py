@@ -15,25 +15,25 @@ the rest, and a setting the inputs contradict is an error naming both values and
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 OUT_FORMATS = (".safetensors", ".msgpack")
 
 
-def _progress(total: int) -> Callable[[str], None]:
+@contextlib.contextmanager
+def _progress(total: int) -> Iterator[Callable[[str], None]]:
+    """A progress bar of named steps; closed (its line ended) before any error is printed."""
     from tqdm import tqdm
 
-    bar = tqdm(total=total, unit="step", file=sys.stderr, dynamic_ncols=True)
+    with tqdm(total=total, unit="step", file=sys.stderr, dynamic_ncols=True) as bar:
+        def step(name: str) -> None:
+            bar.set_description(name)
+            bar.update(1)
 
-    def step(name: str) -> None:
-        bar.set_description(name)
-        bar.update(1)
-        if bar.n >= total:
-            bar.close()
-
-    return step
+        yield step
 
 
 def write_part(params: Any, out: str | Path) -> Path:
@@ -164,16 +164,16 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         out = Path(args.out)
         if out.exists() and not args.force:
             parser.error(f"--out {out} exists; choose a new directory or pass --force")
-        progress = _progress(8)
-        progress("reading the inputs")
-        sources = compose.read_sources(sd=args.sd, motion=args.motion, ip_adapter=args.ip_adapter,
-                                       image_encoder=args.image_encoder)
-        progress("architecture")
-        config, notes = compose.configure(load_config(args.config, args.overrides), sources,
-                                          override_keys(args.overrides))
-        params, reports = compose.compose(config, sources, seed=args.seed, progress=progress)
-        progress("writing checkpoint")
-        path = compose.save_params(params, out, config, force=args.force)
+        with _progress(8) as progress:
+            progress("reading the inputs")
+            sources = compose.read_sources(sd=args.sd, motion=args.motion, ip_adapter=args.ip_adapter,
+                                           image_encoder=args.image_encoder)
+            progress("architecture")
+            config, notes = compose.configure(load_config(args.config, args.overrides), sources,
+                                              override_keys(args.overrides))
+            params, reports = compose.compose(config, sources, seed=args.seed, progress=progress)
+            progress("writing checkpoint")
+            path = compose.save_params(params, out, config, force=args.force)
         for report in reports:
             print(report.summary())
         for note in notes:

@@ -255,14 +255,15 @@ def image_encoder_from_config(path: Path, c: Mapping[str, Any]) -> Fields:
 
 def text_encoder_from_state_dict(state: Mapping[str, np.ndarray], source: str) -> Fields:
     """A transformers-named CLIPTextModel state dict: sizes from shapes; 64-wide heads and the rest as SD 1.x's."""
+    state = {k.removeprefix("text_model."): v for k, v in state.items()}  # files keep the prefix, memory may not
     where = f"{source} (shapes)"
-    vocab, hidden = _shape(state, "text_model.embeddings.token_embedding.weight", source)
+    vocab, hidden = _shape(state, "embeddings.token_embedding.weight", source)
     sd1 = f"{source} (SD 1.x CLIP text; not in the file)"
     return {"vocab_size": Found(vocab, where), "hidden_size": Found(hidden, where),
-            "intermediate_size": Found(_shape(state, "text_model.encoder.layers.0.mlp.fc1.weight", source)[0], where),
-            "num_hidden_layers": Found(_count(state, r"text_model\.encoder\.layers\.(\d+)\."), where),
+            "intermediate_size": Found(_shape(state, "encoder.layers.0.mlp.fc1.weight", source)[0], where),
+            "num_hidden_layers": Found(_count(state, r"encoder\.layers\.(\d+)\."), where),
             "max_position_embeddings": Found(
-                _shape(state, "text_model.embeddings.position_embedding.weight", source)[0], where),
+                _shape(state, "embeddings.position_embedding.weight", source)[0], where),
             "num_attention_heads": Found(hidden // 64, sd1, certain=False),
             "hidden_act": Found("quick_gelu", sd1, certain=False), "eos_token_id": Found(2, sd1, certain=False)}
 

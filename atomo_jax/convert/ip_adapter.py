@@ -106,11 +106,7 @@ def load_ip_adapter_state_dict(path: str | Path) -> dict[str, np.ndarray]:
     if path.is_file() and path.suffix.lower() in (".bin", ".ckpt", ".pt", ".pth"):
         import torch
 
-        try:
-            obj = torch.load(str(path), map_location="cpu", weights_only=True)
-        except Exception as e:  # weights_only refuses pickled code: report, never retry unsafely
-            raise ValueError(f"{path}: could not be read with torch.load(weights_only=True) (the only way this "
-                             f"project opens pickle-based checkpoints): {e}") from e
+        obj = torch_io.read_torch_file(path)
         if isinstance(obj, Mapping) and any(isinstance(obj.get(k), Mapping) for k in ("image_proj", "ip_adapter")):
             flat = {}
             for group, entries in obj.items():

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
@@ -57,24 +58,61 @@ def _to_numpy(tensor: Any) -> np.ndarray:
     return tensor.detach().cpu().numpy()
 
 
+def _first_line(error: BaseException, limit: int = 160) -> str:
+    """The first sentence of a library's error message, for a one-line report."""
+    text = " ".join(str(error).split("\n")[0].split())
+    text = text.split(". ")[0]
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 def _load_safetensors(path: Path) -> dict[str, np.ndarray]:
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     out = {}
-    with safe_open(str(path), framework="pt") as f:
-        for key in f.keys():
-            out[key] = _to_numpy(f.get_tensor(key))
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            for key in f.keys():
+                out[key] = _to_numpy(f.get_tensor(key))
+    except SafetensorError as e:  # truncated, or not a safetensors file at all
+        reason = _first_line(e).removeprefix("Error while deserializing header: ")
+        raise ValueError(f"{path}: damaged or not a safetensors file ({reason})") from None
     return out
+
+
+def read_torch_file(path: str | Path) -> Any:
+    """The object in a pickle-based PyTorch file, through `torch.load(weights_only=True)` only: tensors, containers
+    and numbers load; pickled code or classes are refused, never retried unsafely. Errors say which of the two
+    happened: the file is damaged (truncated, another format), or it holds objects that are not allowed."""
+    import pickle
+
+    import torch
+
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if not head.startswith(b"PK\x03\x04") and head[:1] != b"\x80":  # torch's zip format, or a legacy pickle
+        raise ValueError(f"{path}: damaged or not a PyTorch checkpoint (starts with {head!r}, neither the zip "
+                         f"format of torch.save nor a pickle)")
+    try:
+        with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": the error below says what matters
+            warnings.simplefilter("ignore")
+            return torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "weights only load failed" not in str(e).lower():
+            raise ValueError(f"{path}: damaged or not a PyTorch checkpoint ({_first_line(e)})") from None
+        found = re.search(r"Unsupported global: GLOBAL ([^\s]+)", str(e))
+        what = f" (e.g. {found.group(1)})" if found else ""
+        raise ValueError(f"{path}: not allowed: it holds pickled objects other than tensors{what}, which "
+                         f"torch.load(weights_only=True) refuses and this project never unpickles; re-save the "
+                         f"weights as .safetensors with code you trust") from None
+    except Exception as e:  # noqa: BLE001 - torch reports a damaged file as RuntimeError, EOFError, KeyError, ...
+        raise ValueError(f"{path}: damaged or not a PyTorch checkpoint ({type(e).__name__}: {_first_line(e)})"
+                         ) from None
 
 
 def _load_torch(path: Path) -> dict[str, np.ndarray]:
     import torch
 
-    try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as e:  # weights_only refuses arbitrary pickled objects: say so, never retry unsafely
-        raise ValueError(f"{path}: could not be read with torch.load(weights_only=True) (the only way this project "
-                         f"opens pickle-based checkpoints; convert it to .safetensors if it holds code): {e}") from e
+    obj = read_torch_file(path)
     if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
         obj = obj["state_dict"]
     if not isinstance(obj, Mapping):

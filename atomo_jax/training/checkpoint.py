@@ -19,7 +19,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 from etils import epath
 
-from atomo_jax.configuration import adopt_architecture, config_from_saved, saved_architecture
+from atomo_jax.configuration import ConfigError, adopt_architecture, config_from_saved, saved_architecture
 from atomo_jax.training.state import TrainState, merge
 
 
@@ -103,12 +103,12 @@ def adopt_init_architecture(config: ml_collections.ConfigDict, explicit: frozens
         return []
     saved = epath.Path(os.path.abspath(config.init.checkpoint)) / COMPOSED_CONFIG
     if not saved.exists():
-        raise FileNotFoundError(f"config.init.checkpoint={config.init.checkpoint}: no {COMPOSED_CONFIG}; expected "
-                                f"the output directory of `python -m atomo_jax.convert compose`")
+        raise ConfigError(f"config.init.checkpoint={config.init.checkpoint!r}: no {COMPOSED_CONFIG} there; expected "
+                          f"the output directory of `python -m atomo_jax.convert compose`")
     try:
         model = json.loads(saved.read_text())["model"]
     except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise ValueError(f"{saved}: not a composed checkpoint's config ({e})") from None
+        raise ConfigError(f"config.init.checkpoint: {saved} is not a composed checkpoint's config ({e})") from None
     return adopt_architecture(config, saved_architecture(model, str(saved)), explicit)
 
 

@@ -13,15 +13,9 @@ import optax
 def learning_rate_schedule(train: ml_collections.ConfigDict) -> optax.Schedule:
     """Learning rate of optimizer step `count` (0-based): linear warmup reaching the peak at step `warmup_steps`
     (step 1 already trains, at peak / warmup_steps; warmup_steps=0: the peak from step 1), then constant or cosine
-    decay to 1% of the peak at `num_steps`."""
+    decay to 1% of the peak at `num_steps`. The values are checked by `training.setup.validate`."""
     warmup = int(train.warmup_steps)
     peak = float(train.learning_rate)
-    if peak <= 0:
-        raise ValueError(f"config.train.learning_rate={peak}: expected > 0")
-    if warmup < 0:
-        raise ValueError(f"config.train.warmup_steps={warmup}: expected >= 0")
-    if train.lr_schedule not in ("constant", "cosine"):
-        raise ValueError(f"config.train.lr_schedule={train.lr_schedule!r}: expected 'constant' or 'cosine'")
     decay = optax.cosine_decay_schedule(peak, max(int(train.num_steps) - warmup, 1), alpha=0.01)
 
     def schedule(count):

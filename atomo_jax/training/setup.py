@@ -11,6 +11,7 @@ import ml_collections
 import optax
 from jax.sharding import Mesh
 
+from atomo_jax.configuration import ConfigError
 from atomo_jax.parallel import sharding as shd
 from atomo_jax.training.optimizer import make_optimizer
 from atomo_jax.training.state import TrainState, split_trainable
@@ -63,30 +64,50 @@ def init_train_state(config: ml_collections.ConfigDict, model: Any, shardings: T
 
 
 def validate(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
-    """Values that must agree with each other and with the mesh; the trainer and the AOT fit check both call it."""
-    b = int(config.train.batch_size)
-    accum = int(config.train.grad_accum)
-    if accum < 1:
-        raise ValueError(f"config.train.grad_accum={accum}: expected >= 1")
+    """Values that must be in range, agree with each other and with the mesh; the trainer and the AOT fit check
+    both call it before anything slow. Raises one ConfigError listing every problem, each naming its key."""
+    problems: list[str] = []
+
+    def check(ok: bool, key: str, expected: str) -> None:
+        if not ok:
+            value = config
+            for part in key.split("."):
+                value = value[part]
+            problems.append(f"config.{key}={value!r}: expected {expected}")
+
+    b, accum = int(config.train.batch_size), int(config.train.grad_accum)
     frames, limit = int(config.data.num_frames), int(config.model.unet.motion_max_seq_length)
-    if not 1 <= frames <= limit:
-        raise ValueError(f"config.data.num_frames={frames}: expected 1..{limit} (the temporal position table, "
-                         "config.model.unet.motion_max_seq_length)")
+    check(accum >= 1, "train.grad_accum", ">= 1")
+    check(1 <= frames <= limit, "data.num_frames",
+          f"1..{limit} (the temporal position table, config.model.unet.motion_max_seq_length)")
+    check(1 <= int(config.data.num_given_frames) <= max(frames, 1), "data.num_given_frames",
+          f"1..{frames} (config.data.num_frames)")
+    check(1 <= int(config.sample.num_frames) <= limit, "sample.num_frames", f"1..{limit}")
     vae = config.model.vae
     factor = int(vae.factor) if vae.kind == "pixel" else 2 ** (len(vae.block_out_channels) - 1)
     multiple = factor * 2 ** (len(config.model.unet.block_out_channels) - 1)
-    if int(config.data.resolution) < multiple or int(config.data.resolution) % multiple:
-        raise ValueError(f"config.data.resolution={config.data.resolution}: expected a multiple of {multiple} "
-                         f"(autoencoder factor {factor} x 2^UNet down-samplings)")
+    check(int(config.data.resolution) >= multiple and int(config.data.resolution) % multiple == 0, "data.resolution",
+          f"a multiple of {multiple} (autoencoder factor {factor} x 2^UNet down-samplings)")
+    for key in ("data.frame_prediction_prob", "cond_drop.text", "cond_drop.image", "cond_drop.both"):
+        section, name = key.split(".")
+        check(0.0 <= float(config[section][name]) <= 1.0, key, "a probability in [0, 1]")
+    drops = float(config.cond_drop.text) + float(config.cond_drop.image) + float(config.cond_drop.both)
+    check(drops <= 1.0, "cond_drop.both", f"text + image + both <= 1 (mutually exclusive events), got {drops}")
+    check(float(config.train.learning_rate) > 0, "train.learning_rate", "> 0")
+    check(int(config.train.warmup_steps) >= 0, "train.warmup_steps", ">= 0")
+    check(config.train.lr_schedule in ("constant", "cosine"), "train.lr_schedule", "'constant' or 'cosine'")
+    check(int(config.train.num_steps) >= 1, "train.num_steps", ">= 1")
+    check(0.0 <= float(config.train.ema_decay) < 1.0, "train.ema_decay", "in [0, 1)")
+    check(int(config.data.worker_count) >= 0, "data.worker_count", ">= 0")
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
-    if b <= 0 or b % accum:
-        raise ValueError(f"config.train.batch_size={b} must be positive and divisible by grad_accum={accum}")
-    if (b // accum) % shards:
-        raise ValueError(f"config.train.batch_size={b} (per micro-batch {b // accum}) must be divisible by the "
-                         f"data x fsdp mesh size {shards}")
-    if b % jax.process_count():
-        raise ValueError(f"config.train.batch_size={b} must be divisible by the process count {jax.process_count()}")
-    if config.train.nonfinite not in ("skip", "stop"):
-        raise ValueError(f"config.train.nonfinite={config.train.nonfinite!r}: expected 'skip' or 'stop'")
-    if int(config.checkpoint.every_steps) < 0:
-        raise ValueError("config.checkpoint.every_steps must be >= 0")
+    check(b > 0 and b % max(accum, 1) == 0, "train.batch_size", f"positive and divisible by train.grad_accum={accum}")
+    check(accum < 1 or (b // accum) % shards == 0, "train.batch_size",
+          f"per micro-batch ({b // max(accum, 1)}) divisible by the data x fsdp mesh size {shards}")
+    check(b % jax.process_count() == 0, "train.batch_size", f"divisible by the process count {jax.process_count()}")
+    check(config.train.nonfinite in ("skip", "stop"), "train.nonfinite", "'skip' or 'stop'")
+    check(int(config.checkpoint.every_steps) >= 0, "checkpoint.every_steps", ">= 0")
+    check(int(config.sample.every_steps) >= 0, "sample.every_steps", ">= 0")
+    check(int(config.sample.num_steps) >= 1, "sample.num_steps", ">= 1")
+    check(config.sample.sampler in ("ddim", "dpmpp2m"), "sample.sampler", "'ddim' or 'dpmpp2m'")
+    if problems:
+        raise ConfigError("\n".join(problems))
