@@ -25,6 +25,8 @@ from absl import app, flags
 import ml_collections
 from ml_collections import config_flags
 
+from atomo_jax.configuration import parse_absl_flags
+
 FLAGS = flags.FLAGS
 
 
@@ -392,4 +394,4 @@ def main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
     _define_flags()
-    app.run(main)
+    app.run(main, flags_parser=parse_absl_flags)

@@ -30,6 +30,8 @@ from absl import app, flags
 from array_record.python.array_record_module import ArrayRecordWriter
 from jax.sharding import NamedSharding, PartitionSpec
 from ml_collections import config_flags
+
+from atomo_jax.configuration import parse_absl_flags
 from tqdm import tqdm
 
 from atomo_jax.parallel import distributed
@@ -176,4 +178,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_absl_flags)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -49,8 +50,28 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
         values(argv)
         return values.config
     except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
-        message = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
-        raise ValueError(f"{path}: {' '.join(str(message).split())}") from None
+        raise ValueError(f"{path}: {_override_error(e)}") from None
+
+
+def _override_error(e: Exception) -> str:
+    """ml_collections' message for a bad override, on one line (it nests repr'd strings: 'x'\nDid you mean ...)."""
+    message = str(e.args[0] if e.args else e).replace("\\'", "'").replace("\\n", " ")
+    message = message[1:-1] if message[:1] == message[-1:] == "'" else message
+    return " ".join(re.sub(r"^'([^']+)'\s*", r"no such key '\1'. ", message).split())
+
+
+def parse_absl_flags(argv: list[str]) -> list[str]:
+    """`app.run(main, flags_parser=parse_absl_flags)`: a bad flag or `--config.*` override (misspelled key, wrong
+    type) is one `error:` line and exit 2 instead of a traceback."""
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        message = str(e)
+    except (AttributeError, KeyError, TypeError, ValueError) as e:  # raised by config_flags' overrides
+        bad = [a.split("=", 1)[0] for a in argv[1:] if a.startswith("--config.")]
+        message = f"a --config override ({', '.join(bad) or 'none given'}): {_override_error(e)}"
+    print(f"error: {message}\nPass --help for usage.", file=sys.stderr, flush=True)
+    sys.exit(2)
 
 
 def config_from_saved(saved: dict) -> ml_collections.ConfigDict:

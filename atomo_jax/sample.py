@@ -17,10 +17,11 @@ import importlib.util
 import os
 import sys
 
-from absl import app, flags, logging
 import jax
 import jax.numpy as jnp
-import numpy as np
+from absl import app, flags, logging
+
+from atomo_jax.configuration import parse_absl_flags
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Training workdir (its latest checkpoint is used).")
@@ -29,6 +30,8 @@ flags.DEFINE_string("config", None, "Optional config file to use instead of the 
 flags.DEFINE_bool("ema", True, "Use the EMA weights.")
 flags.DEFINE_enum("mode", "i2v", ["i2v", "t2v", "long"], "What to sample.")
 flags.DEFINE_string("image", None, "Conditioning image (i2v, long).")
+flags.DEFINE_string("image_background", "white", "Colour transparent pixels of --image are composited on "
+                    "(a name or #rrggbb).")
 flags.DEFINE_string("prompt", "", "Text prompt (optional for i2v/long, the subject of t2v).")
 flags.DEFINE_string("tokenizer", None, "CLIP tokenizer folder (vocab.json + merges.txt); default: "
                     "config.model.text_encoder.tokenizer. Only for models with a text encoder.")
@@ -137,7 +140,7 @@ def sample() -> None:
         video, _ = t2v.text_to_video(model, params, rng, batch=1, height=size, width=size, num_frames=num_frames,
                                      image_guidance_scale=FLAGS.t2i_scale, **common)
     else:
-        image = jnp.asarray(video_io.load_image(FLAGS.image, size, size))
+        image = jnp.asarray(video_io.load_image(FLAGS.image, size, size, FLAGS.image_background))
         if FLAGS.mode == "i2v":
             video = i2v.image_to_video(model, params, image, rng, num_frames=num_frames, **common)
         else:
@@ -152,4 +155,4 @@ def sample() -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_absl_flags)

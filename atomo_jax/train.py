@@ -13,6 +13,12 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from atomo_jax.configuration import parse_absl_flags
+
+from atomo_jax.training.preemption import Preemption
+
+_PREEMPTION = Preemption()  # listening from the first line of the process (see __main__ below)
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file with get_config().",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, TensorBoard logs and samples.")
@@ -26,16 +32,23 @@ def main(argv: list[str]) -> None:
         logging.set_verbosity(logging.WARNING)
     sys.path.insert(0, os.getcwd())  # configs import each other as `configs.*`
     from atomo_jax.configuration import ConfigError
+    from atomo_jax.training.checkpoint import CheckpointError
     from atomo_jax.training.loop import train_and_evaluate
+    from data_pipelines.errors import DataError
+
     explicit = frozenset(name[len("config."):] for name in flags.FLAGS
                          if name.startswith("config.") and flags.FLAGS[name].present)
     try:
-        result = train_and_evaluate(_CONFIG.value, _WORKDIR.value, explicit)
-    except ConfigError as e:  # a bad value: its key and the allowed range, no traceback
+        result = train_and_evaluate(_CONFIG.value, _WORKDIR.value, explicit, _PREEMPTION)
+    except (ConfigError, DataError) as e:  # a bad value or unreadable data: the key, file or line; no traceback
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
+    except CheckpointError as e:  # every checkpoint of the workdir unreadable: each path and why
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(1)
     print(f"[train] done at step {result['step']}", flush=True)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    _PREEMPTION.listen()  # before flag parsing and the seconds of imports that follow
+    app.run(main, flags_parser=parse_absl_flags)

@@ -111,7 +111,10 @@ def get_config() -> ml_collections.ConfigDict:
         random_crop=True,  # random crop in training (eval and latent caching crop the centre)
         decode_threads=1,  # codec threads per decode (parallelism comes from worker_count)
         decode_timeout_s=30.0,  # a decode that takes longer is abandoned and its record skipped; 0: no limit
-        max_retries=16,  # bad records replaced in a row before the data is declared broken
+        # Bad records (unreadable, missing, too short, no caption) are replaced and counted; the run stops only when
+        # at least max_bad_fraction of a worker's last bad_window records were bad (the data itself is broken).
+        bad_window=1000,
+        max_bad_fraction=0.95,
         # tfds
         tfds_name="",  # dataset name (ArrayRecord; data_pipelines/tfds_builder.py builds one)
         tfds_split="train",  # split

@@ -16,14 +16,17 @@ same data_config, batch size, seed, shard and worker_count).
 
 from __future__ import annotations
 
+import collections
 import logging
-from typing import Any, Callable
+import re
+from typing import Callable
 
 import grain.python as grain
 import ml_collections
 import numpy as np
 
 from data_pipelines import transforms, worker_guard
+from data_pipelines.errors import DataBroken, DataError
 from data_pipelines.sources import LatentShardsSource, TfdsVideoSource, VideoFolderSource
 from data_pipelines.synthetic import MovingShapesSource
 from data_pipelines.video_decode import BadVideo, ClipSpec, call_with_timeout, decode_clip
@@ -48,6 +51,28 @@ class SkipLog:
             logging.warning("data: skipping bad record %d: %s", self.count, error)
 
 
+class DataHealth:
+    """Outcomes of the last `window` records this worker read; stops the run when at least `max_bad_fraction` of a
+    full window was bad. A corpus with many bad files still trains (each good record just costs more reads), a
+    missing mount or a wrong path pattern stops within `window` reads."""
+
+    def __init__(self, window: int = 1000, max_bad_fraction: float = 0.95):
+        self.window, self.max_bad_fraction = int(window), float(max_bad_fraction)
+        self.outcomes: collections.deque[str | None] = collections.deque(maxlen=self.window)
+
+    def good(self) -> None:
+        self.outcomes.append(None)
+
+    def bad(self, error: BadVideo) -> None:
+        self.outcomes.append(re.sub(r"\d+", "N", error.reason))  # "too short: 3 frames" and "... 5 ..." count as one
+        bad = [r for r in self.outcomes if r is not None]
+        if len(self.outcomes) == self.window and len(bad) >= self.max_bad_fraction * self.window:
+            common = ", ".join(f"{reason!r} x{n}" for reason, n in collections.Counter(bad).most_common(3))
+            raise DataBroken(f"data: {len(bad)} of the last {self.window} records were bad (limit "
+                             f"config.data.max_bad_fraction={self.max_bad_fraction:g}); most common: {common}; last: "
+                             f"{error}")
+
+
 # Skips seen in *this* process, for the log lines (with worker_count > 0 each worker counts its own); the batch key
 # "skipped" is what reaches the trainer in every setting.
 SKIPS = SkipLog()
@@ -64,7 +89,8 @@ class MakeExample(grain.RandomMapTransform):
         frame_prediction_prob: float = 0.0,
         num_given_frames: int = 1,
         decode_timeout_s: float | None = 30.0,
-        max_retries: int = 16,
+        bad_window: int = 1000,
+        max_bad_fraction: float = 0.95,
         tokenize: Tokenizer | None = None,
     ):
         self.source = source
@@ -72,7 +98,7 @@ class MakeExample(grain.RandomMapTransform):
         self.frame_prediction_prob = frame_prediction_prob
         self.num_given_frames = num_given_frames
         self.decode_timeout_s = decode_timeout_s
-        self.max_retries = max_retries
+        self.health = DataHealth(bad_window, max_bad_fraction)
         self.tokenize = tokenize
 
     def random_map(self, element: dict, rng: np.random.Generator) -> dict:
@@ -81,14 +107,12 @@ class MakeExample(grain.RandomMapTransform):
         while True:
             try:
                 pixels, caption = self._load(element, rng)
+                self.health.good()
                 break
             except BadVideo as e:
                 SKIPS.record(e)
                 skipped += 1
-                if skipped > self.max_retries:
-                    raise RuntimeError(
-                        f"data: {skipped} bad records in a row (last: {e}); the dataset looks broken"
-                    ) from e
+                self.health.bad(e)
                 element = self.source[int(rng.integers(len(self.source)))]
         video = transforms.to_unit_range(pixels)
         example = {
@@ -200,14 +224,14 @@ def make_source(data_config: ml_collections.ConfigDict) -> grain.RandomAccessDat
         return VideoFolderSource(d.root, d.captions, path_format=d.path_format, caption_column=d.caption_column)
     if d.kind == "tfds":
         if not d.tfds_name:
-            raise ValueError("config.data.kind='tfds' needs config.data.tfds_name")
+            raise DataError("config.data.kind='tfds' needs config.data.tfds_name")
         return TfdsVideoSource(d.tfds_name, d.tfds_split, d.tfds_data_dir or None)
     if d.kind == "latents":
         if not d.latents_dir:
-            raise ValueError("config.data.kind='latents' needs config.data.latents_dir (a folder written by "
+            raise DataError("config.data.kind='latents' needs config.data.latents_dir (a folder written by "
                              "`python -m atomo_jax.cache_latents`)")
         return LatentShardsSource.from_dir(d.latents_dir)
-    raise ValueError(f"config.data.kind={d.kind!r} is not supported; expected one of {KINDS}")
+    raise DataError(f"config.data.kind={d.kind!r} is not supported; expected one of {KINDS}")
 
 
 def make_operations(
@@ -228,7 +252,8 @@ def make_operations(
             source,
             clip_spec(d, training),
             decode_timeout_s=float(d.decode_timeout_s) or None,
-            max_retries=int(d.max_retries),
+            bad_window=int(d.bad_window),
+            max_bad_fraction=float(d.max_bad_fraction),
             tokenize=tokenize,
             **mask,
         )

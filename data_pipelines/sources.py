@@ -15,6 +15,8 @@ from typing import Sequence
 import grain.python as grain
 import numpy as np
 
+from data_pipelines.errors import DataError
+
 
 class VideoFolderSource(grain.RandomAccessDataSource):
     """Videos under `video_dir` listed in a CSV or JSONL captions file (WebVid-style, configurable columns).
@@ -36,23 +38,23 @@ class VideoFolderSource(grain.RandomAccessDataSource):
         self.captions_file = captions_file
         self.path_format = path_format
         self.caption_column = caption_column
+        if not os.path.isdir(video_dir):
+            raise DataError(f"config.data.root={video_dir!r}: no such folder (the videos' root)")
         rows = _read_rows(captions_file)
         if not rows:
-            raise ValueError(f"VideoFolderSource: captions file {captions_file!r} has no rows")
-        try:
-            paths = [path_format.format(**row) for row in rows]
-        except KeyError as e:
-            raise ValueError(
-                f"VideoFolderSource: path_format={path_format!r} names column {e} which {captions_file!r} lacks; "
-                f"columns are {sorted(rows[0])}"
-            ) from None
-        if caption_column not in rows[0]:
-            raise ValueError(
-                f"VideoFolderSource: caption_column={caption_column!r} not in {captions_file!r}; "
-                f"columns are {sorted(rows[0])}"
-            )
+            raise DataError(f"{captions_file}: the captions file has no rows")
+        paths = []
+        for line, row in rows:
+            try:
+                paths.append(path_format.format(**row))
+            except (KeyError, IndexError, ValueError) as e:
+                raise DataError(f"{captions_file}:{line}: config.data.path_format={path_format!r} cannot be filled "
+                                f"from this row ({type(e).__name__}: {e}); its fields are {sorted(row)}") from None
+        if caption_column not in rows[0][1]:
+            raise DataError(f"{captions_file}: config.data.caption_column={caption_column!r} is not a column; "
+                            f"columns are {sorted(rows[0][1])}")
         self._paths = np.asarray([p if os.path.isabs(p) else os.path.join(video_dir, p) for p in paths])
-        self._captions = np.asarray([_clean_caption(row.get(caption_column)) for row in rows])
+        self._captions = np.asarray([_clean_caption(row.get(caption_column)) for _, row in rows])
 
     def __len__(self) -> int:
         return len(self._paths)
@@ -75,22 +77,42 @@ def _clean_caption(value) -> str:
     return str(value).strip()
 
 
-def _read_rows(captions_file: str) -> list[dict]:
-    if captions_file.endswith((".jsonl", ".json")):
-        rows = []
-        with open(captions_file, encoding="utf-8") as f:
-            for line_no, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{captions_file}:{line_no}: not a JSON object per line ({e})") from None
-        return rows
-    if captions_file.endswith((".csv", ".tsv")):
+def _read_rows(captions_file: str) -> list[tuple[int, dict]]:
+    """(line number, row) of every row of a CSV/TSV (header first) or JSONL (one object per line) file; anything
+    else is an error naming the file and line."""
+    if not captions_file.endswith((".jsonl", ".json", ".csv", ".tsv")):
+        raise DataError(f"config.data.captions={captions_file!r}: expected a .csv, .tsv or .jsonl file")
+    if not os.path.isfile(captions_file):
+        raise DataError(f"config.data.captions={captions_file!r}: no such file")
+    rows = []
+    try:
         with open(captions_file, encoding="utf-8", newline="") as f:
-            return list(csv.DictReader(f, delimiter="\t" if captions_file.endswith(".tsv") else ","))
-    raise ValueError(f"captions file {captions_file!r}: expected a .csv, .tsv or .jsonl file")
+            if captions_file.endswith((".jsonl", ".json")):
+                for line_no, line in enumerate(f, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        row = json.loads(line)
+                    except json.JSONDecodeError as e:
+                        raise DataError(f"{captions_file}:{line_no}: not valid JSON ({e})") from None
+                    if not isinstance(row, dict):
+                        raise DataError(f"{captions_file}:{line_no}: a JSON {type(row).__name__}; expected one "
+                                        f"object per line, e.g. {{\"path\": ..., \"caption\": ...}}")
+                    rows.append((line_no, row))
+                return rows
+            reader = csv.DictReader(f, delimiter="\t" if captions_file.endswith(".tsv") else ",")
+            for row in reader:
+                if None in row:  # more fields than the header names
+                    raise DataError(f"{captions_file}:{reader.line_num}: {len(row) - 1 + len(row[None])} fields but "
+                                    f"the header has {len(reader.fieldnames)} ({', '.join(reader.fieldnames)}); "
+                                    f"quote fields that contain the delimiter")
+                rows.append((reader.line_num, row))
+    except UnicodeDecodeError as e:
+        raise DataError(f"{captions_file}: not UTF-8 text (byte {e.start}: {e.reason}); expected a CSV, TSV or "
+                        f"JSONL captions file") from None
+    except csv.Error as e:
+        raise DataError(f"{captions_file}: not a readable CSV ({e})") from None
+    return rows
 
 
 class TfdsVideoSource(grain.RandomAccessDataSource):
@@ -157,7 +179,7 @@ class LatentShardsSource(grain.RandomAccessDataSource):
     def from_dir(cls, latents_dir: str) -> "LatentShardsSource":
         paths = [os.path.join(latents_dir, f) for f in os.listdir(latents_dir) if f.endswith(".array_record")]
         if not paths:
-            raise ValueError(f"LatentShardsSource: no *.array_record shards in {latents_dir!r}")
+            raise DataError(f"config.data.latents_dir={latents_dir!r}: no *.array_record shards there")
         return cls(paths)
 
     def __len__(self) -> int:

@@ -23,6 +23,7 @@ from configs import base
 from data_pipelines import transforms
 from data_pipelines.global_batch import to_global
 from data_pipelines.loader import make_loader
+from data_pipelines.errors import DataBroken, DataError
 from data_pipelines.sources import VideoFolderSource
 from data_pipelines.synthetic import MovingShapesSource
 from data_pipelines.video_decode import BadVideo, ClipSpec, call_with_timeout, decode_clip
@@ -247,6 +248,47 @@ def test_folder_source_columns_and_errors(video_dir):
     with pytest.raises(ValueError, match="videoid"):
         VideoFolderSource(str(video_dir), str(video_dir / "all.csv"), path_format="{videoid}.mp4",
                           caption_column="text")
+
+
+def test_caption_file_errors_name_file_and_line(video_dir, tmp_path):
+    """Every malformed captions file is one DataError naming the file (and line), never a bare TypeError or
+    UnicodeDecodeError; a missing root or captions file is refused at once, naming the key."""
+    def refused(name: str, content: bytes | str, match: str, **kw) -> None:
+        path = tmp_path / name
+        path.write_bytes(content if isinstance(content, bytes) else content.encode())
+        with pytest.raises(DataError, match=match):
+            VideoFolderSource(str(video_dir), str(path), path_format="{file}", caption_column="text", **kw)
+
+    refused("list.jsonl", '{"file": "a.mp4", "text": "x"}\n["b.mp4", "y"]\n',
+            rf"{tmp_path / 'list.jsonl'}:2: a JSON list; expected one object per line")
+    refused("bad.jsonl", '{"file": "a.mp4", "text": "x"}\n{"file": \n', rf"{tmp_path / 'bad.jsonl'}:2: not valid JSON")
+    refused("binary.csv", b"file,text\n\xff\xfe\x00\x81,\x90\n", rf"{tmp_path / 'binary.csv'}: not UTF-8 text")
+    refused("extra.csv", "file,text\na.mp4,fine\nb.mp4,one,two\n",
+            rf"{tmp_path / 'extra.csv'}:3: 3 fields but the header has 2 \(file, text\)")
+    refused("nofield.jsonl", '{"file": "a.mp4", "text": "x"}\n{"text": "y"}\n',
+            rf"{tmp_path / 'nofield.jsonl'}:2: config.data.path_format='{{file}}' cannot be filled")
+    refused("empty.csv", "file,text\n", rf"{tmp_path / 'empty.csv'}: the captions file has no rows")
+    with pytest.raises(DataError, match=r"config.data.captions='.*nope.csv': no such file"):
+        VideoFolderSource(str(video_dir), str(tmp_path / "nope.csv"), path_format="{file}", caption_column="text")
+    with pytest.raises(DataError, match=r"config.data.root='.*no_videos_here': no such folder"):
+        VideoFolderSource(str(tmp_path / "no_videos_here"), str(video_dir / "all.csv"), path_format="{file}",
+                          caption_column="text")
+
+
+def test_mostly_bad_corpus_trains_and_broken_data_stops_with_counts(video_dir, tmp_path):
+    """12 good rows and 60 missing files (83% bad) still give batches; a corpus of nothing but missing files stops
+    once a full window is bad, with the counts and the most common reason."""
+    rows = [f"good{v % NUM_GOOD}.mp4,video {v}" for v in range(12)] + [f"gone{v}.mp4,lost {v}" for v in range(60)]
+    (tmp_path / "mostly_bad.csv").write_text("file,text\n" + "\n".join(rows) + "\n")
+    cfg = folder_config(video_dir, bad_window=50, max_bad_fraction=0.95)
+    cfg.captions = str(tmp_path / "mostly_bad.csv")
+    batches = take(make_loader(cfg, global_batch_size=4, seed=0, shard_index=0, shard_count=1), 3)
+    assert all(c.startswith("video") for b in batches for c in b["caption"])
+    assert sum(int(b["skipped"].sum()) for b in batches) > 12
+    (tmp_path / "all_bad.csv").write_text("file,text\n" + "\n".join(rows[12:]) + "\n")
+    cfg.captions = str(tmp_path / "all_bad.csv")
+    with pytest.raises(DataBroken, match=r"50 of the last 50 records were bad .*most common: 'missing file' x50"):
+        take(make_loader(cfg, global_batch_size=4, seed=0, shard_index=0, shard_count=1), 1)
 
 
 def test_folder_loader_skips_and_counts_bad_records(video_dir):

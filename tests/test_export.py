@@ -214,7 +214,7 @@ def write_demo_checkpoint(workdir) -> None:
                        rng=jax.random.key_data(jax.random.key(0)), skipped_steps=jnp.zeros((), jnp.int32))
     loader = make_loader(c.data, global_batch_size=1, seed=0, shard_index=0, shard_count=1)
     checkpointer = Checkpointer(str(workdir), c.checkpoint)
-    checkpointer.save(7, state, iter(loader), c)
+    checkpointer.save(7, state, iter(loader), c, {"skipped_samples": 0})
     checkpointer.close()
 
 

@@ -62,7 +62,7 @@ def _child(workdir: str) -> dict:
         if save_initial:  # the one-device initial state: reference for the update size and the restore below
             saved["initial"] = jax.tree.map(np.asarray, state)
             ckpt = Checkpointer(workdir, c.checkpoint)
-            ckpt.save(3, state, iter(loader), c)
+            ckpt.save(3, state, iter(loader), c, {"skipped_samples": 0})
             ckpt.close()
         bsh = batch_shardings(batches[0], mesh, rules)
         step = jit_train_step(c, model, mesh, sh, bsh)
@@ -105,7 +105,7 @@ def _child(workdir: str) -> dict:
     from atomo_jax.training.setup import abstract_train_state
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           abstract_train_state(c8, model), sh8)
-    restored = Checkpointer(workdir, c8.checkpoint).restore(3, target, iter(loader))
+    restored, _ = Checkpointer(workdir, c8.checkpoint).restore(3, target, iter(loader))
     same = all(np.array_equal(np.asarray(a), np.asarray(b))
                for a, b in zip(jax.tree.leaves(state1), jax.tree.leaves(restored)))
     placed = all(a.sharding == s for a, s in zip(jax.tree.leaves(restored), jax.tree.leaves(sh8)))

@@ -22,6 +22,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 
 from atomo_jax.eval import flow, metrics
+from atomo_jax.pipelines import video_io
 
 VIDEO_SUFFIXES = (".mp4", ".gif")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -143,16 +144,8 @@ def collect_inputs(videos: str, *, images: str | None = None, references: str | 
 
 
 def read_image(path: str) -> np.ndarray:
-    """An image file -> uint8 (H, W, 3)."""
-    from PIL import Image, UnidentifiedImageError  # pylint: disable=g-import-not-at-top
-
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"input image not found: {path}")
-    try:
-        with Image.open(path) as im:
-            return np.asarray(im.convert("RGB"))
-    except UnidentifiedImageError:
-        raise ValueError(f"{path}: not an image file Pillow can read") from None
+    """An image file -> uint8 (H, W, 3), as `python -m atomo_jax.sample` reads its conditioning image."""
+    return video_io.read_rgb(path)
 
 
 def fit_image(image: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -197,12 +190,11 @@ def evaluate(inputs: Iterable[VideoInput], *, clip: Any = None, ssim_window: str
     """Scores every input -> {"videos": [per-video dicts], "mean": {metric: mean over videos that have it},
     "settings": {...}}."""
     from tqdm import tqdm  # pylint: disable=g-import-not-at-top
-    from atomo_jax.pipelines.video_io import read_video  # pylint: disable=g-import-not-at-top
 
     inputs = list(inputs)
     rows = []
     for item in tqdm(inputs, desc="videos", unit="video", disable=not progress):
-        frames = read_video(item.video)
+        frames = video_io.read_video(item.video)
         if max_frames:
             frames = frames[:max_frames]
         if len(frames) < 2:
@@ -214,7 +206,7 @@ def evaluate(inputs: Iterable[VideoInput], *, clip: Any = None, ssim_window: str
         if item.image:
             image, row["image"] = read_image(item.image), item.image
         elif item.reference:
-            image, row["image"] = read_video(item.reference)[0], f"frame 0 of {item.reference}"
+            image, row["image"] = video_io.read_video(item.reference)[0], f"frame 0 of {item.reference}"
         if image is not None and image.shape != frames.shape[1:]:
             row["image_resized_from"] = [int(image.shape[0]), int(image.shape[1])]
             log.warning("%s: image %s is %dx%d, video is %dx%d: resized the image to the video size (bicubic)",

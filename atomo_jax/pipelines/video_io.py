@@ -88,21 +88,46 @@ def read_video(path: str) -> np.ndarray:
         return np.stack([frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)])
 
 
-def load_image(path: str, height: int, width: int) -> np.ndarray:
-    """An image file -> (1, height, width, 3) float32 in [-1, 1]: short side resized (bicubic), centre crop.
-    numpy + Pillow only, so the PyTorch reference (`atomo_jax.torch_ref`) shares it without importing jax."""
-    from PIL import Image, UnidentifiedImageError  # pylint: disable=g-import-not-at-top
+def read_rgb(path: str, background: str = "white") -> np.ndarray:
+    """An image file -> uint8 (H, W, 3) as a viewer shows it: 16-bit and float images scaled to 8 bits, palettes
+    expanded, transparency composited over `background` (a colour name or #rrggbb, default white). A missing,
+    truncated or foreign file is one ValueError/FileNotFoundError naming it. numpy + Pillow only, so the PyTorch
+    reference (`atomo_jax.torch_ref`) shares it without importing jax."""
+    from PIL import Image, ImageColor, UnidentifiedImageError  # pylint: disable=g-import-not-at-top
 
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"--image {path}: no such file")
+        raise FileNotFoundError(f"{path}: no such image file")
+    try:
+        colour = ImageColor.getrgb(background)[:3]
+    except ValueError:
+        raise ValueError(f"background {background!r}: not a colour (a name such as 'white' or #rrggbb)") from None
     try:
         with Image.open(path) as im:
-            im = im.convert("RGB")
-            scale = max(height / im.height, width / im.width)
-            size = (max(width, round(im.width * scale)), max(height, round(im.height * scale)))
-            im = im.resize(size, Image.Resampling.BICUBIC)
-            left, top = (size[0] - width) // 2, (size[1] - height) // 2
-            array = np.asarray(im.crop((left, top, left + width, top + height)), np.float32)
+            im.load()
+            if im.mode in ("I", "I;16", "I;16L", "I;16B", "F"):  # 16-bit PNG/TIFF grey (Pillow: "I;16" or "I")
+                grey = np.asarray(im, np.float64)
+                full = 1.0 if im.mode == "F" and grey.max() <= 1.0 else 255.0 if im.mode == "F" else 65535.0
+                grey = np.clip(np.round(grey / full * 255.0), 0, 255).astype(np.uint8)
+                return np.repeat(grey[..., None], 3, axis=-1)
+            if im.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in im.info:
+                over = Image.new("RGBA", im.size, colour + (255,))
+                return np.asarray(Image.alpha_composite(over, im.convert("RGBA")).convert("RGB"))
+            return np.asarray(im.convert("RGB"))
     except UnidentifiedImageError:
-        raise ValueError(f"--image {path}: not an image file Pillow can read") from None
+        raise ValueError(f"{path}: not an image file Pillow can read") from None
+    except (OSError, SyntaxError) as e:  # Pillow reports truncated or corrupt data as OSError / SyntaxError
+        raise ValueError(f"{path}: damaged image ({e})") from None
+
+
+def load_image(path: str, height: int, width: int, background: str = "white") -> np.ndarray:
+    """An image file (see `read_rgb`) -> (1, height, width, 3) float32 in [-1, 1]: short side resized (bicubic),
+    centre crop."""
+    from PIL import Image  # pylint: disable=g-import-not-at-top
+
+    im = Image.fromarray(read_rgb(path, background))
+    scale = max(height / im.height, width / im.width)
+    size = (max(width, round(im.width * scale)), max(height, round(im.height * scale)))
+    im = im.resize(size, Image.Resampling.BICUBIC)
+    left, top = (size[0] - width) // 2, (size[1] - height) // 2
+    array = np.asarray(im.crop((left, top, left + width, top + height)), np.float32)
     return (array / 127.5 - 1.0)[None]

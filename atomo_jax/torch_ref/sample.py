@@ -21,7 +21,6 @@ import sys
 from pathlib import Path
 from typing import Any, NamedTuple
 
-import numpy as np
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler
 from torch import nn

@@ -13,17 +13,31 @@ import os
 from typing import Any
 
 import flax.linen as nn
+import numpy as np
 import grain.python as grain
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
+from absl import logging
 from etils import epath
+from jax.experimental import multihost_utils
 
 from atomo_jax.configuration import ConfigError, adopt_architecture, config_from_saved, saved_architecture
 from atomo_jax.training.state import TrainState, merge
 
 
 COMPOSED_CONFIG = "atomo_config.json"
+
+
+class CheckpointError(RuntimeError):
+    """No checkpoint of a run can be read; the message lists each step directory and why."""
+
+
+def _all_processes(ok: bool) -> bool:
+    """True when `ok` holds on every process (one process failing to read its shards fails the step for all)."""
+    if jax.process_count() == 1:
+        return ok
+    return bool(np.all(multihost_utils.process_allgather(np.array(ok))))
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -40,7 +54,7 @@ class Checkpointer:
         self.manager = ocp.CheckpointManager(
             checkpoint_dir(workdir), options=options,
             item_handlers={"state": ocp.StandardCheckpointHandler(), "data": grain.PyGrainCheckpointHandler(),
-                           "config": ocp.JsonCheckpointHandler()})
+                           "config": ocp.JsonCheckpointHandler(), "counters": ocp.JsonCheckpointHandler()})
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -48,15 +62,51 @@ class Checkpointer:
     def should_save(self, step: int) -> bool:
         return self.every_steps > 0 and step % self.every_steps == 0
 
-    def save(self, step: int, state: TrainState, data_iter: Any, config: ml_collections.ConfigDict) -> None:
+    def save(self, step: int, state: TrainState, data_iter: Any, config: ml_collections.ConfigDict,
+             counters: dict[str, int]) -> None:
+        """`counters`: the run's running totals (e.g. skipped_samples), restored with the state."""
         self.manager.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state), data=grain.PyGrainCheckpointSave(data_iter),
-            config=ocp.args.JsonSave(json.loads(config.to_json_best_effort()))), force=True)
+            config=ocp.args.JsonSave(json.loads(config.to_json_best_effort())),
+            counters=ocp.args.JsonSave(counters)), force=True)
 
-    def restore(self, step: int, abstract_state: TrainState, data_iter: Any) -> TrainState:
-        restored = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state), data=grain.PyGrainCheckpointRestore(data_iter)))
-        return restored["state"]
+    def restore(self, step: int, abstract_state: TrainState, data_iter: Any) -> tuple[TrainState, dict[str, int]]:
+        """(state, counters) of `step`; the data iterator is set to where it was."""
+        items = {"state": ocp.args.StandardRestore(abstract_state), "data": grain.PyGrainCheckpointRestore(data_iter)}
+        has_counters = (epath.Path(self.manager.directory) / str(step) / "counters").exists()
+        if has_counters:  # checkpoints written before counters were saved have none
+            items["counters"] = ocp.args.JsonRestore()
+        restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+        return restored["state"], dict(restored["counters"]) if has_counters else {}
+
+    def restore_latest(self, abstract_state: TrainState, data_iter: Any
+                       ) -> tuple[int, TrainState, dict[str, int]] | None:
+        """(step, state, counters) of the newest checkpoint that restores (the data iterator set to it), or None if
+        there are none. A step that fails to read (truncated file, missing item or metadata, ...) is set aside, renamed
+        `<step>.unreadable` (never deleted), with one warning naming it and why, and the next older one is tried;
+        all processes agree on each outcome. If every step fails, one error lists each path and reason."""
+        failures = []
+        for step in sorted(self.manager.all_steps(), reverse=True):
+            path = epath.Path(self.manager.directory) / str(step)
+            try:
+                restored, reason = self.restore(step, abstract_state, data_iter), None
+            except Exception as e:  # noqa: BLE001 - any failure to read a step means: fall back to an older one
+                restored, reason = None, f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
+            if not _all_processes(reason is None):
+                reason = reason or "another process could not read its part of this step"
+                failures.append(f"{path}: {reason}")
+                logging.warning("checkpoint %s could not be restored (%s); set aside as %s.unreadable, trying the "
+                                "previous one", path, reason, path.name)
+                print(f"[train] checkpoint {path} is unreadable ({reason}); trying the previous one", flush=True)
+                if jax.process_index() == 0:
+                    path.rename(path.parent / f"{path.name}.unreadable")
+                multihost_utils.sync_global_devices(f"checkpoint {step} set aside")
+                self.manager.reload()
+                continue
+            return (step, *restored)
+        if failures:
+            raise CheckpointError("no checkpoint could be restored:\n  " + "\n  ".join(failures))
+        return None
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

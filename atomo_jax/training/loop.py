@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import time
 from typing import Any
 
@@ -19,7 +18,6 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
-from jax.experimental import multihost_utils
 
 from atomo_jax.models.atomo import build_model
 from atomo_jax.models.tokenizer import caption_tokenizer
@@ -29,6 +27,7 @@ from atomo_jax.parallel.mesh import make_mesh
 from atomo_jax.pipelines import i2v, video_io
 from atomo_jax.training import metrics as metrics_lib
 from atomo_jax.training.checkpoint import Checkpointer, adopt_init_architecture
+from atomo_jax.training.preemption import Preemption
 from atomo_jax.training.optimizer import learning_rate_schedule
 from atomo_jax.training.packing import packer_from_config
 from atomo_jax.training.setup import abstract_train_state, init_train_state, state_shardings, validate
@@ -37,31 +36,6 @@ from atomo_jax.training.train_step import batch_shardings, canonical_formats, ji
 from data_pipelines.loader import make_loader, synthetic_source
 
 DEVICE_KEYS = ("video", "cond_image", "mask", "latents", "image_embeds", "tokens", "context")
-
-
-class Preemption:
-    """SIGTERM (and TPU maintenance notices) -> finish the step, save, stop.
-
-    One process: our own SIGTERM handler, installed by `listen()` before anything slow happens. Several processes:
-    JAX's preemption service, started by `jax.distributed.initialize`, catches the notice on whichever host gets it
-    and agrees on one step for all; `reached_preemption_sync_point` asks it without a collective per step.
-    """
-
-    def __init__(self):
-        self.requested = False
-
-    def listen(self) -> None:
-        if jax.process_count() == 1:  # with several, the preemption service's own handler must stay in place
-            signal.signal(signal.SIGTERM, self._handler)
-
-    def _handler(self, signum, frame):  # noqa: ARG002
-        logging.warning("SIGTERM received: saving a checkpoint after this step, then exiting")
-        self.requested = True
-
-    def should_stop(self, step: int) -> bool:
-        if jax.process_count() > 1:
-            return multihost_utils.reached_preemption_sync_point(step)
-        return self.requested
 
 
 def _load_init_params(path: str, abstract_params: Any, shardings: Any) -> dict:
@@ -153,13 +127,16 @@ def write_sample(model: Any, params: dict, config: ml_collections.ConfigDict, im
     return paths
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
-                       explicit: frozenset[str] = frozenset()) -> dict[str, Any]:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, explicit: frozenset[str] = frozenset(),
+                       preemption: Preemption | None = None) -> dict[str, Any]:
     """Trains until `config.train.num_steps`; returns the final metrics (and sample paths on process 0).
-    `explicit`: the config keys the command line set (they must agree with an init checkpoint's model)."""
-    preemption = Preemption()
+    `explicit`: the config keys the command line set (they must agree with an init checkpoint's model);
+    `preemption`: the entry point's SIGTERM listener, started before its slow imports (default: one started now)."""
+    if preemption is None:
+        preemption = Preemption()
+        preemption.listen()
     distributed.maybe_initialize()
-    preemption.listen()
+    preemption.distributed_started()
     os.makedirs(workdir, exist_ok=True)
     for note in adopt_init_architecture(config, explicit):
         logging.warning("%s", note)
@@ -180,14 +157,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                              tokenize=caption_tokenizer(config.model.text_encoder))
         data_iter = iter(loader)
 
-        latest = checkpointer.latest_step()
-        if latest is not None:
-            target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
-            state = checkpointer.restore(latest, target, data_iter)
+        target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+        resumed = checkpointer.restore_latest(target, data_iter)
+        counters = {"skipped_samples": 0}
+        if resumed is not None:
+            latest, state, saved_counters = resumed
+            counters.update(saved_counters)
             logging.info("resumed from step %d", latest)
             print(f"[train] resumed from checkpoint at step {latest}", flush=True)
         else:
-            init_params = None
+            latest, init_params = None, None
             if config.init.checkpoint:
                 params_abstract = {**abstract.frozen, "unet": merge(abstract.trainable, abstract.frozen["unet"])}
                 params_sh = {**shardings.frozen, "unet": merge(shardings.trainable, shardings.frozen["unet"])}
@@ -220,13 +199,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                     out[k] = jax.make_array_from_process_local_data(sh, local)
             return out
 
-        writer = metrics_lib.MetricWriter(os.path.join(workdir, "tensorboard"), enabled=is_main)
+        writer = metrics_lib.MetricWriter(os.path.join(workdir, "tensorboard"), enabled=is_main, resumed_at=latest)
         loss_log = LossLog(workdir, is_main, latest)
         num_steps = int(config.train.num_steps)
         log_every = max(1, int(config.train.log_every))
         step = int(jax.device_get(state.step))
         flops_per_step, peak = None, metrics_lib.peak_flops_per_device()
-        skipped_samples, last = 0, {}
+        skipped_samples, last = int(counters["skipped_samples"]), {}
         sample_cond = None  # the conditioning frame of every sample of this run, fixed at the first batch
         sampled = (None, None)  # (step, paths on process 0) of the latest sample
         t_log, steps_since, wait_since = time.perf_counter(), 0, 0.0
@@ -237,7 +216,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
             if not bool(jax.device_get(finite_jit(state.trainable))):
                 raise FloatingPointError(f"refusing to save step {at}: parameters are not finite")
             loss_log.flush()
-            checkpointer.save(at, canonical(state), data_iter, config)
+            checkpointer.save(at, canonical(state), data_iter, config, {"skipped_samples": skipped_samples})
             saved_step = at
 
         while step < num_steps:
@@ -289,7 +268,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                 save(step)
             if int(config.sample.every_steps) > 0 and step % int(config.sample.every_steps) == 0:
                 sampled = (step, _sample(model, canonical(state), config, sample_cond, workdir, step, writer))
-            if preemption.should_stop(step):
+            if step < num_steps and preemption.should_stop(step):  # at the end the run finishes (and samples)
                 if saved_step != step:  # the periodic save may have just written this step
                     save(step)
                 loss_log.flush()

@@ -37,12 +37,14 @@ def compiled_flops(compiled: Any) -> float | None:
 class MetricWriter:
     """TensorBoard event files (process 0 only) + one progress line per log step on stdout."""
 
-    def __init__(self, logdir: str, enabled: bool):
+    def __init__(self, logdir: str, enabled: bool, resumed_at: int | None = None):
+        """`resumed_at`: the restored step; TensorBoard hides the points a killed run logged after it, so steps
+        re-run after a restart show once."""
         self.writer = None
         if enabled:
             from tensorboardX import SummaryWriter
             os.makedirs(logdir, exist_ok=True)
-            self.writer = SummaryWriter(logdir)
+            self.writer = SummaryWriter(logdir, purge_step=None if resumed_at is None else resumed_at + 1)
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
         if self.writer is not None:

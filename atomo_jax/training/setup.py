@@ -99,6 +99,8 @@ def validate(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
     check(int(config.train.num_steps) >= 1, "train.num_steps", ">= 1")
     check(0.0 <= float(config.train.ema_decay) < 1.0, "train.ema_decay", "in [0, 1)")
     check(int(config.data.worker_count) >= 0, "data.worker_count", ">= 0")
+    check(int(config.data.bad_window) >= 1, "data.bad_window", ">= 1")
+    check(0.0 < float(config.data.max_bad_fraction) <= 1.0, "data.max_bad_fraction", "in (0, 1]")
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
     check(b > 0 and b % max(accum, 1) == 0, "train.batch_size", f"positive and divisible by train.grad_accum={accum}")
     check(accum < 1 or (b // accum) % shards == 0, "train.batch_size",
