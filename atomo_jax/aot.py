@@ -25,7 +25,7 @@ from absl import app, flags
 import ml_collections
 from ml_collections import config_flags
 
-from atomo_jax.configuration import parse_absl_flags
+from atomo_jax.configuration import absl_flags_parser
 
 FLAGS = flags.FLAGS
 
@@ -392,6 +392,11 @@ def main(argv: list[str]) -> None:
     print(f"[aot] {len(fitting)}/{len(rows)} fit; least compute per step: mesh {best.layout} remat={best.remat}")
 
 
-if __name__ == "__main__":
+def run() -> None:
+    """The `atomo-aot` console script and `python -m atomo_jax.aot`."""
     _define_flags()
-    app.run(main, flags_parser=parse_absl_flags)
+    app.run(main, flags_parser=absl_flags_parser(__name__))
+
+
+if __name__ == "__main__":
+    run()

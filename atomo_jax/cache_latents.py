@@ -31,7 +31,7 @@ from array_record.python.array_record_module import ArrayRecordWriter
 from jax.sharding import NamedSharding, PartitionSpec
 from ml_collections import config_flags
 
-from atomo_jax.configuration import parse_absl_flags
+from atomo_jax.configuration import absl_flags_parser
 from tqdm import tqdm
 
 from atomo_jax.parallel import distributed
@@ -177,5 +177,10 @@ def main(argv: list[str]) -> None:
     print(json.dumps({"process": jax.process_index(), **stats}), flush=True)
 
 
+def run() -> None:
+    """The `atomo-cache-latents` console script and `python -m atomo_jax.cache_latents`."""
+    app.run(main, flags_parser=absl_flags_parser(__name__))
+
+
 if __name__ == "__main__":
-    app.run(main, flags_parser=parse_absl_flags)
+    run()

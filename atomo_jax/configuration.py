@@ -9,7 +9,7 @@ import os
 import re
 import sys
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import ml_collections
 from absl import flags
@@ -34,7 +34,7 @@ def config_import_path() -> None:
 
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
     """`get_config()` of `path` (default configs/base.py) with `overrides` such as `--config.train.num_steps=5`."""
-    path = Path(path or DEFAULT_CONFIG)
+    path = Path(_installed_config(f"--config={path or DEFAULT_CONFIG}")[len("--config="):])
     if not path.is_file():
         raise FileNotFoundError(f"config file not found: {path}")
     bad = [o for o in overrides if not o.startswith("--config.")]
@@ -60,18 +60,47 @@ def _override_error(e: Exception) -> str:
     return " ".join(re.sub(r"^'([^']+)'\s*", r"no such key '\1'. ", message).split())
 
 
-def parse_absl_flags(argv: list[str]) -> list[str]:
-    """`app.run(main, flags_parser=parse_absl_flags)`: a bad flag or `--config.*` override (misspelled key, wrong
-    type) is one `error:` line and exit 2 instead of a traceback."""
-    try:
-        return flags.FLAGS(argv)
-    except flags.Error as e:
-        message = str(e)
-    except (AttributeError, KeyError, TypeError, ValueError) as e:  # raised by config_flags' overrides
-        bad = [a.split("=", 1)[0] for a in argv[1:] if a.startswith("--config.")]
-        message = f"a --config override ({', '.join(bad) or 'none given'}): {_override_error(e)}"
-    print(f"error: {message}\nPass --help for usage.", file=sys.stderr, flush=True)
-    sys.exit(2)
+def _installed_config(arg: str) -> str:
+    """`--config=configs/demo.py` names the shipped config when no such file is under the working directory (e.g.
+    the `atomo-train` command run from elsewhere after `pip install`)."""
+    if arg.startswith("--config=") and not Path(arg[len("--config="):]).exists():
+        shipped = REPO / arg[len("--config="):]
+        if shipped.is_file():
+            return f"--config={shipped}"
+    return arg
+
+
+HELP_FLAGS = ("--help", "-help", "-h", "-?", "--helpshort")
+
+
+def absl_flags_parser(module: str) -> Callable[[list[str]], list[str]]:
+    """`app.run(main, flags_parser=absl_flags_parser(__name__))` for the absl entry points: `--help` shows the
+    module's docstring and flags and exits 0 (also as a console script, whose argv[0] is not the module); a bad flag
+    or `--config.*` override (misspelled key, wrong type) is one `error:` line and exit 2, not a traceback; and
+    `--config=configs/demo.py` finds the shipped config from any directory."""
+
+    def parse(argv: list[str]) -> list[str]:
+        argv = [argv[0]] + [_installed_config(a) for a in argv[1:]]
+        if any(a in HELP_FLAGS for a in argv[1:]):
+            name = sys.argv[0] if module == "__main__" else module
+            print((sys.modules[module].__doc__ or "").rstrip() + "\n\nflags:\n" + flags.FLAGS.module_help(name)
+                  + "\n\nTry --helpfull to get a list of all flags.")
+            sys.exit(0)
+        try:
+            return flags.FLAGS(argv)
+        except SystemExit:  # --helpfull prints and exits 1; asking for help is not an error
+            if any(a.startswith("--helpfull") for a in argv[1:]):
+                sys.exit(0)
+            raise
+        except flags.Error as e:
+            message = str(e)
+        except (AttributeError, KeyError, TypeError, ValueError) as e:  # raised by config_flags' overrides
+            bad = [a.split("=", 1)[0] for a in argv[1:] if a.startswith("--config.")]
+            message = f"a --config override ({', '.join(bad) or 'none given'}): {_override_error(e)}"
+        print(f"error: {message}\nPass --help for usage.", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+    return parse
 
 
 def config_from_saved(saved: dict) -> ml_collections.ConfigDict:

@@ -432,5 +432,10 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def run() -> None:
+    """The `atomo-export` console script and `python -m atomo_jax.export`."""
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    run()

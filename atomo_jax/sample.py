@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from absl import app, flags, logging
 
-from atomo_jax.configuration import parse_absl_flags
+from atomo_jax.configuration import absl_flags_parser
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Training workdir (its latest checkpoint is used).")
@@ -154,5 +154,10 @@ def sample() -> None:
     print(f"wrote {frames.shape[0]} frames of {frames.shape[2]}x{frames.shape[1]}: {mp4} and {gif}")
 
 
+def run() -> None:
+    """The `atomo-sample` console script and `python -m atomo_jax.sample`."""
+    app.run(main, flags_parser=absl_flags_parser(__name__))
+
+
 if __name__ == "__main__":
-    app.run(main, flags_parser=parse_absl_flags)
+    run()

@@ -13,7 +13,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from atomo_jax.configuration import parse_absl_flags
+from atomo_jax.configuration import absl_flags_parser
 
 from atomo_jax.training.preemption import Preemption
 
@@ -49,6 +49,11 @@ def main(argv: list[str]) -> None:
     print(f"[train] done at step {result['step']}", flush=True)
 
 
-if __name__ == "__main__":
+def run() -> None:
+    """The `atomo-train` console script and `python -m atomo_jax.train`."""
     _PREEMPTION.listen()  # before flag parsing and the seconds of imports that follow
-    app.run(main, flags_parser=parse_absl_flags)
+    app.run(main, flags_parser=absl_flags_parser(__name__))
+
+
+if __name__ == "__main__":
+    run()

@@ -104,4 +104,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    # The command line only (the builder itself knows nothing of atomo_jax): the shared flag parsing of our CLIs.
+    from atomo_jax.configuration import absl_flags_parser
+
+    app.run(main, flags_parser=absl_flags_parser(__name__))

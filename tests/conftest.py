@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 from typing import Callable, Sequence
 
 import pytest
@@ -143,3 +144,26 @@ def wait_for(predicate: Callable[[], bool], procs: Sequence[subprocess.Popen], w
             kill_all(procs)
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(0.2)
+
+
+def tensorboard_scalars(logdir: str | os.PathLike, tag: str) -> dict[int, list[float]]:
+    """{step: values} of one scalar tag as TensorBoard shows it: event files in order, and a restart's
+    SessionLog.START at step s hiding the points at steps >= s written before it (tensorboardX's `purge_step`)."""
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    out: dict[int, list[float]] = {}
+    for path in sorted(Path(logdir).glob("events.out.tfevents.*")):
+        data = path.read_bytes()
+        pos = 0
+        while pos + 12 <= len(data):
+            (length,) = struct.unpack("<Q", data[pos:pos + 8])
+            event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + length])
+            pos += 12 + length + 4
+            if event.HasField("session_log") and event.session_log.status == event_pb2.SessionLog.START:
+                out = {s: v for s, v in out.items() if s < event.step}
+            for value in event.summary.value:
+                if value.tag == tag:
+                    out.setdefault(event.step, []).append(value.simple_value)
+    return out

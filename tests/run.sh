@@ -4,8 +4,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -m venv .venv
 .venv/bin/pip install -q -r requirements.txt
-# open-clip-torch only ships the CLIP BPE vocabulary we build tokenizers from; its dependencies would pull a CUDA torch.
-.venv/bin/pip install -q --no-deps open-clip-torch==3.3.0
+# This checkout as an editable package (the atomo-* commands), and open-clip-torch, which only ships the CLIP BPE
+# vocabulary we build tokenizers from (its dependencies would pull a CUDA torch).
+.venv/bin/pip install -q --no-deps open-clip-torch==3.3.0 -e .
 # libtpu compiles for TPU topologies on this CPU host (the AOT fit check and its test); the version jax[tpu] pins.
 .venv/bin/pip install -q "libtpu==0.0.42.1"
 if ! command -v shellcheck >/dev/null; then

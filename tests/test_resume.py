@@ -14,7 +14,7 @@ import signal
 import sys
 import textwrap
 
-from tests.conftest import ROOT, cli_env, losses, start, wait_for
+from tests.conftest import ROOT, cli_env, losses, start, tensorboard_scalars, wait_for
 
 NUM_STEPS = 10
 
@@ -81,9 +81,42 @@ def test_sigterm_then_sigkill_resume_is_bitwise_identical(tmp_path):
     # The log reads as one run: no duplicated or stale lines after the resumes.
     lines = [json.loads(x)["step"] for x in open(os.path.join(broken, "losses.jsonl"))]
     assert lines == list(range(1, NUM_STEPS + 1))
+    # So does TensorBoard: the steps re-run after each restart are shown once, with the resumed run's values.
+    shown = tensorboard_scalars(os.path.join(broken, "tensorboard"), "loss")
+    assert sorted(shown) == list(range(1, NUM_STEPS + 1)) and all(len(v) == 1 for v in shown.values()), shown
+    assert all(abs(shown[s][0] - want[s]) <= 1e-6 * max(1.0, abs(want[s])) for s in shown), (shown, want)
 
     # The final checkpoint loads for inference.
     sys.path.insert(0, ROOT)
     from atomo_jax.training.checkpoint import load_inference
     config, _, params = load_inference(broken)
     assert config.train.num_steps == NUM_STEPS and params["unet"]
+
+
+def sigterm_handled(pid: int) -> bool:
+    """The process has installed a SIGTERM handler (bit 15 of SigCgt in /proc/PID/status; this is Linux)."""
+    try:
+        for line in open(f"/proc/{pid}/status"):
+            if line.startswith("SigCgt:"):
+                return bool(int(line.split()[1], 16) & (1 << (signal.SIGTERM - 1)))
+    except OSError:
+        return False
+    return False
+
+
+def test_sigterm_during_startup_of_the_last_step_still_saves_and_samples(tmp_path):
+    """A SIGTERM that arrives while the trainer is still importing and compiling, in a 1-step run: the step runs,
+    is saved, the end-of-run sample is written, and the exit is 0 (not 143, not a skipped sample)."""
+    cfg = tmp_path / "cfg.py"
+    cfg.write_text(CONFIG)
+    workdir = tmp_path / "run"
+    proc = start("atomo_jax.train", f"--config={cfg}", f"--workdir={workdir}", "--config.train.num_steps=1",
+                 "--config.sample.at_end=True", "--config.sample.num_steps=2", "--config.sample.num_frames=4",
+                 env=cli_env(1))
+    wait_for(lambda: sigterm_handled(proc.pid), [proc], "the SIGTERM handler")
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out[-3000:]
+    assert not losses(workdir) or max(losses(workdir)) == 1
+    assert (workdir / "checkpoints" / "1").is_dir(), out[-3000:]
+    assert "sample written" in out and (workdir / "samples" / "sample_0000001.mp4").exists(), out[-3000:]

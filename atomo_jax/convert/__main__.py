@@ -191,5 +191,10 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def run() -> None:
+    """The `atomo-convert` console script and `python -m atomo_jax.convert`."""
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,46 @@
+"""The package as users get it: `pip install .` (and `-e .`) into a new venv, the atomo-* commands, and a 3-step demo
+run from a directory that is not the repository. The dependencies come from the suite's own environment (on
+PYTHONPATH), so the test checks our packaging, not 2 GB of downloads."""
+
+from __future__ import annotations
+
+import os
+import site
+import subprocess
+import sys
+
+from tests.conftest import FAST_CPU_COMPILE, ROOT
+
+COMMANDS = ("atomo-train", "atomo-sample", "atomo-convert", "atomo-export", "atomo-eval", "atomo-aot",
+            "atomo-cache-latents")
+
+
+def _run(args: list, cwd, env: dict, timeout: float = 600) -> str:
+    out = subprocess.run([str(a) for a in args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert out.returncode == 0, f"{args} exited {out.returncode}:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
+    return out.stdout + out.stderr
+
+
+def test_pip_install_commands_and_demo_from_another_directory(tmp_path):
+    venv, elsewhere = tmp_path / "venv", tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(site.getsitepackages()), "JAX_PLATFORMS": "cpu",
+           "XLA_FLAGS": FAST_CPU_COMPILE}
+    _run([sys.executable, "-m", "venv", venv], elsewhere, env)
+    _run([venv / "bin" / "pip", "install", "-q", "--no-deps", ROOT], elsewhere, env)
+    where = _run([venv / "bin" / "python", "-c", "import atomo_jax, configs, data_pipelines, launch; "
+                  "print(atomo_jax.__file__, configs.__file__)"], elsewhere, env)
+    assert str(venv) in where and ROOT not in where, where  # the installed copy, not the checkout
+    for command in COMMANDS:
+        assert "--" in _run([venv / "bin" / command, "--help"], elsewhere, env), command  # exit 0 and a usage
+    out = _run([venv / "bin" / "atomo-train", "--config=configs/demo.py", "--workdir=run",
+                "--config.train.num_steps=3", "--config.data.num_frames=4", "--config.sample.at_end=False",
+                "--config.checkpoint.every_steps=0", "--config.train.log_every=1"], elsewhere, env)
+    assert "[train] done at step 3" in out and (elsewhere / "run" / "checkpoints" / "3").is_dir(), out[-3000:]
+
+    editable = tmp_path / "editable"
+    _run([sys.executable, "-m", "venv", editable], elsewhere, env)
+    _run([editable / "bin" / "pip", "install", "-q", "--no-deps", "-e", ROOT], elsewhere, env)
+    where = _run([editable / "bin" / "python", "-c", "import atomo_jax; print(atomo_jax.__file__)"], elsewhere, env)
+    assert where.strip().startswith(ROOT), where
+    assert "--workdir" in _run([editable / "bin" / "atomo-train", "--help"], elsewhere, env)
