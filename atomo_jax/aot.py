@@ -19,29 +19,11 @@ import os
 import re
 import sys
 import time
-from typing import Any
+from typing import Any, Sequence
 
-from absl import app, flags
 import ml_collections
-from ml_collections import config_flags
 
-from atomo_jax.configuration import absl_flags_parser
-
-FLAGS = flags.FLAGS
-
-
-def _define_flags() -> None:
-    """Defined only when run as a program, so importing this module (tests, the launcher) adds no global flags."""
-    config_flags.DEFINE_config_file("config", None, "Path to a config file with get_config().", lock_config=True)
-    flags.DEFINE_string("topology", None, "TPU accelerator type (v4-32, v5e-16 / v5litepod-16, v5p-128, v6e-64), "
-                        "a topology name (v5p:4x4x4), or cpu-N for N fake CPU devices.")
-    flags.DEFINE_integer("num_slices", 1, "Number of slices joined over DCN (multi-slice jobs).")
-    flags.DEFINE_boolean("sweep", False, "Try mesh layouts x remat policies and print a table.")
-    flags.DEFINE_float("hbm_gib", None, "Override the per-chip memory capacity (GiB).")
-    flags.DEFINE_float("usable_fraction", 0.95, "Fraction of the capacity a program may use (the runtime keeps "
-                       "the rest).")
-    flags.mark_flags_as_required(["config", "topology"])
-
+from atomo_jax.configuration import add_log_level, cli_parser, parse_cli
 
 GIB = 1024 ** 3
 
@@ -316,35 +298,43 @@ def _advice(config: ml_collections.ConfigDict) -> str:
     return "Try " + ", ".join(tries) + "."
 
 
-def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = cli_parser("atomo-aot", __doc__)
+    parser.add_argument("--config", required=True, help="config file with get_config() (+ --config.a.b=value)")
+    parser.add_argument("--topology", required=True,
+                        help="TPU accelerator type (v4-32, v5e-16 / v5litepod-16, v5p-128, v6e-64), a topology name "
+                             "(v5p:4x4x4), or cpu-N for N fake CPU devices")
+    parser.add_argument("--num_slices", type=int, default=1, help="slices joined over DCN (multi-slice jobs)")
+    parser.add_argument("--sweep", action="store_true", help="try mesh layouts x remat policies and print a table")
+    parser.add_argument("--hbm_gib", type=float, help="override the per-chip memory capacity (GiB)")
+    parser.add_argument("--usable_fraction", type=float, default=0.95,
+                        help="fraction of the capacity a program may use (the runtime keeps the rest)")
+    add_log_level(parser)
+    args, config = parse_cli(parser, argv)
     try:
-        target = parse_target(FLAGS.topology, FLAGS.num_slices)
+        target = parse_target(args.topology, args.num_slices)
     except ValueError as e:
-        raise app.UsageError(str(e))
+        parser.error(str(e))
     # Compiling touches no chip: let libtpu load while other jax processes on this host hold its lockfile.
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     if target.generation == "cpu":
         os.environ["JAX_PLATFORMS"] = "cpu"
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                    f" --xla_force_host_platform_device_count={target.chips * target.num_slices}")
-    sys.path.insert(0, os.getcwd())  # configs import each other as `configs.*`
-    config = FLAGS.config
     if target.num_slices > 1 and int(config.mesh.dcn_data) == 1:
         with config.unlocked():
             config.mesh.dcn_data = target.num_slices
         print(f"[aot] {target.num_slices} slices: data parallelism across slices, config.mesh.dcn_data="
               f"{target.num_slices}", flush=True)
     devices = target_devices(target)
-    cap = capacity(target, len(devices), FLAGS.hbm_gib, FLAGS.usable_fraction)
+    cap = capacity(target, len(devices), args.hbm_gib, args.usable_fraction)
 
-    if not FLAGS.sweep:
+    if not args.sweep:
         try:
             report = compile_train_step(config, devices, cap)
         except ValueError as e:  # bad mesh/batch combination: the config's own error
             print(f"[aot] error: {e}", file=sys.stderr)
-            sys.exit(2)
+            return 2
         except CompilerOutOfMemory as e:
             from atomo_jax.parallel.mesh import mesh_shape
             data, fsdp, tensor = mesh_shape(config.mesh, len(devices))
@@ -352,15 +342,15 @@ def main(argv: list[str]) -> None:
                   f"{e.available} available on {target.name} (mesh data={data} fsdp={fsdp} tensor={tensor}, "
                   f"remat={config.model.unet.remat}). {_advice(config)}",
                   file=sys.stderr, flush=True)
-            sys.exit(1)
-        print(describe(report, target, FLAGS.usable_fraction), flush=True)
+            return 1
+        print(describe(report, target, args.usable_fraction), flush=True)
         if not report.fits:
             print(f"[aot] DOES NOT FIT: needs {report.peak_bytes / GIB:.2f} GiB per device, "
                   f"{report.capacity_bytes / GIB:.2f} GiB usable on {target.name}. {_advice(config)}",
                   file=sys.stderr, flush=True)
-            sys.exit(1)
+            return 1
         print(f"[aot] fits on {target.name}", flush=True)
-        return
+        return 0
 
     from atomo_jax.models.unet import REMAT_POLICIES
     rows = []
@@ -387,15 +377,15 @@ def main(argv: list[str]) -> None:
     fitting = [r for r in rows if r.fits]
     if not fitting:
         print(f"[aot] no layout fits on {target.name}", file=sys.stderr)
-        sys.exit(1)
+        return 1
     best = min(fitting, key=lambda r: (r.flops, r.peak_bytes))
     print(f"[aot] {len(fitting)}/{len(rows)} fit; least compute per step: mesh {best.layout} remat={best.remat}")
+    return 0
 
 
 def run() -> None:
     """The `atomo-aot` console script and `python -m atomo_jax.aot`."""
-    _define_flags()
-    app.run(main, flags_parser=absl_flags_parser(__name__))
+    sys.exit(main())
 
 
 if __name__ == "__main__":

@@ -21,19 +21,17 @@ import json
 import logging
 import math
 import os
-from typing import Any, Callable
+import sys
+from typing import Any, Callable, Sequence
 
 import jax
 import ml_collections
 import numpy as np
-from absl import app, flags
 from array_record.python.array_record_module import ArrayRecordWriter
 from jax.sharding import NamedSharding, PartitionSpec
-from ml_collections import config_flags
-
-from atomo_jax.configuration import absl_flags_parser
 from tqdm import tqdm
 
+from atomo_jax.configuration import add_log_level, cli_parser, parse_cli
 from atomo_jax.parallel import distributed
 from atomo_jax.training.checkpoint import load_inference
 from data_pipelines.loader import clip_spec, make_source
@@ -153,33 +151,35 @@ def cache_latents(
     return stats
 
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config whose .data to encode (default: the checkpoint's); "
-                                          "--config.a.b=value overrides apply to it.", lock_config=True)
-_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Composed checkpoint, training workdir or step dir.")
-_OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Where the ArrayRecord shards go.")
-_RECORDS = flags.DEFINE_integer("records_per_shard", 256, "Source records per shard (the unit of resumption).")
-_BATCH = flags.DEFINE_integer("batch_size", 8, "Videos per encoder call (split over this process's devices).")
-_WEIGHTS = flags.DEFINE_enum("weights", "ema", ["ema", "raw"], "A training checkpoint's EMA or raw weights.")
-_ALL_BARS = flags.DEFINE_bool("all_progress_bars", False, "A progress bar on every process, not just process 0.")
-flags.mark_flags_as_required(["checkpoint", "output_dir"])
-
-
-def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = cli_parser("atomo-cache-latents", __doc__)
+    parser.add_argument("--checkpoint", required=True, help="composed checkpoint, training workdir or step dir")
+    parser.add_argument("--output_dir", required=True, help="where the ArrayRecord shards go")
+    parser.add_argument("--config", help="config whose .data to encode (default: the checkpoint's); "
+                                         "--config.a.b=value overrides apply to it")
+    parser.add_argument("--records_per_shard", type=int, default=256,
+                        help="source records per shard (the unit of resumption)")
+    parser.add_argument("--batch_size", type=int, default=8,
+                        help="videos per encoder call (split over this process's devices)")
+    parser.add_argument("--weights", choices=("ema", "raw"), default="ema",
+                        help="a training checkpoint's EMA (default) or raw weights")
+    parser.add_argument("--all_progress_bars", action="store_true",
+                        help="a progress bar on every process, not just process 0")
+    add_log_level(parser)
+    args, config = parse_cli(parser, argv)
     distributed.maybe_initialize()
-    ckpt_config, model, params = load_inference(_CHECKPOINT.value, use_ema=_WEIGHTS.value == "ema")
-    config = _CONFIG.value if _CONFIG.value is not None else ckpt_config
-    stats = cache_latents(model, params, config.data, _OUTPUT_DIR.value, records_per_shard=_RECORDS.value,
-                          batch_size=_BATCH.value, process_index=jax.process_index(),
-                          process_count=jax.process_count(),
-                          progress=jax.process_index() == 0 or _ALL_BARS.value)
+    ckpt_config, model, params = load_inference(args.checkpoint, use_ema=args.weights == "ema")
+    stats = cache_latents(model, params, (config or ckpt_config).data, args.output_dir,
+                          records_per_shard=args.records_per_shard, batch_size=args.batch_size,
+                          process_index=jax.process_index(), process_count=jax.process_count(),
+                          progress=jax.process_index() == 0 or args.all_progress_bars)
     print(json.dumps({"process": jax.process_index(), **stats}), flush=True)
+    return 0
 
 
 def run() -> None:
     """The `atomo-cache-latents` console script and `python -m atomo_jax.cache_latents`."""
-    app.run(main, flags_parser=absl_flags_parser(__name__))
+    sys.exit(main())
 
 
 if __name__ == "__main__":

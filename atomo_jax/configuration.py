@@ -4,12 +4,13 @@ locked so a misspelled key is refused)."""
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import os
 import re
 import sys
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 import ml_collections
 from absl import flags
@@ -34,7 +35,7 @@ def config_import_path() -> None:
 
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
     """`get_config()` of `path` (default configs/base.py) with `overrides` such as `--config.train.num_steps=5`."""
-    path = Path(_installed_config(f"--config={path or DEFAULT_CONFIG}")[len("--config="):])
+    path = _config_path(path or DEFAULT_CONFIG)
     if not path.is_file():
         raise FileNotFoundError(f"config file not found: {path}")
     bad = [o for o in overrides if not o.startswith("--config.")]
@@ -60,47 +61,49 @@ def _override_error(e: Exception) -> str:
     return " ".join(re.sub(r"^'([^']+)'\s*", r"no such key '\1'. ", message).split())
 
 
-def _installed_config(arg: str) -> str:
-    """`--config=configs/demo.py` names the shipped config when no such file is under the working directory (e.g.
-    the `atomo-train` command run from elsewhere after `pip install`)."""
-    if arg.startswith("--config=") and not Path(arg[len("--config="):]).exists():
-        shipped = REPO / arg[len("--config="):]
-        if shipped.is_file():
-            return f"--config={shipped}"
-    return arg
+def _config_path(path: str | Path) -> Path:
+    """`configs/demo.py` names the shipped config when no such file is under the working directory (e.g. the
+    `atomo-train` command run from elsewhere after `pip install`)."""
+    path = Path(path)
+    return REPO / path if not path.exists() and (REPO / path).is_file() else path
 
 
-HELP_FLAGS = ("--help", "-help", "-h", "-?", "--helpshort")
+def cli_parser(prog: str, doc: str | None) -> argparse.ArgumentParser:
+    """The argument parser of every atomo command: the module docstring as the description (examples kept as
+    written), no abbreviated flags."""
+    return argparse.ArgumentParser(prog=prog, description=doc, allow_abbrev=False,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
-def absl_flags_parser(module: str) -> Callable[[list[str]], list[str]]:
-    """`app.run(main, flags_parser=absl_flags_parser(__name__))` for the absl entry points: `--help` shows the
-    module's docstring and flags and exits 0 (also as a console script, whose argv[0] is not the module); a bad flag
-    or `--config.*` override (misspelled key, wrong type) is one `error:` line and exit 2, not a traceback; and
-    `--config=configs/demo.py` finds the shipped config from any directory."""
+def add_log_level(parser: argparse.ArgumentParser, default: str = "warning") -> None:
+    parser.add_argument("--log_level", default=default, choices=("debug", "info", "warning", "error"),
+                        help=f"library log level (default {default}: progress lines stay readable)")
 
-    def parse(argv: list[str]) -> list[str]:
-        argv = [argv[0]] + [_installed_config(a) for a in argv[1:]]
-        if any(a in HELP_FLAGS for a in argv[1:]):
-            name = sys.argv[0] if module == "__main__" else module
-            print((sys.modules[module].__doc__ or "").rstrip() + "\n\nflags:\n" + flags.FLAGS.module_help(name)
-                  + "\n\nTry --helpfull to get a list of all flags.")
-            sys.exit(0)
+
+def parse_cli(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None
+              ) -> tuple[argparse.Namespace, ml_collections.ConfigDict | None]:
+    """Parses `argv`; `--config.a.b=value` overrides (anywhere on the line) apply to `--config` (default
+    configs/base.py when only overrides are given). Returns (args, config or None); `args.explicit` holds the keys
+    the command line set. A bad flag, file or override is one `error:` line and exit 2, without a traceback."""
+    args, rest = parser.parse_known_args(argv)
+    overrides = [a for a in rest if a.startswith("--config.")]
+    unknown = [a for a in rest if not a.startswith("--config.")]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    args.explicit = override_keys(overrides)
+    if hasattr(args, "log_level"):
+        from absl import logging
+
+        flags.FLAGS.mark_as_parsed()  # absl logging (used by the libraries) without absl's flag parsing
+        logging.set_verbosity(args.log_level)
+    config = None
+    if getattr(args, "config", None) or overrides:
         try:
-            return flags.FLAGS(argv)
-        except SystemExit:  # --helpfull prints and exits 1; asking for help is not an error
-            if any(a.startswith("--helpfull") for a in argv[1:]):
-                sys.exit(0)
-            raise
-        except flags.Error as e:
-            message = str(e)
-        except (AttributeError, KeyError, TypeError, ValueError) as e:  # raised by config_flags' overrides
-            bad = [a.split("=", 1)[0] for a in argv[1:] if a.startswith("--config.")]
-            message = f"a --config override ({', '.join(bad) or 'none given'}): {_override_error(e)}"
-        print(f"error: {message}\nPass --help for usage.", file=sys.stderr, flush=True)
-        sys.exit(2)
-
-    return parse
+            config = load_config(getattr(args, "config", None), overrides)
+        except (FileNotFoundError, ValueError) as e:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+            sys.exit(2)
+    return args, config
 
 
 def config_from_saved(saved: dict) -> ml_collections.ConfigDict:

@@ -13,51 +13,62 @@ the progress bars follow the windows of a long video and the VAE decode chunks, 
 
 from __future__ import annotations
 
-import importlib.util
+import argparse
 import os
 import sys
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
-from absl import app, flags, logging
+import ml_collections
+from absl import logging
 
-from atomo_jax.configuration import absl_flags_parser
+from atomo_jax.configuration import add_log_level, cli_parser, parse_cli
 
-FLAGS = flags.FLAGS
-flags.DEFINE_string("workdir", None, "Training workdir (its latest checkpoint is used).")
-flags.DEFINE_string("checkpoint", None, "A checkpoint step directory (or a workdir / its checkpoints/ folder).")
-flags.DEFINE_string("config", None, "Optional config file to use instead of the config saved with the checkpoint.")
-flags.DEFINE_bool("ema", True, "Use the EMA weights.")
-flags.DEFINE_enum("mode", "i2v", ["i2v", "t2v", "long"], "What to sample.")
-flags.DEFINE_string("image", None, "Conditioning image (i2v, long).")
-flags.DEFINE_string("image_background", "white", "Colour transparent pixels of --image are composited on "
-                    "(a name or #rrggbb).")
-flags.DEFINE_string("prompt", "", "Text prompt (optional for i2v/long, the subject of t2v).")
-flags.DEFINE_string("tokenizer", None, "CLIP tokenizer folder (vocab.json + merges.txt); default: "
-                    "config.model.text_encoder.tokenizer. Only for models with a text encoder.")
-flags.DEFINE_integer("num_frames", None, "Frames per video (per window for --mode=long); default config.sample.")
-flags.DEFINE_integer("resolution", None, "Square output size in pixels; default config.data.resolution.")
-flags.DEFINE_integer("steps", None, "Denoising steps; default config.sample.num_steps.")
-flags.DEFINE_enum("sampler", None, ["ddim", "dpmpp2m"], "Sampler; default config.sample.sampler.")
-flags.DEFINE_float("eta", None, "DDIM eta (0 = deterministic).")
-flags.DEFINE_float("image_scale", None, "Image guidance scale; default config.sample.image_scale.")
-flags.DEFINE_float("text_scale", None, "Text guidance scale; default config.sample.text_scale.")
-flags.DEFINE_float("rescale", None, "Guidance rescale phi in [0, 1]; default config.sample.rescale.")
-flags.DEFINE_float("t2i_scale", 7.5, "Guidance scale of the SD 1.5 text-to-image first frame (t2v).")
-flags.DEFINE_integer("seed", 0, "Random seed: same seed, same video.")
-flags.DEFINE_string("out", "samples/video.mp4", "Output .mp4 path; a .gif is written next to it.")
-flags.DEFINE_float("fps", None, "Frames per second; default config.sample.fps.")
-flags.DEFINE_integer("windows", 2, "Windows of a long video (--mode=long).")
-flags.DEFINE_integer("given_frames", None, "Frames carried into the next window (--mode=long); default "
-                     "config.data.num_given_frames.")
-flags.DEFINE_integer("frames_per_chunk", 8, "Frames per VAE decode call (bounds memory).")
-flags.DEFINE_string("base", None, "A personalised SD 1.5 fine-tune (diffusers folder with unet/, a UNet folder or "
-                    "a .safetensors file) whose spatial weights replace ours.")
+def build_parser() -> argparse.ArgumentParser:
+    p = cli_parser("atomo-sample", __doc__)
+    src = p.add_argument_group("model")
+    src.add_argument("--workdir", help="a training run directory (its latest checkpoint is used)")
+    src.add_argument("--checkpoint", help="one checkpoint: a step directory, a composed checkpoint, or a workdir")
+    src.add_argument("--config", help="a config file (with --config.a.b=value overrides) to use instead of the "
+                                      "checkpoint's own; its model settings must match the checkpoint")
+    src.add_argument("--weights", choices=("ema", "raw"), default="ema",
+                     help="a training checkpoint's EMA (default) or raw trained weights")
+    src.add_argument("--base", help="a personalised SD 1.5 fine-tune (diffusers folder with unet/, a UNet folder or a "
+                                    ".safetensors file) whose spatial weights replace ours")
+    what = p.add_argument_group("what to sample")
+    what.add_argument("--mode", choices=("i2v", "t2v", "long"), default="i2v", help="what to sample (default i2v)")
+    what.add_argument("--image", help="conditioning image (i2v, long)")
+    what.add_argument("--image_background", default="white",
+                      help="colour transparent pixels of --image are composited on (a name or #rrggbb)")
+    what.add_argument("--prompt", default="", help="text prompt (optional for i2v/long, the subject of t2v)")
+    what.add_argument("--tokenizer", help="CLIP tokenizer folder (vocab.json + merges.txt); default: "
+                                          "config.model.text_encoder.tokenizer. Only for models with a text encoder")
+    what.add_argument("--num_frames", type=int, help="frames per video (per window for --mode=long); default "
+                                                     "config.sample.num_frames")
+    what.add_argument("--resolution", type=int, help="square output size in pixels; default config.data.resolution")
+    what.add_argument("--windows", type=int, default=2, help="windows of a long video (--mode=long)")
+    what.add_argument("--given_frames", type=int, help="frames carried into the next window (--mode=long); default "
+                                                       "config.data.num_given_frames")
+    how = p.add_argument_group("sampler")
+    how.add_argument("--steps", type=int, help="denoising steps; default config.sample.num_steps")
+    how.add_argument("--sampler", choices=("ddim", "dpmpp2m"), help="default config.sample.sampler")
+    how.add_argument("--eta", type=float, help="DDIM eta (0 = deterministic)")
+    how.add_argument("--image_scale", type=float, help="image guidance scale; default config.sample.image_scale")
+    how.add_argument("--text_scale", type=float, help="text guidance scale; default config.sample.text_scale")
+    how.add_argument("--rescale", type=float, help="guidance rescale phi in [0, 1]; default config.sample.rescale")
+    how.add_argument("--t2i_scale", type=float, default=7.5,
+                     help="guidance scale of the SD 1.5 text-to-image first frame (t2v)")
+    how.add_argument("--seed", type=int, default=0, help="random seed: same seed, same video")
+    out = p.add_argument_group("output")
+    out.add_argument("--out", default="samples/video.mp4", help="output .mp4 path; a .gif is written next to it")
+    out.add_argument("--fps", type=float, help="frames per second; default config.sample.fps")
+    out.add_argument("--frames_per_chunk", type=int, default=8, help="frames per VAE decode call (bounds memory)")
+    add_log_level(p)
+    return p
 
 
-
-
-def _tokens(model, config, prompt: str):
+def _tokens(args: argparse.Namespace, model, config, prompt: str):
     """(prompt tokens or None, empty-prompt tokens or None) as the model needs them."""
     if model.text_encoder is None:
         if prompt:
@@ -65,7 +76,7 @@ def _tokens(model, config, prompt: str):
                             "--prompt is ignored")
         return None, None
     from atomo_jax.models import tokenizer as tok  # pylint: disable=g-import-not-at-top
-    folder = FLAGS.tokenizer or config.model.text_encoder.tokenizer
+    folder = args.tokenizer or config.model.text_encoder.tokenizer
     if not folder:
         raise ValueError("this model has a text encoder: pass --tokenizer=DIR (a CLIP tokenizer folder with "
                          "vocab.json + merges.txt; build one offline with "
@@ -76,87 +87,81 @@ def _tokens(model, config, prompt: str):
     return (jnp.asarray(tok.tokenize(tokenizer, [prompt], length)) if prompt else None), empty
 
 
-def _load(path: str):
+def _load(args: argparse.Namespace, path: str, override: ml_collections.ConfigDict | None):
     from atomo_jax.training import checkpoint  # pylint: disable=g-import-not-at-top
-    override = None
-    if FLAGS.config:
-        if not os.path.isfile(FLAGS.config):
-            raise FileNotFoundError(f"--config {FLAGS.config}: no such file")
-        spec = importlib.util.spec_from_file_location("sample_config", FLAGS.config)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        override = module.get_config()
     try:
-        return checkpoint.load_inference(path, use_ema=FLAGS.ema, config=override)
+        return checkpoint.load_inference(path, use_ema=args.weights == "ema", config=override)
     except ValueError as e:
         reason = str(e) if len(str(e)) < 2000 else str(e)[:2000] + " ... (truncated)"
         raise ValueError(f"cannot load {path}: {reason}\nThe checkpoint must come from a model built with the same "
                          "config (pass --config only for a config with identical model settings).") from None
 
 
-def main(argv) -> None:
-    del argv
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args, override = parse_cli(parser, argv)
+    if bool(args.workdir) == bool(args.checkpoint):
+        parser.error("pass exactly one of --workdir or --checkpoint")
+    if not args.out.lower().endswith(".mp4"):
+        parser.error(f"--out {args.out}: expected a path ending in .mp4 (a .gif is written next to it)")
+    if args.mode in ("i2v", "long") and not args.image:
+        parser.error(f"--mode={args.mode} needs --image")
     try:
-        sample()
+        sample(args, override)
     except (FileNotFoundError, ValueError) as e:  # bad input: say what is wrong, without a traceback
-        sys.exit(f"error: {e}")
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
 
 
-def sample() -> None:
+def sample(args: argparse.Namespace, override: ml_collections.ConfigDict | None) -> None:
     from atomo_jax.pipelines import i2v, long_video, personalize, t2v, video_io  # pylint: disable=g-import-not-at-top
 
-    if bool(FLAGS.workdir) == bool(FLAGS.checkpoint):
-        raise app.UsageError("pass exactly one of --workdir or --checkpoint")
-    if not FLAGS.out.lower().endswith(".mp4"):
-        raise app.UsageError(f"--out {FLAGS.out}: expected a path ending in .mp4 (a .gif is written next to it)")
-    if FLAGS.mode in ("i2v", "long"):
-        if not FLAGS.image:
-            raise app.UsageError(f"--mode={FLAGS.mode} needs --image")
-        if not os.path.isfile(FLAGS.image):
-            raise FileNotFoundError(f"--image {FLAGS.image}: no such file")
-    if FLAGS.base and not os.path.exists(FLAGS.base):
-        raise FileNotFoundError(f"--base {FLAGS.base}: no such file or folder")
+    if args.mode in ("i2v", "long") and not os.path.isfile(args.image):
+        raise FileNotFoundError(f"--image {args.image}: no such file")
+    if args.base and not os.path.exists(args.base):
+        raise FileNotFoundError(f"--base {args.base}: no such file or folder")
 
-    config, model, params = _load(FLAGS.workdir or FLAGS.checkpoint)
-    if FLAGS.base:
-        base = personalize.load_base_unet(FLAGS.base, model.unet_config)
+    config, model, params = _load(args, args.workdir or args.checkpoint, override)
+    if args.base:
+        base = personalize.load_base_unet(args.base, model.unet_config)
         params = {**params, "unet": personalize.swap_spatial_weights(params["unet"], base)}
-        logging.info("swapped in the spatial weights of %s", FLAGS.base)
-    sampler, guidance = i2v.configs_from(config, sampler=FLAGS.sampler, num_steps=FLAGS.steps, eta=FLAGS.eta,
-                                         image_scale=FLAGS.image_scale, text_scale=FLAGS.text_scale,
-                                         rescale=FLAGS.rescale)
-    num_frames = FLAGS.num_frames or int(config.sample.num_frames)
-    size = FLAGS.resolution or int(config.data.resolution)
-    fps = FLAGS.fps or float(config.sample.fps)
-    prompt_tokens, empty_tokens = _tokens(model, config, FLAGS.prompt)
+        logging.info("swapped in the spatial weights of %s", args.base)
+    sampler, guidance = i2v.configs_from(config, sampler=args.sampler, num_steps=args.steps, eta=args.eta,
+                                         image_scale=args.image_scale, text_scale=args.text_scale,
+                                         rescale=args.rescale)
+    num_frames = args.num_frames or int(config.sample.num_frames)
+    size = args.resolution or int(config.data.resolution)
+    fps = args.fps or float(config.sample.fps)
+    prompt_tokens, empty_tokens = _tokens(args, model, config, args.prompt)
     common = dict(sampler=sampler, guidance=guidance, prompt_tokens=prompt_tokens, empty_tokens=empty_tokens,
-                  frames_per_chunk=FLAGS.frames_per_chunk)
-    rng = jax.random.key(FLAGS.seed)
-    logging.info("sampling %s: %s, %s", FLAGS.mode, sampler, guidance)
+                  frames_per_chunk=args.frames_per_chunk)
+    rng = jax.random.key(args.seed)
+    logging.info("sampling %s: %s, %s", args.mode, sampler, guidance)
 
-    if FLAGS.mode == "t2v":
-        if model.text_encoder is not None and not FLAGS.prompt:
-            raise app.UsageError("--mode=t2v needs --prompt")
+    if args.mode == "t2v":
+        if model.text_encoder is not None and not args.prompt:
+            raise ValueError("--mode=t2v needs --prompt")
         video, _ = t2v.text_to_video(model, params, rng, batch=1, height=size, width=size, num_frames=num_frames,
-                                     image_guidance_scale=FLAGS.t2i_scale, **common)
+                                     image_guidance_scale=args.t2i_scale, **common)
     else:
-        image = jnp.asarray(video_io.load_image(FLAGS.image, size, size, FLAGS.image_background))
-        if FLAGS.mode == "i2v":
+        image = jnp.asarray(video_io.load_image(args.image, size, size, args.image_background))
+        if args.mode == "i2v":
             video = i2v.image_to_video(model, params, image, rng, num_frames=num_frames, **common)
         else:
-            given = FLAGS.given_frames or int(config.data.num_given_frames)
+            given = args.given_frames or int(config.data.num_given_frames)
             video = long_video.long_video(model, params, image, rng, num_frames=num_frames,
-                                          num_windows=FLAGS.windows, num_given=given, **common)
+                                          num_windows=args.windows, num_given=given, **common)
 
     frames = video_io.to_uint8(video.video[0])
-    mp4 = video_io.write_video(FLAGS.out, frames, fps=fps)
-    gif = video_io.write_video(os.path.splitext(FLAGS.out)[0] + ".gif", frames, fps=fps)
+    mp4 = video_io.write_video(args.out, frames, fps=fps)
+    gif = video_io.write_video(os.path.splitext(args.out)[0] + ".gif", frames, fps=fps)
     print(f"wrote {frames.shape[0]} frames of {frames.shape[2]}x{frames.shape[1]}: {mp4} and {gif}")
 
 
 def run() -> None:
     """The `atomo-sample` console script and `python -m atomo_jax.sample`."""
-    app.run(main, flags_parser=absl_flags_parser(__name__))
+    sys.exit(main())
 
 
 if __name__ == "__main__":

@@ -1,58 +1,53 @@
-"""Training entry point.
+"""Train an AtomoVideo model.
 
-  python -m atomo_jax.train --config=configs/demo.py --workdir=/tmp/atomo_demo [--config.train.num_steps=50 ...]
+  atomo-train --config=configs/demo.py --workdir=runs/demo [--config.train.num_steps=50 ...]
+  python -m atomo_jax.train --config=configs/base.py --workdir=/ckpt/run --config.init.checkpoint=/ckpt/init
 
-Rerunning with the same --workdir resumes from its latest checkpoint.
+Rerunning with the same --workdir resumes from its latest readable checkpoint. Any config key can be set with
+--config.a.b=value (configs/base.py lists them all).
 """
 
 from __future__ import annotations
 
 import os
 import sys
-
-from absl import app, flags, logging
-from ml_collections import config_flags
-
-from atomo_jax.configuration import absl_flags_parser
+from typing import Sequence
 
 from atomo_jax.training.preemption import Preemption
 
-_PREEMPTION = Preemption()  # listening from the first line of the process (see __main__ below)
-
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file with get_config().",
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, TensorBoard logs and samples.")
-flags.mark_flags_as_required(["config", "workdir"])
+_PREEMPTION = Preemption()  # listening from the first line of the process (see run below)
 
 
-def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if not flags.FLAGS["verbosity"].present:  # library INFO chatter (orbax, grain) hides the progress lines
-        logging.set_verbosity(logging.WARNING)
+def main(argv: Sequence[str] | None = None) -> int:
+    from atomo_jax.configuration import add_log_level, cli_parser, parse_cli
+
+    parser = cli_parser("atomo-train", __doc__)
+    parser.add_argument("--config", required=True, help="config file with get_config() (e.g. configs/demo.py)")
+    parser.add_argument("--workdir", required=True, help="run directory: checkpoints, TensorBoard logs, samples")
+    add_log_level(parser)
+    args, config = parse_cli(parser, argv)
     sys.path.insert(0, os.getcwd())  # configs import each other as `configs.*`
     from atomo_jax.configuration import ConfigError
     from atomo_jax.training.checkpoint import CheckpointError
     from atomo_jax.training.loop import train_and_evaluate
     from data_pipelines.errors import DataError
 
-    explicit = frozenset(name[len("config."):] for name in flags.FLAGS
-                         if name.startswith("config.") and flags.FLAGS[name].present)
     try:
-        result = train_and_evaluate(_CONFIG.value, _WORKDIR.value, explicit, _PREEMPTION)
+        result = train_and_evaluate(config, args.workdir, args.explicit, _PREEMPTION)
     except (ConfigError, DataError) as e:  # a bad value or unreadable data: the key, file or line; no traceback
         print(f"error: {e}", file=sys.stderr, flush=True)
-        sys.exit(2)
+        return 2
     except CheckpointError as e:  # every checkpoint of the workdir unreadable: each path and why
         print(f"error: {e}", file=sys.stderr, flush=True)
-        sys.exit(1)
+        return 1
     print(f"[train] done at step {result['step']}", flush=True)
+    return 0
 
 
 def run() -> None:
     """The `atomo-train` console script and `python -m atomo_jax.train`."""
-    _PREEMPTION.listen()  # before flag parsing and the seconds of imports that follow
-    app.run(main, flags_parser=absl_flags_parser(__name__))
+    _PREEMPTION.listen()  # before argument parsing and the seconds of imports that follow
+    sys.exit(main())
 
 
 if __name__ == "__main__":

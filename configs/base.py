@@ -162,6 +162,7 @@ def get_config() -> ml_collections.ConfigDict:
         ema_decay=0.9999,  # EMA of the trainable weights (sampling and export use it)
         nonfinite="skip",  # a step with a non-finite loss or gradient: skip it | stop the run
         log_every=10,  # steps per log line / TensorBoard point
+        peak_flops=0.0,  # peak FLOP/s of one device for the MFU figure; 0: a built-in table (TPU v4-v6, A100, H100/H200)
         # Replicated trainable leaves of at most this many values are updated as one vector (training/packing.py:
         # ~1,900 fewer tiny kernels a step on SD 1.5; 10% of an H200 step, bench/NOTES.md); 0: leaf by leaf.
         pack_small_leaves=16384,

@@ -9,13 +9,16 @@ Each example stores the encoded video file bytes, its caption and a key; trainin
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
+import sys
+from typing import Sequence
 
 import numpy as np
 import tensorflow_datasets as tfds
-from absl import app, flags
 
+from data_pipelines.errors import DataError
 from data_pipelines.sources import VideoFolderSource
 
 
@@ -82,29 +85,25 @@ def build_tfds(
     return str(builder.data_dir)
 
 
-_VIDEO_DIR = flags.DEFINE_string("video_dir", None, "Folder the caption rows' paths are relative to.", required=True)
-_CAPTIONS = flags.DEFINE_string("captions_file", None, "CSV/TSV/JSONL with one row per video.", required=True)
-_DATA_DIR = flags.DEFINE_string("data_dir", "~/tensorflow_datasets", "TFDS data_dir to write to.")
-_NAME = flags.DEFINE_string("name", "video_folder", "Dataset name (pass it to tfds.data_source).")
-_PATH_FORMAT = flags.DEFINE_string("path_format", "{path}", "Video path from row columns, e.g. '{videoid}.mp4'.")
-_CAPTION_COLUMN = flags.DEFINE_string("caption_column", "caption", "Column holding the caption.")
-
-
-def main(argv):
-    del argv
-    out = build_tfds(
-        _VIDEO_DIR.value,
-        _CAPTIONS.value,
-        _DATA_DIR.value,
-        name=_NAME.value,
-        path_format=_PATH_FORMAT.value,
-        caption_column=_CAPTION_COLUMN.value,
-    )
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m data_pipelines.tfds_builder", description=__doc__,
+                                     allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--video_dir", required=True, help="folder the caption rows' paths are relative to")
+    parser.add_argument("--captions_file", required=True, help="CSV/TSV/JSONL with one row per video")
+    parser.add_argument("--data_dir", default="~/tensorflow_datasets", help="TFDS data_dir to write to")
+    parser.add_argument("--name", default="video_folder", help="dataset name (pass it to tfds.data_source)")
+    parser.add_argument("--path_format", default="{path}", help="video path from row columns, e.g. '{videoid}.mp4'")
+    parser.add_argument("--caption_column", default="caption", help="column holding the caption")
+    args = parser.parse_args(argv)
+    try:
+        out = build_tfds(args.video_dir, args.captions_file, args.data_dir, name=args.name,
+                         path_format=args.path_format, caption_column=args.caption_column)
+    except DataError as e:  # a missing folder or a malformed captions file: named, no traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(f"wrote {out}")
+    return 0
 
 
 if __name__ == "__main__":
-    # The command line only (the builder itself knows nothing of atomo_jax): the shared flag parsing of our CLIs.
-    from atomo_jax.configuration import absl_flags_parser
-
-    app.run(main, flags_parser=absl_flags_parser(__name__))
+    sys.exit(main())

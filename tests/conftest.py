@@ -146,14 +146,15 @@ def wait_for(predicate: Callable[[], bool], procs: Sequence[subprocess.Popen], w
         time.sleep(0.2)
 
 
-def tensorboard_scalars(logdir: str | os.PathLike, tag: str) -> dict[int, list[float]]:
-    """{step: values} of one scalar tag as TensorBoard shows it: event files in order, and a restart's
-    SessionLog.START at step s hiding the points at steps >= s written before it (tensorboardX's `purge_step`)."""
+def tensorboard_values(logdir: str | os.PathLike, tag: str) -> dict[int, list]:
+    """{step: values} of one tag as TensorBoard shows it: event files in order, and a restart's SessionLog.START at
+    step s hiding the points at steps >= s written before it (tensorboardX's `purge_step`). A value is a float for
+    a scalar, the encoded bytes for an image."""
     import struct
 
     from tensorboardX.proto import event_pb2
 
-    out: dict[int, list[float]] = {}
+    out: dict[int, list] = {}
     for path in sorted(Path(logdir).glob("events.out.tfevents.*")):
         data = path.read_bytes()
         pos = 0
@@ -165,5 +166,6 @@ def tensorboard_scalars(logdir: str | os.PathLike, tag: str) -> dict[int, list[f
                 out = {s: v for s, v in out.items() if s < event.step}
             for value in event.summary.value:
                 if value.tag == tag:
-                    out.setdefault(event.step, []).append(value.simple_value)
+                    item = value.image.encoded_image_string if value.HasField("image") else value.simple_value
+                    out.setdefault(event.step, []).append(item)
     return out

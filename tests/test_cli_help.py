@@ -20,3 +20,17 @@ def test_help_exits_zero_with_usage(module):
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out[-3000:]
     assert ENTRY_POINTS[module] in out, out[-3000:]
+
+
+@pytest.mark.parametrize("module", ["atomo_jax.train", "atomo_jax.aot", "atomo_jax.cache_latents",
+                                    "atomo_jax.convert"])
+def test_a_misspelled_config_key_is_one_line_with_the_closest_key(module, tmp_path):
+    args = {"atomo_jax.train": [f"--workdir={tmp_path}"], "atomo_jax.aot": ["--topology=cpu-1"],
+            "atomo_jax.cache_latents": [f"--checkpoint={tmp_path}", f"--output_dir={tmp_path}"],
+            "atomo_jax.convert": ["motion", str(tmp_path), "--out", str(tmp_path / "m.safetensors")]}[module]
+    proc = start(module, *args, "--config=configs/demo.py", "--config.train.num_stpes=5", env=cli_env())
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 2, out[-3000:]
+    lines = [line for line in out.splitlines() if line.strip()]
+    assert lines == [f"error: configs/demo.py: no such key 'num_stpes'. Did you mean \"num_steps\" instead of "
+                     f"\"num_stpes\"?"], out[-3000:]

@@ -80,7 +80,7 @@ BAD_VALUES = {  # key -> a value out of its range; each must be named in the tra
     "data.num_frames": "0", "data.num_given_frames": "9", "data.resolution": "4", "data.frame_prediction_prob": "1.5",
     "cond_drop.image": "-0.1", "train.learning_rate": "-0.002", "train.warmup_steps": "-1",
     "train.lr_schedule": "linear", "train.grad_accum": "0", "train.ema_decay": "1.0", "train.num_steps": "0",
-    "sample.num_steps": "0", "sample.sampler": "euler", "checkpoint.every_steps": "-5",
+    "sample.num_steps": "0", "sample.sampler": "euler", "checkpoint.every_steps": "-5", "train.peak_flops": "-1",
 }
 
 

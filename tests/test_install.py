@@ -5,6 +5,7 @@ PYTHONPATH), so the test checks our packaging, not 2 GB of downloads."""
 from __future__ import annotations
 
 import os
+import shutil
 import site
 import subprocess
 import sys
@@ -22,25 +23,31 @@ def _run(args: list, cwd, env: dict, timeout: float = 600) -> str:
 
 
 def test_pip_install_commands_and_demo_from_another_directory(tmp_path):
+    # A clean copy of the checkout: setuptools builds in the source tree (build/, *.egg-info).
+    src = tmp_path / "src"
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".venv", ".git", "runs", "build", "*.egg-info",
+                                                             "__pycache__", ".bench_cache", ".whl"))
     venv, elsewhere = tmp_path / "venv", tmp_path / "elsewhere"
     elsewhere.mkdir()
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(site.getsitepackages()), "JAX_PLATFORMS": "cpu",
            "XLA_FLAGS": FAST_CPU_COMPILE}
     _run([sys.executable, "-m", "venv", venv], elsewhere, env)
-    _run([venv / "bin" / "pip", "install", "-q", "--no-deps", ROOT], elsewhere, env)
+    _run([venv / "bin" / "pip", "install", "-q", "--no-deps", src], elsewhere, env)
     where = _run([venv / "bin" / "python", "-c", "import atomo_jax, configs, data_pipelines, launch; "
                   "print(atomo_jax.__file__, configs.__file__)"], elsewhere, env)
-    assert str(venv) in where and ROOT not in where, where  # the installed copy, not the checkout
+    assert str(venv) in where and str(src) not in where, where  # the installed copy, not the checkout
     for command in COMMANDS:
         assert "--" in _run([venv / "bin" / command, "--help"], elsewhere, env), command  # exit 0 and a usage
     out = _run([venv / "bin" / "atomo-train", "--config=configs/demo.py", "--workdir=run",
                 "--config.train.num_steps=3", "--config.data.num_frames=4", "--config.sample.at_end=False",
-                "--config.checkpoint.every_steps=0", "--config.train.log_every=1"], elsewhere, env)
+                "--config.checkpoint.every_steps=0", "--config.train.log_every=1",
+                "--config.train.peak_flops=1e12"], elsewhere, env)
     assert "[train] done at step 3" in out and (elsewhere / "run" / "checkpoints" / "3").is_dir(), out[-3000:]
+    assert "eta=" in out and "mfu=" in out, out[-3000:]  # the progress line, MFU from the configured peak
 
     editable = tmp_path / "editable"
     _run([sys.executable, "-m", "venv", editable], elsewhere, env)
-    _run([editable / "bin" / "pip", "install", "-q", "--no-deps", "-e", ROOT], elsewhere, env)
+    _run([editable / "bin" / "pip", "install", "-q", "--no-deps", "-e", src], elsewhere, env)
     where = _run([editable / "bin" / "python", "-c", "import atomo_jax; print(atomo_jax.__file__)"], elsewhere, env)
-    assert where.strip().startswith(ROOT), where
+    assert where.strip().startswith(str(src)), where
     assert "--workdir" in _run([editable / "bin" / "atomo-train", "--help"], elsewhere, env)

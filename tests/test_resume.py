@@ -14,7 +14,7 @@ import signal
 import sys
 import textwrap
 
-from tests.conftest import ROOT, cli_env, losses, start, tensorboard_scalars, wait_for
+from tests.conftest import ROOT, cli_env, losses, start, tensorboard_values, wait_for
 
 NUM_STEPS = 10
 
@@ -82,7 +82,7 @@ def test_sigterm_then_sigkill_resume_is_bitwise_identical(tmp_path):
     lines = [json.loads(x)["step"] for x in open(os.path.join(broken, "losses.jsonl"))]
     assert lines == list(range(1, NUM_STEPS + 1))
     # So does TensorBoard: the steps re-run after each restart are shown once, with the resumed run's values.
-    shown = tensorboard_scalars(os.path.join(broken, "tensorboard"), "loss")
+    shown = tensorboard_values(os.path.join(broken, "tensorboard"), "loss")
     assert sorted(shown) == list(range(1, NUM_STEPS + 1)) and all(len(v) == 1 for v in shown.values()), shown
     assert all(abs(shown[s][0] - want[s]) <= 1e-6 * max(1.0, abs(want[s])) for s in shown), (shown, want)
 

@@ -31,7 +31,7 @@ def test_load_image_resizes_and_crops(tmp_path):
     image = video_io.load_image(path, 16, 16)
     assert image.shape == (1, 16, 16, 3) and image.dtype == np.float32
     np.testing.assert_allclose(image[0, 8, 8], [1.0, -1.0, -1.0], atol=1e-6)
-    with pytest.raises(FileNotFoundError, match="no such file"):
+    with pytest.raises(FileNotFoundError, match="missing.png: no such image file"):
         video_io.load_image(str(tmp_path / "missing.png"), 16, 16)
     (tmp_path / "bad.png").write_text("not an image")
     with pytest.raises(ValueError, match="not an image"):

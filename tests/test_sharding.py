@@ -62,7 +62,7 @@ def _child(workdir: str) -> dict:
         if save_initial:  # the one-device initial state: reference for the update size and the restore below
             saved["initial"] = jax.tree.map(np.asarray, state)
             ckpt = Checkpointer(workdir, c.checkpoint)
-            ckpt.save(3, state, iter(loader), c, {"skipped_samples": 0})
+            ckpt.save(3, state, iter(loader), c, {"skipped_samples": 7})
             ckpt.close()
         bsh = batch_shardings(batches[0], mesh, rules)
         step = jit_train_step(c, model, mesh, sh, bsh)
@@ -105,12 +105,13 @@ def _child(workdir: str) -> dict:
     from atomo_jax.training.setup import abstract_train_state
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           abstract_train_state(c8, model), sh8)
-    restored, _ = Checkpointer(workdir, c8.checkpoint).restore(3, target, iter(loader))
+    restored, counters = Checkpointer(workdir, c8.checkpoint).restore(3, target, iter(loader))
     same = all(np.array_equal(np.asarray(a), np.asarray(b))
                for a, b in zip(jax.tree.leaves(state1), jax.tree.leaves(restored)))
     placed = all(a.sharding == s for a, s in zip(jax.tree.leaves(restored), jax.tree.leaves(sh8)))
     out["restore"] = {"equal": bool(same), "placed": bool(placed),
-                      "devices": len(jax.tree.leaves(restored.trainable)[0].sharding.device_set)}
+                      "devices": len(jax.tree.leaves(restored.trainable)[0].sharding.device_set),
+                      "counters": counters}
     return out
 
 
@@ -161,7 +162,7 @@ def test_layouts_match_one_device_and_shard_as_ruled(tmp_path):
     # Adam moments follow their parameters.
     assert fsdp["mu_specs"][conv] == fsdp["specs"][conv] and fsdp_tp["mu_specs"][q] == fsdp_tp["specs"][q]
 
-    assert out["restore"] == {"equal": True, "placed": True, "devices": 8}
+    assert out["restore"] == {"equal": True, "placed": True, "devices": 8, "counters": {"skipped_samples": 7}}
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import glob
+import io
 import os
 import subprocess
 import sys
@@ -10,10 +11,11 @@ import sys
 import jax
 import numpy as np
 import pytest
+from PIL import Image
 
 from atomo_jax.training.checkpoint import load_inference
 from atomo_jax.training.loop import train_and_evaluate
-from tests.conftest import ROOT
+from tests.conftest import ROOT, tensorboard_values
 
 
 def small_demo(num_steps: int):
@@ -49,6 +51,16 @@ def test_demo_writes_checkpoints_events_and_samples(trained):
     from atomo_jax.pipelines.video_io import read_video
     frames = read_video(result["samples"]["mp4"])
     assert frames.shape[0] == 4 and frames.shape[-1] == 3
+    # TensorBoard shows the sample as a moving picture (an animated GIF image) and its conditioning frame.
+    logdir = os.path.join(workdir, "tensorboard")
+    gif, = tensorboard_values(logdir, "samples/i2v")[4]
+    with Image.open(io.BytesIO(gif)) as im:
+        assert im.format == "GIF" and im.n_frames == 4 and im.size == (32, 32)
+    with open(result["samples"]["gif"], "rb") as f:
+        assert gif == f.read()  # the sample's own GIF
+    cond, = tensorboard_values(logdir, "samples/conditioning")[4]
+    with Image.open(io.BytesIO(cond)) as im:
+        assert im.format == "PNG" and im.size == (32, 32)
 
 
 def test_checkpoint_restores_for_inference(trained):

@@ -68,11 +68,11 @@ def _count(params: Any) -> str:
 def _part(args: argparse.Namespace) -> tuple[Any, str]:
     """The single-part commands: (params, description). The part's architecture comes from its file (config.json
     or shapes) laid over `--config` (see `configuration.adopt_architecture`)."""
-    from atomo_jax.configuration import adopt_architecture, load_config, override_keys
+    from atomo_jax.configuration import adopt_architecture
     from atomo_jax.convert import architecture, clip, compose, motion, torch_io, unet, vae
     from atomo_jax.models.atomo import build_model
 
-    config = load_config(args.config, args.overrides)
+    config = args.config_value
     path = Path(args.path)
     file_key = lambda key: key  # noqa: E731
     if args.command in ("motion", "ip-adapter"):
@@ -96,7 +96,7 @@ def _part(args: argparse.Namespace) -> tuple[Any, str]:
         if section == "text_encoder" and any(k.startswith(clip.LDM_TEXT_PREFIXES) for k in state):
             state = clip.ldm_text_encoder_to_transformers(state)
         found = architecture.describe(section, path, state)
-    for note in adopt_architecture(config, found, override_keys(args.overrides)):
+    for note in adopt_architecture(config, found, args.explicit):
         print(f"note: {note}")
     model = build_model(config.model)
     if args.command == "motion":
@@ -143,11 +143,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.add_argument("--out", required=True, help=f"output file, one of {', '.join(OUT_FORMATS)}")
         p.add_argument("--config", help="config file laid under the file's own architecture (default "
                                         "configs/base.py); --config.a.b=value overrides follow it")
-    args, rest = parser.parse_known_args(argv)
-    args.overrides = [a for a in rest if a.startswith("--config.")]
-    if len(args.overrides) != len(rest):
-        parser.error(f"unrecognized arguments: {' '.join(a for a in rest if not a.startswith('--config.'))}")
+    from atomo_jax.configuration import load_config, parse_cli
+
+    args, config = parse_cli(parser, argv)
     try:
+        args.config_value = config or load_config()
         return _run(parser, args)
     except (ValueError, OSError) as e:  # bad input: the message names the file/key; no traceback
         print(f"error: {e}", file=sys.stderr)
@@ -156,7 +156,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     if args.command == "compose":
-        from atomo_jax.configuration import load_config, override_keys
         from atomo_jax.convert import compose
 
         if not any((args.sd, args.motion, args.ip_adapter, args.image_encoder)):
@@ -169,8 +168,7 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
             sources = compose.read_sources(sd=args.sd, motion=args.motion, ip_adapter=args.ip_adapter,
                                            image_encoder=args.image_encoder)
             progress("architecture")
-            config, notes = compose.configure(load_config(args.config, args.overrides), sources,
-                                              override_keys(args.overrides))
+            config, notes = compose.configure(args.config_value, sources, args.explicit)
             params, reports = compose.compose(config, sources, seed=args.seed, progress=progress)
             progress("writing checkpoint")
             path = compose.save_params(params, out, config, force=args.force)

@@ -78,6 +78,17 @@ def write_png_strip(path: str, frames: np.ndarray) -> str:
     return path
 
 
+def encode_png(image: np.ndarray) -> bytes:
+    """uint8 (H, W, 3) -> PNG bytes."""
+    import io
+
+    from PIL import Image  # pylint: disable=g-import-not-at-top
+
+    out = io.BytesIO()
+    Image.fromarray(np.asarray(image, np.uint8)).save(out, format="PNG")
+    return out.getvalue()
+
+
 def read_video(path: str) -> np.ndarray:
     """Reads every frame of a video file as uint8 (F, H, W, 3) (used by tests and evaluation)."""
     import av  # pylint: disable=g-import-not-at-top

@@ -122,8 +122,11 @@ def write_sample(model: Any, params: dict, config: ml_collections.ConfigDict, im
     paths = {ext: video_io.write_video(f"{base}.{ext}", frames, fps=float(config.sample.fps)) for ext in ("mp4", "gif")}
     cond = video_io.to_uint8(np.asarray(image[0]))[None]
     paths["png"] = video_io.write_png_strip(f"{base}.png", np.concatenate([cond, frames]))
-    if writer is not None:
-        writer.video(step, "samples/i2v", frames, fps=int(config.sample.fps))
+    if writer is not None:  # the GIF as written, and the conditioning frame
+        height, width = frames.shape[1:3]
+        with open(paths["gif"], "rb") as f:
+            writer.image(step, "samples/i2v", f.read(), height, width)
+        writer.image(step, "samples/conditioning", video_io.encode_png(cond[0]), height, width)
     return paths
 
 
@@ -204,7 +207,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, explicit
         num_steps = int(config.train.num_steps)
         log_every = max(1, int(config.train.log_every))
         step = int(jax.device_get(state.step))
-        flops_per_step, peak = None, metrics_lib.peak_flops_per_device()
+        flops_per_step, peak = None, metrics_lib.peak_flops_per_device(float(config.train.peak_flops))
         skipped_samples, last = int(counters["skipped_samples"]), {}
         sample_cond = None  # the conditioning frame of every sample of this run, fixed at the first batch
         sampled = (None, None)  # (step, paths on process 0) of the latest sample

@@ -15,7 +15,11 @@ PEAK_FLOPS = {
 }
 
 
-def peak_flops_per_device() -> float | None:
+def peak_flops_per_device(configured: float = 0.0) -> float | None:
+    """Peak dense FLOP/s of one device for MFU: `configured` (config.train.peak_flops) when > 0, else the table's
+    entry for this device kind, else None (no MFU)."""
+    if configured > 0:
+        return float(configured)
     kind = jax.devices()[0].device_kind
     for name, flops in PEAK_FLOPS.items():
         if name.lower() in kind.lower():
@@ -32,6 +36,14 @@ def compiled_flops(compiled: Any) -> float | None:
     if isinstance(cost, (list, tuple)):
         cost = cost[0] if cost else None
     return float(cost["flops"]) if cost and "flops" in cost else None
+
+
+def format_duration(seconds: float) -> str:
+    """12345.6 -> '3:25:46'; 75 -> '1:15'."""
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
 
 
 class MetricWriter:
@@ -52,15 +64,23 @@ class MetricWriter:
                 self.writer.add_scalar(k, v, step)
             self.writer.flush()
 
-    def video(self, step: int, tag: str, frames_uint8: Any, fps: int) -> None:
-        if self.writer is not None:  # tensorboardX wants (N, T, C, H, W)
-            self.writer.add_video(tag, frames_uint8[None].transpose(0, 1, 4, 2, 3), step, fps=fps)
+    def image(self, step: int, tag: str, encoded: bytes, height: int, width: int) -> None:
+        """An already encoded PNG or GIF: TensorBoard's image dashboard shows an animated GIF as a moving picture
+        (tensorboardX's add_video would need moviepy to make the same GIF)."""
+        if self.writer is not None:
+            from tensorboardX.proto.summary_pb2 import Summary
+
+            value = Summary.Value(tag=tag, image=Summary.Image(height=height, width=width, colorspace=3,
+                                                               encoded_image_string=encoded))
+            self.writer._get_file_writer().add_summary(Summary(value=[value]), step)  # how add_* write, too
             self.writer.flush()
 
     @staticmethod
     def progress(step: int, total: int, values: dict[str, float]) -> None:
         keys = ("loss", "grad_norm", "lr", "steps_per_s", "examples_per_s", "data_wait_s", "tflops_per_device", "mfu")
         parts = [f"{k}={values[k]:.4g}" for k in keys if k in values and values[k] is not None]
+        if values.get("steps_per_s"):  # at the rate since the last line
+            parts.append(f"eta={format_duration((total - step) / values['steps_per_s'])}")
         print(f"[train] step {step}/{total} " + " ".join(parts), file=sys.stdout, flush=True)
 
     def close(self) -> None:

@@ -97,6 +97,7 @@ def validate(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
     check(int(config.train.warmup_steps) >= 0, "train.warmup_steps", ">= 0")
     check(config.train.lr_schedule in ("constant", "cosine"), "train.lr_schedule", "'constant' or 'cosine'")
     check(int(config.train.num_steps) >= 1, "train.num_steps", ">= 1")
+    check(float(config.train.peak_flops) >= 0, "train.peak_flops", ">= 0 (0: the built-in table)")
     check(0.0 <= float(config.train.ema_decay) < 1.0, "train.ema_decay", "in [0, 1)")
     check(int(config.data.worker_count) >= 0, "data.worker_count", ">= 0")
     check(int(config.data.bad_window) >= 1, "data.bad_window", ">= 1")
