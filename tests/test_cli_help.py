@@ -32,5 +32,5 @@ def test_a_misspelled_config_key_is_one_line_with_the_closest_key(module, tmp_pa
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 2, out[-3000:]
     lines = [line for line in out.splitlines() if line.strip()]
-    assert lines == [f"error: configs/demo.py: no such key 'num_stpes'. Did you mean \"num_steps\" instead of "
-                     f"\"num_stpes\"?"], out[-3000:]
+    assert lines == ["error: configs/demo.py: no such key 'num_stpes'. Did you mean \"num_steps\" instead of "
+                     "\"num_stpes\"?"], out[-3000:]

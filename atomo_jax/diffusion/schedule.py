@@ -2,7 +2,7 @@
 
 Formulas follow diffusers (the numeric reference): betas "scaled_linear" = linspace(sqrt(b0), sqrt(b1), T)^2;
 zero-SNR rescale (Lin et al. 2023) shifts and scales sqrt(alphas_cumprod) so the last step has signal 0 exactly.
-The schedule is computed in float64 with numpy and handed to JAX as float32, as diffusers does in torch.
+The schedule is computed in float32 with numpy, as diffusers computes it in torch (float32 linspace, cumprod).
 """
 
 from __future__ import annotations

@@ -107,16 +107,15 @@ class _Layers(nn.Module):
     config: UNetConfig
 
     def layer(self, i: int, channels: int, attention: bool, x: jax.Array, temb: jax.Array, context: jax.Array,
-              ip_tokens: jax.Array | None, ip_scale: jax.Array, temporal: bool, *, has_motion: bool = True,
-              resnet_index: int | None = None) -> jax.Array:
+              ip_tokens: jax.Array | None, ip_scale: jax.Array, temporal: bool, *, has_motion: bool = True
+              ) -> jax.Array:
         cfg, dt = self.config, self.config.compute_dtype
-        r = i if resnet_index is None else resnet_index
-        x = _remat(ResnetBlock2D, cfg.remat)(channels, cfg.norm_num_groups, cfg.norm_eps, dt, name=f"resnets_{r}")(
+        x = _remat(ResnetBlock2D, cfg.remat)(channels, cfg.norm_num_groups, cfg.norm_eps, dt, name=f"resnets_{i}")(
             x, temb)
         batch = temb.shape[0]
         to5 = lambda t: t.reshape((batch, t.shape[0] // batch) + t.shape[1:])
         if cfg.use_temporal_conv and temporal:
-            x = _remat(TemporalConvLayer, cfg.remat)(channels, cfg.norm_num_groups, dt, name=f"temp_convs_{r}")(
+            x = _remat(TemporalConvLayer, cfg.remat)(channels, cfg.norm_num_groups, dt, name=f"temp_convs_{i}")(
                 to5(x)).reshape(x.shape)
         elif cfg.use_temporal_conv and self.is_initializing():
             raise ValueError("initialise the UNet with temporal=True so the temporal parameters exist")
