@@ -11,6 +11,7 @@ both processes mid-run, the same command again, finished -> losses bitwise equal
 
 from __future__ import annotations
 
+import csv
 import json
 import time
 from fractions import Fraction
@@ -109,7 +110,8 @@ def write_videos(root: Path) -> Path:
     write_mp4(root / "uncaptioned.mp4", 99)
     rows += [("truncated.mp4", "a broken file"), ("missing.mp4", "a file that is not there"),
              ("uncaptioned.mp4", "")]
-    (root / "captions.csv").write_text("".join(f"{p},{c}\n" for p, c in rows))
+    with open(root / "captions.csv", "w", newline="") as f:  # quoted: the captions contain commas
+        csv.writer(f).writerows(rows)
     return root / "captions.csv"
 
 

@@ -301,11 +301,16 @@ def describe(section: str, path: str | Path, state: Mapping[str, np.ndarray]) ->
 
 def describe_motion(path: str | Path, state: Mapping[str, np.ndarray]) -> Architecture:
     """Motion modules (diffusers layout, see `motion.to_diffusers_layout`): the folder's config.json and the keys and
-    shapes, which must agree."""
+    shapes, which must agree. Which levels have spatial attention is the UNet's business; alone, a motion file
+    implies SD's pattern (every level but the deepest)."""
     parts = [{"unet": motion_from_state_dict(state, str(path))}]
     stated = read_config(path) if Path(path).is_dir() else None
     if stated is not None:
         parts.insert(0, {"unet": motion_from_config(*stated)})
+    levels = len(parts[-1]["unet"]["block_out_channels"].value)
+    parts.append({"unet": {"down_attention": Found((True,) * (levels - 1) + (False,),
+                                                   f"{path} (SD's pattern for {levels} levels; not in the file)",
+                                                   certain=False)}})
     return merge_architectures(*parts)
 
 
