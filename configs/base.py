@@ -1,6 +1,6 @@
 """AtomoVideo at the paper's size: SD 1.5 + temporal layers, 512 px, 24 frames, v-prediction under zero-SNR.
 
-Run (after composing pretrained weights into an init checkpoint, see README "Importing weights"):
+Run (after composing pretrained weights into an init checkpoint, see docs/importing.md):
   python -m atomo_jax.train --config=configs/base.py --workdir=/tmp/atomo \
       --config.init.checkpoint=/path/to/composed --config.data.kind=video_folder --config.data.root=/data/videos \
       --config.data.captions=/data/videos/captions.csv

@@ -227,7 +227,7 @@ def vae_from_state_dict(state: Mapping[str, np.ndarray], source: str) -> Fields:
 
 _CLIP_TEXT = {"vocab_size": 49408, "hidden_size": 512, "intermediate_size": 2048, "num_hidden_layers": 12,
               "num_attention_heads": 8, "max_position_embeddings": 77, "hidden_act": "quick_gelu",
-              "layer_norm_eps": 1e-5, "eos_token_id": 2}
+              "layer_norm_eps": 1e-5, "eos_token_id": 49407}
 _CLIP_VISION = {"image_size": 224, "patch_size": 32, "hidden_size": 768, "intermediate_size": 3072,
                 "num_hidden_layers": 12, "num_attention_heads": 12, "num_channels": 3, "projection_dim": 512,
                 "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5}
