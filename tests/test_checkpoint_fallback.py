@@ -6,27 +6,14 @@ whose every checkpoint is damaged stops with one error listing each."""
 from __future__ import annotations
 
 import shutil
-import textwrap
 from pathlib import Path
 
 from tests.conftest import cli_env, losses, start, wait_all
 
-CONFIG = textwrap.dedent("""
-    from configs import demo
-
-    def get_config():
-        c = demo.get_config()
-        c.train.num_steps = 6
-        c.train.batch_size = 2
-        c.train.log_every = 1
-        c.data.num_frames = 4
-        c.data.num_videos = 64
-        c.checkpoint.every_steps = 2
-        c.checkpoint.keep = 5
-        c.checkpoint.async_save = False
-        c.sample.at_end = False
-        return c
-""")
+# The demo shrunk, as a user would shrink it: command-line overrides of configs/demo.py.
+SMALL = ["--config=configs/demo.py", "--config.train.batch_size=2", "--config.train.log_every=1",
+         "--config.data.num_frames=4", "--config.data.num_videos=64", "--config.checkpoint.every_steps=2",
+         "--config.checkpoint.keep=5", "--config.checkpoint.async_save=False", "--config.sample.at_end=False"]
 
 
 def truncate_largest_array_file(step: Path) -> None:
@@ -49,15 +36,14 @@ DAMAGE = {
 }
 
 
-def _train(cfg: Path, workdir: Path, *args: str):
-    return start("atomo_jax.train", f"--config={cfg}", f"--workdir={workdir}", *args, env=cli_env(1))
+def _train(workdir: Path, num_steps: int = 6):
+    return start("atomo_jax.train", *SMALL, f"--config.train.num_steps={num_steps}", f"--workdir={workdir}",
+                 env=cli_env(1))
 
 
 def test_damaged_newest_checkpoint_falls_back_to_the_previous_step(tmp_path):
-    cfg = tmp_path / "cfg.py"
-    cfg.write_text(CONFIG)
     reference, first = tmp_path / "reference", tmp_path / "first"
-    wait_all([_train(cfg, reference), _train(cfg, first, "--config.train.num_steps=4")])
+    wait_all([_train(reference), _train(first, num_steps=4)])
     want = losses(reference)
     assert sorted(want) == list(range(1, 7)) and (first / "checkpoints" / "4").is_dir()
 
@@ -69,7 +55,7 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous_step(tmp_path):
         runs[name] = workdir
     names = list(runs)
     for pair in (names[:2], names[2:]):  # two at a time on a 2-core machine
-        outs = wait_all([_train(cfg, runs[name]) for name in pair])
+        outs = wait_all([_train(runs[name]) for name in pair])
         for name, out in zip(pair, outs):
             step4 = runs[name] / "checkpoints" / "4"
             assert f"checkpoint {step4} is unreadable (" in out, (name, out[-3000:])
@@ -82,7 +68,7 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous_step(tmp_path):
     shutil.copytree(first, broken)
     for step in ("2", "4"):
         shutil.rmtree(broken / "checkpoints" / step / "state")
-    proc = _train(cfg, broken)
+    proc = _train(broken)
     out, _ = proc.communicate(timeout=600)
     assert proc.returncode != 0
     assert "no checkpoint could be restored" in out, out[-3000:]
