@@ -28,7 +28,6 @@ ModelFn = Callable[[jax.Array, jax.Array], jax.Array]
 
 SAMPLERS = ("ddim", "dpmpp2m")
 SPACINGS = ("trailing", "leading", "linspace")
-PREDICTION_TYPES = ("v_prediction", "epsilon")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,7 +49,7 @@ class SamplerConfig:
     def __post_init__(self):
         for name, value, allowed in (("sampler", self.sampler, SAMPLERS),
                                      ("timestep_spacing", self.timestep_spacing, SPACINGS),
-                                     ("prediction_type", self.prediction_type, PREDICTION_TYPES)):
+                                     ("prediction_type", self.prediction_type, schedule.PREDICTION_TYPES)):
             if value not in allowed:
                 raise ValueError(f"SamplerConfig.{name}={value!r}: expected one of {allowed}")
         if not 1 <= self.num_steps <= self.num_train_timesteps:
@@ -124,14 +123,6 @@ def _dpm_coefficients(config: SamplerConfig, ts: np.ndarray) -> dict[str, jax.Ar
     return dict(alpha=alpha[:-1], sigma=sigma[:-1], c_x=c_x, c_0=c_0, c_1=c_1)
 
 
-def _to_x0_eps(config: SamplerConfig, x: jax.Array, out: jax.Array, a: jax.Array,
-               s: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """(x0, eps) from the model output given the signal and noise coefficients a = sqrt(abar), s = sqrt(1-abar)."""
-    if config.prediction_type == "v_prediction":
-        return a * x - s * out, a * out + s * x
-    return (x - s * out) / a, out
-
-
 def sample(model_fn: ModelFn, x_T: jax.Array, rng: jax.Array, config: SamplerConfig) -> jax.Array:
     """Denoises x_T (pure noise, any shape with batch first) to x_0. `model_fn(x_t, t)` gets t as int32 (B,)."""
     return sample_trajectory(model_fn, x_T, rng, config, keep_trajectory=False)[0]
@@ -149,7 +140,7 @@ def sample_trajectory(model_fn: ModelFn, x_T: jax.Array, rng: jax.Array, config:
 
         def step(x, c):
             out = model_fn(x, jnp.full((batch,), c["t"], jnp.int32)).astype(jnp.float32)
-            x0, eps = _to_x0_eps(config, x, out, jnp.sqrt(c["a_t"]), jnp.sqrt(1 - c["a_t"]))
+            x0, eps = schedule.x0_eps(config.prediction_type, x, out, jnp.sqrt(c["a_t"]), jnp.sqrt(1 - c["a_t"]))
             # Clamp: at eta = 1 and zero terminal SNR the direction weight is 0 up to float32 rounding.
             direction = jnp.sqrt(jnp.maximum(1 - c["a_prev"] - c["std"] ** 2, 0.0))
             x_prev = jnp.sqrt(c["a_prev"]) * x0 + direction * eps
@@ -166,7 +157,7 @@ def sample_trajectory(model_fn: ModelFn, x_T: jax.Array, rng: jax.Array, config:
     def dpm_step(carry, c):
         x, d_prev = carry
         out = model_fn(x, jnp.full((batch,), c["t"], jnp.int32)).astype(jnp.float32)
-        d0, _ = _to_x0_eps(config, x, out, c["alpha"], c["sigma"])
+        d0, _ = schedule.x0_eps(config.prediction_type, x, out, c["alpha"], c["sigma"])
         x_next = c["c_x"] * x + c["c_0"] * d0 + c["c_1"] * (d0 - d_prev)
         return (x_next, d0), (x_next if keep_trajectory else None)
 

@@ -58,11 +58,25 @@ def v_target(alphas_cumprod: jax.Array, x0: jax.Array, noise: jax.Array, t: jax.
     return a * noise - s * x0
 
 
+PREDICTION_TYPES = ("v_prediction", "epsilon")
+
+
+def x0_eps(prediction_type: str, x_t: jax.Array, out: jax.Array, a: jax.Array,
+           s: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(x0, eps) from a model output, given the signal and noise coefficients a = sqrt(abar_t), s = sqrt(1 - abar_t).
+
+    v: x0 = a x_t - s v, eps = s x_t + a v (the inverse of `v_target`); epsilon: x0 = (x_t - s eps) / a."""
+    if prediction_type == "v_prediction":
+        return a * x_t - s * out, a * out + s * x_t
+    if prediction_type == "epsilon":
+        return (x_t - s * out) / a, out
+    raise ValueError(f"prediction_type={prediction_type!r}: expected one of {PREDICTION_TYPES}")
+
+
 def x0_eps_from_v(alphas_cumprod: jax.Array, x_t: jax.Array, v: jax.Array,
                   t: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Inverts the v parametrisation: x0 = a x_t - s v, eps = s x_t + a v."""
-    a, s = _coeffs(alphas_cumprod, t, x_t.ndim)
-    return a * x_t - s * v, s * x_t + a * v
+    """`x0_eps` for a v output at integer timesteps t (B,)."""
+    return x0_eps("v_prediction", x_t, v, *_coeffs(alphas_cumprod, t, x_t.ndim))
 
 
 def snr(alphas_cumprod: jax.Array, t: jax.Array) -> jax.Array:

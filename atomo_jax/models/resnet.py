@@ -1,4 +1,5 @@
-"""SD 1.5 resnet block and the down/up samplers, channels-last."""
+"""The resnet block and down/up samplers of SD 1.5's UNet and VAE (diffusers' `ResnetBlock2D`, `Downsample2D`,
+`Upsample2D`), channels-last."""
 
 from __future__ import annotations
 
@@ -12,9 +13,10 @@ from atomo_jax.models import layers
 
 
 class ResnetBlock2D(nn.Module):
-    """GN-SiLU-conv, + time embedding, GN-SiLU-conv, + (1x1-projected) shortcut.
+    """GN-SiLU-conv, (+ time embedding), GN-SiLU-conv, + (1x1-projected) shortcut.
 
-    `x` is (B*F, H, W, C) and `temb` (B, T): the time embedding of one video is shared by all its frames.
+    In the UNet `x` is (B*F, H, W, C) and `temb` (B, T): the time embedding of one video is shared by all its frames.
+    The VAE calls it without `temb` (diffusers' `temb_channels=None`), and so has no `time_emb_proj`.
     """
 
     out_channels: int
@@ -23,12 +25,14 @@ class ResnetBlock2D(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, temb: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, temb: jax.Array | None = None) -> jax.Array:
         h = nn.silu(layers.group_norm(self.groups, self.eps, dtype=self.dtype, name="norm1")(x))
         h = layers.conv(self.out_channels, (3, 3), padding=((1, 1), (1, 1)), dtype=self.dtype, name="conv1")(h)
-        t = layers.dense(self.out_channels, dtype=self.dtype, name="time_emb_proj")(nn.silu(temb))
-        frames = h.shape[0] // t.shape[0]
-        h = (h.reshape((t.shape[0], frames) + h.shape[1:]) + t[:, None, None, None, :].astype(h.dtype)).reshape(h.shape)
+        if temb is not None:
+            t = layers.dense(self.out_channels, dtype=self.dtype, name="time_emb_proj")(nn.silu(temb))
+            frames = h.shape[0] // t.shape[0]
+            h = (h.reshape((t.shape[0], frames) + h.shape[1:])
+                 + t[:, None, None, None, :].astype(h.dtype)).reshape(h.shape)
         h = nn.silu(layers.group_norm(self.groups, self.eps, dtype=self.dtype, name="norm2")(h))
         h = layers.conv(self.out_channels, (3, 3), padding=((1, 1), (1, 1)), dtype=self.dtype, name="conv2")(h)
         if x.shape[-1] != self.out_channels:
@@ -37,21 +41,31 @@ class ResnetBlock2D(nn.Module):
 
 
 class Downsample2D(nn.Module):
+    """A stride-2 3x3 conv. `padding=1` (the UNet) is torch's Conv2d(padding=1), symmetric, not "SAME";
+    `padding=0` (the VAE) pads one pixel on the right and bottom only, then a VALID conv, as diffusers does."""
+
     channels: int
     dtype: Any = jnp.float32
+    padding: int = 1
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        # torch's Conv2d(stride=2, padding=1): explicit symmetric padding, not "SAME".
-        return layers.conv(self.channels, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)), dtype=self.dtype,
-                           name="conv")(x)
+        if self.padding == 1:
+            pad = ((1, 1), (1, 1))
+        elif self.padding == 0:
+            x, pad = jnp.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0))), "VALID"
+        else:
+            raise ValueError(f"Downsample2D padding must be 0 or 1, got {self.padding}")
+        return layers.conv(self.channels, (3, 3), strides=(2, 2), padding=pad, dtype=self.dtype, name="conv")(x)
 
 
 class Upsample2D(nn.Module):
+    """Nearest-neighbour x2, then a 3x3 conv."""
+
     channels: int
     dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)  # nearest-neighbour x2
+        x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
         return layers.conv(self.channels, (3, 3), padding=((1, 1), (1, 1)), dtype=self.dtype, name="conv")(x)

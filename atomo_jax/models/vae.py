@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from atomo_jax.models import layers
+from atomo_jax.models.resnet import Downsample2D, ResnetBlock2D, Upsample2D
 from atomo_jax.parallel import axes as ax
 
 _EPS = 1e-6  # every norm of the SD VAE
@@ -38,24 +39,6 @@ class VAEConfig:
     @property
     def downsample_factor(self) -> int:
         return 2 ** (len(self.block_out_channels) - 1)
-
-
-class VAEResnetBlock(nn.Module):
-    """diffusers `ResnetBlock2D` without time embedding: GN-SiLU-conv, GN-SiLU-conv, + (1x1) shortcut."""
-
-    out_channels: int
-    groups: int
-    dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        h = nn.silu(layers.group_norm(self.groups, _EPS, dtype=self.dtype, name="norm1")(x))
-        h = layers.conv(self.out_channels, (3, 3), padding=_PAD1, dtype=self.dtype, name="conv1")(h)
-        h = nn.silu(layers.group_norm(self.groups, _EPS, dtype=self.dtype, name="norm2")(h))
-        h = layers.conv(self.out_channels, (3, 3), padding=_PAD1, dtype=self.dtype, name="conv2")(h)
-        if x.shape[-1] != self.out_channels:
-            x = layers.conv(self.out_channels, (1, 1), padding="VALID", dtype=self.dtype, name="conv_shortcut")(x)
-        return x + h
 
 
 class VAEAttention(nn.Module):
@@ -85,34 +68,10 @@ class VAEMidBlock(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         c = x.shape[-1]
-        x = VAEResnetBlock(c, self.groups, dtype=self.dtype, name="resnets_0")(x)
+        x = ResnetBlock2D(c, self.groups, _EPS, dtype=self.dtype, name="resnets_0")(x)
         if self.add_attention:
             x = VAEAttention(self.groups, dtype=self.dtype, name="attentions_0")(x)
-        return VAEResnetBlock(c, self.groups, dtype=self.dtype, name="resnets_1")(x)
-
-
-class VAEDownsample(nn.Module):
-    """diffusers `Downsample2D(padding=0)`: pad one pixel on the right and bottom, then a VALID stride-2 conv."""
-
-    channels: int
-    dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        x = jnp.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0)))
-        return layers.conv(self.channels, (3, 3), strides=(2, 2), padding="VALID", dtype=self.dtype, name="conv")(x)
-
-
-class VAEUpsample(nn.Module):
-    """Nearest-neighbour x2, then a 3x3 conv."""
-
-    channels: int
-    dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
-        return layers.conv(self.channels, (3, 3), padding=_PAD1, dtype=self.dtype, name="conv")(x)
+        return ResnetBlock2D(c, self.groups, _EPS, dtype=self.dtype, name="resnets_1")(x)
 
 
 class DownEncoderBlock(nn.Module):
@@ -125,9 +84,9 @@ class DownEncoderBlock(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         for j in range(self.num_layers):
-            x = VAEResnetBlock(self.channels, self.groups, dtype=self.dtype, name=f"resnets_{j}")(x)
+            x = ResnetBlock2D(self.channels, self.groups, _EPS, dtype=self.dtype, name=f"resnets_{j}")(x)
         if self.add_downsample:
-            x = VAEDownsample(self.channels, dtype=self.dtype, name="downsamplers_0")(x)
+            x = Downsample2D(self.channels, dtype=self.dtype, padding=0, name="downsamplers_0")(x)
         return x
 
 
@@ -141,9 +100,9 @@ class UpDecoderBlock(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         for j in range(self.num_layers):
-            x = VAEResnetBlock(self.channels, self.groups, dtype=self.dtype, name=f"resnets_{j}")(x)
+            x = ResnetBlock2D(self.channels, self.groups, _EPS, dtype=self.dtype, name=f"resnets_{j}")(x)
         if self.add_upsample:
-            x = VAEUpsample(self.channels, dtype=self.dtype, name="upsamplers_0")(x)
+            x = Upsample2D(self.channels, dtype=self.dtype, name="upsamplers_0")(x)
         return x
 
 
