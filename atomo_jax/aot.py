@@ -25,6 +25,9 @@ import ml_collections
 
 from atomo_jax.configuration import add_log_level, cli_parser, parse_cli
 
+# jax, and every module of ours that imports it, is imported inside the functions below: `main` first sets the
+# variables jax reads when it starts (JAX_PLATFORMS, XLA_FLAGS's CPU device count, libtpu's) for the target.
+
 GIB = 1024 ** 3
 
 
@@ -119,7 +122,7 @@ def target_devices(target: Target) -> list:
                                f"{target.chips * target.num_slices} (XLA_FLAGS was set after jax started?)")
         return devices
     try:
-        import libtpu  # noqa: F401
+        import libtpu  # noqa: F401  optional: the [tpu] extra
     except ImportError:
         raise RuntimeError(f"--topology={target.name} needs libtpu to compile for TPU on this host: "
                            f"pip install '{libtpu_requirement()}'") from None

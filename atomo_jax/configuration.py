@@ -15,6 +15,7 @@ from typing import Any, Iterable, Sequence
 import ml_collections
 from absl import flags
 from ml_collections import config_flags
+from absl import logging
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -92,8 +93,6 @@ def parse_cli(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     args.explicit = override_keys(overrides)
     if hasattr(args, "log_level"):
-        from absl import logging
-
         flags.FLAGS.mark_as_parsed()  # absl logging (used by the libraries) without absl's flag parsing
         logging.set_verbosity(args.log_level)
     config = None

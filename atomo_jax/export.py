@@ -210,7 +210,7 @@ def check_against(reference: Mapping[str, tuple[int, ...]], tensors: Mapping[str
 
 
 def _meta_shapes(build: Callable[[], Any]) -> dict[str, tuple[int, ...]]:
-    import torch
+    import torch  # optional dependency: the [torch] extra
 
     with torch.device("meta"):
         module = build()
@@ -221,8 +221,8 @@ def _meta_shapes(build: Callable[[], Any]) -> dict[str, tuple[int, ...]]:
 # Writing.
 
 def _save_safetensors(tensors: Mapping[str, np.ndarray], path: Path, dtype: str) -> None:
-    import torch
-    from safetensors.torch import save_file
+    import torch  # optional dependency: the [torch] extra
+    from safetensors.torch import save_file  # optional dependency: the [torch] extra
 
     torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
     if dtype == "fp16":
@@ -240,6 +240,7 @@ def export_unet(params: Any, config: Any, out: Path, *, dtype: str = "fp32", sam
                 progress: Callable[[str], None] = _log) -> dict[str, str | None]:
     """Our UNet params (no "params" level) + UNetConfig -> the unet/, motion_adapter/, temporal_convs and
     ip_adapter files under `out`. Returns {part: relative path or None when the model has no such part}."""
+    # optional dependency: the [torch] extra
     from diffusers import MotionAdapter, UNet2DConditionModel
 
     tables = unet_export_tables(params, config)
@@ -289,7 +290,7 @@ def export_unet(params: Any, config: Any, out: Path, *, dtype: str = "fp32", sam
 
 
 def _save_diffusers_config(cls: type, kwargs: Mapping[str, Any], folder: Path) -> None:
-    import torch
+    import torch  # optional dependency: the [torch] extra
 
     with torch.device("meta"):
         module = cls(**kwargs)
@@ -298,7 +299,7 @@ def _save_diffusers_config(cls: type, kwargs: Mapping[str, Any], folder: Path) -
 
 def _transformers_part(cls_name: str, our_config: Any, params: Any, rename: Callable, embeddings: tuple[str, ...],
                        folder: Path, dtype: str) -> int:
-    import transformers
+    import transformers  # optional dependency: the [torch] extra
 
     model_cls = getattr(transformers, cls_name)
     config_cls = getattr(transformers, cls_name.replace("WithProjection", "").replace("Model", "Config"))
@@ -317,7 +318,7 @@ def _transformers_part(cls_name: str, our_config: Any, params: Any, rename: Call
 def export_encoders(model: Any, params: Mapping[str, Any], out: Path, *, dtype: str, sample_size: int,
                     progress: Callable[[str], None] = _log) -> dict[str, str | None]:
     """VAE, CLIP image encoder and text encoder in diffusers / transformers folders."""
-    from diffusers import AutoencoderKL
+    from diffusers import AutoencoderKL  # optional dependency: the [torch] extra
 
 
     files: dict[str, str | None] = {}
@@ -383,7 +384,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, weights: str =
     files.update(export_encoders(model, params, out, dtype=dtype, sample_size=int(config.data.resolution),
                                  progress=progress))
     progress("[4/4] configs")
-    from diffusers import DDIMScheduler
+    from diffusers import DDIMScheduler  # optional dependency: the [torch] extra
 
     DDIMScheduler(**ddim_scheduler_config(config.diffusion)).save_config(str(out / SCHEDULER_DIR))
     files["scheduler"] = SCHEDULER_DIR

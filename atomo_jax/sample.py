@@ -24,6 +24,9 @@ import ml_collections
 from absl import logging
 
 from atomo_jax.configuration import add_log_level, cli_parser, parse_cli
+from atomo_jax.models import tokenizer as tok
+from atomo_jax.training import checkpoint
+from atomo_jax.pipelines import i2v, long_video, personalize, t2v, video_io
 
 def build_parser() -> argparse.ArgumentParser:
     p = cli_parser("atomo-sample", __doc__)
@@ -75,7 +78,6 @@ def _tokens(args: argparse.Namespace, model, config, prompt: str):
             logging.warning("this model has no text encoder (config.model.text_encoder.kind='none'): "
                             "--prompt is ignored")
         return None, None
-    from atomo_jax.models import tokenizer as tok  # pylint: disable=g-import-not-at-top
     folder = args.tokenizer or config.model.text_encoder.tokenizer
     if not folder:
         raise ValueError("this model has a text encoder: pass --tokenizer=DIR (a CLIP tokenizer folder with "
@@ -88,7 +90,6 @@ def _tokens(args: argparse.Namespace, model, config, prompt: str):
 
 
 def _load(args: argparse.Namespace, path: str, override: ml_collections.ConfigDict | None):
-    from atomo_jax.training import checkpoint  # pylint: disable=g-import-not-at-top
     try:
         return checkpoint.load_inference(path, use_ema=args.weights == "ema", config=override)
     except ValueError as e:
@@ -115,8 +116,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def sample(args: argparse.Namespace, override: ml_collections.ConfigDict | None) -> None:
-    from atomo_jax.pipelines import i2v, long_video, personalize, t2v, video_io  # pylint: disable=g-import-not-at-top
-
     if args.mode in ("i2v", "long") and not os.path.isfile(args.image):
         raise FileNotFoundError(f"--image {args.image}: no such file")
     if args.base and not os.path.exists(args.base):

@@ -19,6 +19,8 @@ _PREEMPTION = Preemption()  # listening from the first line of the process (see 
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # Imported here, after the SIGTERM listener above: the trainer's imports (jax, orbax, grain) take seconds, and a
+    # preemption notice in that time must still end in a saved checkpoint.
     from atomo_jax.configuration import add_log_level, cli_parser, parse_cli
 
     parser = cli_parser("atomo-train", __doc__)

@@ -7,6 +7,7 @@ per-record RNG makes the whole pipeline deterministic for a seed.
 from __future__ import annotations
 
 import numpy as np
+from PIL import Image
 
 
 def to_unit_range(video: np.ndarray) -> np.ndarray:
@@ -37,7 +38,6 @@ def to_uint8(image: np.ndarray) -> np.ndarray:
 
 def resize_short_side(frames: np.ndarray, short_side: int) -> np.ndarray:
     """uint8 (..., H, W, 3) -> short side `short_side`, aspect kept; bilinear (PIL), per frame."""
-    from PIL import Image  # pylint: disable=g-import-not-at-top
 
     h, w = frames.shape[-3:-1]
     if min(h, w) == short_side:

@@ -1,5 +1,6 @@
 """layers.FrameConv (the temporal convolution as one matmul) against the 3-D convolution it replaces, and
-layers.GroupNorm (statistics from per-channel sums) against torch.nn.GroupNorm."""
+layers.GroupNorm (statistics from per-channel sums) against torch.nn.GroupNorm, and the model init's independence
+of its input size."""
 
 import flax.linen as nn
 import jax
@@ -138,3 +139,22 @@ def test_group_norm_params_dtype_and_errors():
 
     with pytest.raises(ValueError, match="^norm1: 30 channels"):  # names the layer
         Block().init(jax.random.key(0), jnp.zeros((1, 2, 2, 30)))
+
+
+def test_model_init_does_not_depend_on_the_init_input_size():
+    """`AtomoVideo.init` runs at the smallest input (1 frame, min_resolution) to keep the init program small; the
+    trainer relies on that giving exactly the parameters an init at the training size gives."""
+    from atomo_jax.models.atomo import build_model
+    from configs import demo
+
+    config = demo.get_config()
+    model = build_model(config.model)
+    small = jax.jit(lambda r: nn.unbox(model.init(r)))(jax.random.key(3))
+    full = jax.jit(lambda r: nn.unbox(model.init(r, num_frames=config.data.num_frames,
+                                                 resolution=2 * config.data.resolution)))(jax.random.key(3))
+    assert model.min_resolution() < 2 * config.data.resolution
+    assert jax.tree.structure(small) == jax.tree.structure(full)
+    for a, b in zip(jax.tree.leaves(small), jax.tree.leaves(full)):
+        assert a.shape == b.shape and a.dtype == b.dtype
+        np.testing.assert_array_equal(a, b)
+

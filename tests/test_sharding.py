@@ -1,5 +1,6 @@
 """On 8 fake CPU devices: data-parallel, fsdp and fsdp+tensor layouts train like one device, parameters are sharded
-as the logical-axis rules say, and a checkpoint saved on one device restores onto an 8-device fsdp mesh.
+as the logical-axis rules say, activations keep their batch split, and a checkpoint saved on one device restores
+onto an 8-device fsdp mesh.
 
 Runs in a subprocess: XLA_FLAGS must set the device count before jax starts, and other tests in this pytest process
 may already have started jax with one device.
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -27,6 +29,23 @@ def small_config():
     c.data.num_videos = 64
     c.cond_drop.image = 0.3  # exercise the dropout path with a few examples dropped
     return c
+
+
+def activation_layout(lowered: str, compiled: str) -> dict:
+    """What the step does with its activations: how many (B, F, H, W, C) layouts the model pins (sharding
+    constraints on 5-D values with a split leading axis in the lowered program), and the op names of every
+    all-gather of a value of rank >= 3 along its leading axis in the compiled one. Parameters are never split on
+    their leading axis (conv kernels are split on channels), so such a gather is an activation losing its batch
+    split."""
+    pinned = len(re.findall(r'sdy\.sharding_constraint %\S+ <@\w+, \[\{"[^}]*\}, (?:\{[^}]*\}, ){3}\{[^}]*\}\]>',
+                            lowered))
+    gathers = []
+    for line in compiled.splitlines():
+        m = re.search(r"= \w+\[([\d,]+)\]\S* all-gather\(.*?dimensions=\{(\d+)\}", line)
+        if m and m.group(1).count(",") >= 2 and m.group(2) == "0":
+            op = re.search(r'op_name="([^"]+)"', line)
+            gathers.append(op.group(1) if op else line.strip()[:200])
+    return {"pinned_video_layouts": pinned, "batch_gathers": gathers}
 
 
 def _child(workdir: str) -> dict:
@@ -65,21 +84,23 @@ def _child(workdir: str) -> dict:
             ckpt.save(3, state, iter(loader), c, {"skipped_samples": 7})
             ckpt.close()
         bsh = batch_shardings(batches[0], mesh, rules)
-        step = jit_train_step(c, model, mesh, sh, bsh)
+        lowered = jit_train_step(c, model, mesh, sh, bsh).lower(state, jax.device_put(batches[0], bsh))
+        step = lowered.compile()
+        layout = activation_layout(lowered.as_text(), step.as_text())
         losses, norms = [], []
         for b in batches:
             state, m = step(state, jax.device_put(b, bsh))
             losses.append(float(m["loss"]))
             norms.append(float(m["grad_norm"]))
-        return state, losses, norms, mesh, sh
+        return state, losses, norms, mesh, sh, layout
 
-    ref_state, ref_losses, ref_norms, _, _ = run(jax.devices()[:1], dict(data=1, fsdp=1, tensor=1), True)
+    ref_state, ref_losses, ref_norms, _, _, _ = run(jax.devices()[:1], dict(data=1, fsdp=1, tensor=1), True)
     ref = flat(ref_state.trainable)
     init_ref = flat(saved["initial"].trainable)
     out = {"single": {"losses": ref_losses, "grad_norms": ref_norms,
                       "update_norm": float(np.sqrt(sum(np.sum((ref[k] - init_ref[k]) ** 2) for k in ref)))}}
     for name, layout in LAYOUTS.items():
-        state, losses, norms, mesh, _ = run(jax.devices(), layout)
+        state, losses, norms, mesh, _, activations = run(jax.devices(), layout)
         got = flat(state.trainable)
         num = np.sqrt(sum(np.sum((got[k] - ref[k]) ** 2) for k in ref))
         den = np.sqrt(sum(np.sum(ref[k] ** 2) for k in ref))
@@ -94,7 +115,7 @@ def _child(workdir: str) -> dict:
                     for path, v in jax.tree_util.tree_flatten_with_path(mu)[0]}
         out[name] = {"losses": losses, "grad_norms": norms, "param_rel": float(num / den),
                      "update_diff": float(upd), "specs": specs, "shard_shapes": shard_shapes, "mu_specs": mu_specs,
-                     "mesh": dict(mesh.shape)}
+                     "mesh": dict(mesh.shape), "activations": activations}
 
     # Saved on one device (above), restored onto the 8-device fsdp mesh.
     state1 = saved["initial"]
@@ -161,6 +182,17 @@ def test_layouts_match_one_device_and_shard_as_ruled(tmp_path):
         assert math.prod(shape) // math.prod(shard) == (1 if name == "conv_in/kernel" else 8), (name, shape, shard)
     # Adam moments follow their parameters.
     assert fsdp["mu_specs"][conv] == fsdp["specs"][conv] and fsdp_tp["mu_specs"][q] == fsdp_tp["specs"][q]
+
+    # Activations: the model pins its (B, F, H, W, C) layouts (frame fold/unfold, temporal attention), and under
+    # fsdp and fsdp x tensor no activation is gathered along its batch axis in the step (forward and backward): the
+    # batch stays split through the temporal layers' reshapes and transposes. The one exception XLA makes is the
+    # IP-Adapter image tokens (B, 2, C), a few KB shared by every frame of a video, which it gathers to form the
+    # to_k_ip/to_v_ip weight gradients.
+    for name in ("fsdp8", "fsdp4_tensor2"):
+        activations = out[name]["activations"]
+        assert activations["pinned_video_layouts"] >= 10, (name, activations)
+        lost = [op for op in activations["batch_gathers"] if not re.search(r"/to_[kv]_ip/dot_general$", op)]
+        assert lost == [], (name, lost)
 
     assert out["restore"] == {"equal": True, "placed": True, "devices": 8, "counters": {"skipped_samples": 7}}
 

@@ -20,13 +20,22 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
+import flax
+import jax
+import numpy as np
+from safetensors.numpy import save_file
+from tqdm import tqdm
+
+from atomo_jax.configuration import adopt_architecture, load_config, parse_cli
+from atomo_jax.convert import architecture, clip, compose, ip_adapter, motion, torch_io, unet, vae
+from atomo_jax.models.atomo import build_model
+
 OUT_FORMATS = (".safetensors", ".msgpack")
 
 
 @contextlib.contextmanager
 def _progress(total: int) -> Iterator[Callable[[str], None]]:
     """A progress bar of named steps; closed (its line ended) before any error is printed."""
-    from tqdm import tqdm
 
     with tqdm(total=total, unit="step", file=sys.stderr, dynamic_ncols=True) as bar:
         def step(name: str) -> None:
@@ -38,9 +47,6 @@ def _progress(total: int) -> Iterator[Callable[[str], None]]:
 
 def write_part(params: Any, out: str | Path) -> Path:
     """One part's params -> `.safetensors` ("/"-joined Flax paths as keys) or `.msgpack` (flax serialization)."""
-    import flax
-    import jax
-    import numpy as np
 
     out = Path(out)
     if out.suffix not in OUT_FORMATS:
@@ -48,8 +54,6 @@ def write_part(params: Any, out: str | Path) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     params = flax.core.unfreeze(params)
     if out.suffix == ".safetensors":
-        from safetensors.numpy import save_file
-
         flat = flax.traverse_util.flatten_dict(params, sep="/")
         save_file({k: np.ascontiguousarray(v) for k, v in flat.items()}, str(out))
     else:
@@ -58,9 +62,6 @@ def write_part(params: Any, out: str | Path) -> Path:
 
 
 def _count(params: Any) -> str:
-    import jax
-    import numpy as np
-
     leaves = jax.tree.leaves(params)
     return f"{len(leaves)} tensors, {sum(int(np.prod(np.shape(x))) for x in leaves):,} parameters"
 
@@ -68,9 +69,6 @@ def _count(params: Any) -> str:
 def _part(args: argparse.Namespace) -> tuple[Any, str]:
     """The single-part commands: (params, description). The part's architecture comes from its file (config.json
     or shapes) laid over `--config` (see `configuration.adopt_architecture`)."""
-    from atomo_jax.configuration import adopt_architecture
-    from atomo_jax.convert import architecture, clip, compose, motion, torch_io, unet, vae
-    from atomo_jax.models.atomo import build_model
 
     config = args.config_value
     path = Path(args.path)
@@ -102,8 +100,6 @@ def _part(args: argparse.Namespace) -> tuple[Any, str]:
     if args.command == "motion":
         return motion.motion_modules_params(sources.motion[1], model.unet_config, source=args.path), "motion modules"
     if args.command == "ip-adapter":
-        from atomo_jax.convert import ip_adapter
-
         return ip_adapter.ip_adapter_params(sources.ip_adapter[1], model.unet_config, source=args.path), "IP-Adapter"
     if args.command == "unet":
         params, report = unet.load_unet_state_dict(state, model.unet_config, source=str(args.path), file_key=file_key)
@@ -143,7 +139,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.add_argument("--out", required=True, help=f"output file, one of {', '.join(OUT_FORMATS)}")
         p.add_argument("--config", help="config file laid under the file's own architecture (default "
                                         "configs/base.py); --config.a.b=value overrides follow it")
-    from atomo_jax.configuration import load_config, parse_cli
 
     args, config = parse_cli(parser, argv)
     try:
@@ -156,8 +151,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     if args.command == "compose":
-        from atomo_jax.convert import compose
-
         if not any((args.sd, args.motion, args.ip_adapter, args.image_encoder)):
             parser.error("compose: give at least one of --sd, --motion, --ip_adapter, --image_encoder")
         out = Path(args.out)

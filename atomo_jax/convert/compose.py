@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import re
 from collections import Counter
 from pathlib import Path
@@ -25,6 +26,7 @@ import flax
 import jax
 import ml_collections
 import numpy as np
+import orbax.checkpoint as ocp
 
 from atomo_jax.convert import architecture
 from atomo_jax.convert import clip as clip_convert
@@ -36,6 +38,7 @@ from atomo_jax.convert import vae as vae_convert
 from atomo_jax.configuration import Architecture, Found, adopt_architecture, merge_architectures
 from atomo_jax.models.atomo import PARTS, AtomoVideo, build_model
 from atomo_jax.training.checkpoint import COMPOSED_CONFIG
+from atomo_jax.convert import single_file
 
 SD_FOLDER_PARTS = {"unet": "unet", "vae": "vae", "text_encoder": "text_encoder"}
 
@@ -115,7 +118,6 @@ def read_sd(path: str | Path) -> SDWeights:
                          if p.name not in SD_FOLDER_PARTS.values())
         return SDWeights(str(path), "diffusers folder", sds["unet"], sds["vae"], sds["text_encoder"],
                          {part: path / sub for part, sub in SD_FOLDER_PARTS.items()}, ignored)
-    from atomo_jax.convert import single_file
 
     parts = single_file.read_single_file(path)
     return SDWeights(str(path), "single file", parts["unet"], parts["vae"], parts["text_encoder"], {},
@@ -233,39 +235,51 @@ def compose_unet(model: AtomoVideo, sources: Sources, rng: jax.Array) -> tuple[d
     return params, report
 
 
-def compose_vae(model: AtomoVideo, sd: SDWeights | None, rng: jax.Array) -> tuple[dict[str, Any], PartReport]:
-    if model.config.vae.kind == "pixel":
-        return {}, PartReport("vae", "pixel-space stand-in: no weights", notes=["config.model.vae.kind='pixel'"])
-    if sd is None:
-        params = _fresh(model, "vae", rng)
-        return params, PartReport("vae", "no SD weights", new=list(flat(params)),
-                                  notes=["RANDOM VAE: pass --sd for the pretrained one"])
-    params = _strip_params(vae_convert.vae_params_from_torch(sd.vae, model.vae.config, source=sd.source))
-    return params, PartReport("vae", sd.source, loaded=list(flat(params)))
+@dataclasses.dataclass(frozen=True)
+class _Pretrained:
+    """How one whole pretrained part (VAE, text or image encoder) is composed: one file's state dict converted, or
+    our initialisation when no file gives it, or nothing when the config builds no such part."""
+
+    absent: Callable[[AtomoVideo], str | None]  # the note when the config's model has no such part
+    source: Callable[[Sources], tuple[str, Mapping[str, np.ndarray]] | None]  # (path, state dict) or None
+    convert: Callable[[Mapping[str, np.ndarray], AtomoVideo, str], Mapping[str, Any]]  # (state, model, path)
+    missing: tuple[str, str]  # (report source, note) when no file gives the part
 
 
-def compose_text_encoder(model: AtomoVideo, sd: SDWeights | None, rng: jax.Array
-                         ) -> tuple[dict[str, Any], PartReport]:
-    if model.text_encoder is None:
-        return {}, PartReport("text_encoder", "none", notes=["config.model.text_encoder.kind='none'"])
-    if sd is None:
-        params = _fresh(model, "text_encoder", rng)
-        return params, PartReport("text_encoder", "no SD weights", new=list(flat(params)),
-                                  notes=["RANDOM text encoder: pass --sd for the pretrained one"])
-    params = _strip_params(clip_convert.text_params_from_torch(sd.text_encoder, model.text_encoder.config,
-                                                               source=sd.source))
-    return params, PartReport("text_encoder", sd.source, loaded=list(flat(params)))
+_PRETRAINED = {
+    "vae": _Pretrained(
+        absent=lambda m: "config.model.vae.kind='pixel'" if m.config.vae.kind == "pixel" else None,
+        source=lambda s: (s.sd.source, s.sd.vae) if s.sd else None,
+        convert=lambda state, m, path: vae_convert.vae_params_from_torch(state, m.vae.config, source=path),
+        missing=("no SD weights", "RANDOM VAE: pass --sd for the pretrained one")),
+    "text_encoder": _Pretrained(
+        absent=lambda m: "config.model.text_encoder.kind='none'" if m.text_encoder is None else None,
+        source=lambda s: (s.sd.source, s.sd.text_encoder) if s.sd else None,
+        convert=lambda state, m, path: clip_convert.text_params_from_torch(state, m.text_encoder.config, source=path),
+        missing=("no SD weights", "RANDOM text encoder: pass --sd for the pretrained one")),
+    "image_encoder": _Pretrained(
+        absent=lambda m: None,
+        source=lambda s: s.image_encoder,
+        convert=lambda state, m, path: clip_convert.vision_params_from_torch(state, m.image_encoder.config,
+                                                                             source=path),
+        missing=("no --image_encoder", "RANDOM image encoder: pass the IP-Adapter CLIP vision folder")),
+}
 
 
-def compose_image_encoder(model: AtomoVideo, source: tuple[str, dict] | None, rng: jax.Array
-                          ) -> tuple[dict[str, Any], PartReport]:
+def compose_pretrained(part: str, model: AtomoVideo, sources: Sources, rng: jax.Array
+                       ) -> tuple[dict[str, Any], PartReport]:
+    """One part of `_PRETRAINED`: converted from its file, else freshly initialised (and said so)."""
+    spec = _PRETRAINED[part]
+    absent = spec.absent(model)
+    if absent:
+        return {}, PartReport(part, "none", notes=[absent])
+    source = spec.source(sources)
     if source is None:
-        params = _fresh(model, "image_encoder", rng)
-        return params, PartReport("image_encoder", "no --image_encoder", new=list(flat(params)),
-                                  notes=["RANDOM image encoder: pass the IP-Adapter CLIP vision folder"])
+        params = _fresh(model, part, rng)
+        return params, PartReport(part, spec.missing[0], new=list(flat(params)), notes=[spec.missing[1]])
     path, state = source
-    params = _strip_params(clip_convert.vision_params_from_torch(state, model.image_encoder.config, source=path))
-    return params, PartReport("image_encoder", path, loaded=list(flat(params)))
+    params = _strip_params(spec.convert(state, model, path))
+    return params, PartReport(part, path, loaded=list(flat(params)))
 
 
 def compose(config: ml_collections.ConfigDict, sources: Sources, *, seed: int = 0,
@@ -278,13 +292,10 @@ def compose(config: ml_collections.ConfigDict, sources: Sources, *, seed: int = 
     model = build_model(config.model)
     rngs = dict(zip(PARTS, jax.random.split(jax.random.key(seed), len(PARTS))))
     params, reports = {}, []
-    steps = (("unet", lambda: compose_unet(model, sources, rngs["unet"])),
-             ("vae", lambda: compose_vae(model, sources.sd, rngs["vae"])),
-             ("text_encoder", lambda: compose_text_encoder(model, sources.sd, rngs["text_encoder"])),
-             ("image_encoder", lambda: compose_image_encoder(model, sources.image_encoder, rngs["image_encoder"])))
-    for part, run in steps:
+    for part in PARTS:
         progress(part)
-        params[part], report = run()
+        compose_part = compose_unet if part == "unet" else functools.partial(compose_pretrained, part)
+        params[part], report = compose_part(model, sources, rngs[part])
         reports.append(report)
     if sources.sd is not None and sources.sd.ignored:
         reports.append(PartReport("sd (unused entries)", sources.sd.source, ignored=sources.sd.ignored))
@@ -307,7 +318,6 @@ def save_params(params: Mapping[str, Any], out_dir: str | Path, config: ml_colle
                 force: bool = False) -> Path:
     """Writes the plain params dict with orbax StandardCheckpointer (restorable via `config.init.checkpoint`) and
     `config` as COMPOSED_CONFIG, so sampling, export and latent caching can load the composed model directly."""
-    import orbax.checkpoint as ocp
 
     out = Path(out_dir).resolve()
     if out.exists() and not force:
@@ -320,6 +330,4 @@ def save_params(params: Mapping[str, Any], out_dir: str | Path, config: ml_colle
 
 
 def restore_params(path: str | Path, abstract: Any | None = None) -> dict[str, Any]:
-    import orbax.checkpoint as ocp
-
     return ocp.StandardCheckpointer().restore(Path(path).resolve(), abstract)

@@ -104,7 +104,7 @@ def load_ip_adapter_state_dict(path: str | Path) -> dict[str, np.ndarray]:
     `image_proj.*` / `ip_adapter.*` keys. Pickle files only through torch.load(weights_only=True)."""
     path = Path(path)
     if path.is_file() and path.suffix.lower() in (".bin", ".ckpt", ".pt", ".pth"):
-        import torch
+        import torch  # optional dependency: the [torch] extra
 
         obj = torch_io.read_torch_file(path)
         if isinstance(obj, Mapping) and any(isinstance(obj.get(k), Mapping) for k in ("image_proj", "ip_adapter")):

@@ -27,6 +27,8 @@ from typing import Any, Callable, Mapping
 import numpy as np
 
 from atomo_jax.convert import torch_io
+from atomo_jax.convert.clip import LDM_TEXT_PREFIXES, ldm_text_encoder_to_transformers
+from atomo_jax.convert.vae import LDM_VAE_PREFIXES, ldm_vae_to_diffusers
 
 LDM_UNET_PREFIX = "model.diffusion_model."
 LDM_EMA_PREFIX = "model_ema."
@@ -171,8 +173,6 @@ def read_single_file(path: str | Path, *, use_ema: bool = False) -> dict[str, An
     """An original SD 1.x `.safetensors` / `.ckpt` (read with `torch.load(weights_only=True)`) -> {"unet": diffusers
     UNet state dict, "vae": diffusers AutoencoderKL state dict, "text_encoder": transformers CLIPTextModel state
     dict, "ignored": keys of no part (e.g. schedule buffers, unused EMA copies), "file_key": the UNet key namer}."""
-    from atomo_jax.convert.clip import LDM_TEXT_PREFIXES, ldm_text_encoder_to_transformers
-    from atomo_jax.convert.vae import LDM_VAE_PREFIXES, ldm_vae_to_diffusers
 
     checkpoint = torch_io.load_state_dict(path)
     parts = (LDM_UNET_PREFIX,) + tuple(LDM_VAE_PREFIXES) + tuple(LDM_TEXT_PREFIXES)

@@ -14,10 +14,12 @@ import re
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
+import pickle
 
 import flax
 import jax
 import numpy as np
+from safetensors import SafetensorError, safe_open
 
 SUPPORTED_FORMATS = (".safetensors", ".bin", ".ckpt", ".pt", ".pth", "a diffusers/transformers model folder")
 # Weight files of a model folder, most preferred first (diffusers names, then transformers names).
@@ -66,8 +68,6 @@ def _first_line(error: BaseException, limit: int = 160) -> str:
 
 
 def _load_safetensors(path: Path) -> dict[str, np.ndarray]:
-    from safetensors import SafetensorError, safe_open
-
     out = {}
     try:
         with safe_open(str(path), framework="pt") as f:
@@ -83,9 +83,8 @@ def read_torch_file(path: str | Path) -> Any:
     """The object in a pickle-based PyTorch file, through `torch.load(weights_only=True)` only: tensors, containers
     and numbers load; pickled code or classes are refused, never retried unsafely. Errors say which of the two
     happened: the file is damaged (truncated, another format), or it holds objects that are not allowed."""
-    import pickle
 
-    import torch
+    import torch  # optional dependency: the [torch] extra
 
     with open(path, "rb") as f:
         head = f.read(4)
@@ -110,7 +109,7 @@ def read_torch_file(path: str | Path) -> Any:
 
 
 def _load_torch(path: Path) -> dict[str, np.ndarray]:
-    import torch
+    import torch  # optional dependency: the [torch] extra
 
     obj = read_torch_file(path)
     if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):

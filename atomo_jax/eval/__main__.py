@@ -21,6 +21,8 @@ import sys
 from typing import Sequence
 
 from atomo_jax.eval import metrics
+from atomo_jax.eval import evaluate
+from atomo_jax.eval.clip_score import load_clip
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -45,14 +47,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def run(args: argparse.Namespace) -> tuple[str, str]:
-    from atomo_jax.eval import evaluate  # pylint: disable=g-import-not-at-top
-
     inputs = evaluate.collect_inputs(args.videos, images=args.images, references=args.references,
                                      prompts=args.prompts, prompt=args.prompt)
     wants_text = any(item.prompt for item in inputs)
     clip = None
     if args.clip or args.clip_vision:
-        from atomo_jax.eval.clip_score import load_clip  # pylint: disable=g-import-not-at-top
         clip = load_clip(args.clip, vision=args.clip_vision, text=args.clip_text, tokenizer=args.tokenizer,
                          with_text=wants_text, batch_size=args.batch_size)
     else:

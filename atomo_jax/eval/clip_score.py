@@ -29,6 +29,7 @@ from atomo_jax.models import layers
 from atomo_jax.models.clip import CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModelWithProjection, \
     clip_preprocess
 from atomo_jax.parallel import axes as ax
+from atomo_jax.models.tokenizer import load_clip_tokenizer, tokenize
 
 _TEXT_PROJECTION = "text_projection.weight"
 _VISUAL_PROJECTION = "visual_projection.weight"
@@ -134,7 +135,6 @@ class CLIPScorer:
         """Prompts -> (N, projection_dim)."""
         if not self.has_text:
             raise ValueError("this CLIPScorer has no text model/tokenizer; load it with text weights")
-        from atomo_jax.models.tokenizer import tokenize  # pylint: disable=g-import-not-at-top
 
         ids = tokenize(self.tokenizer, list(prompts), self.text_config.max_position_embeddings)
         return self._batched(self._text_fn, self.text_params, ids)
@@ -166,7 +166,6 @@ def load_clip(clip: str | Path | None = None, *, vision: str | Path | None = Non
         if text_path is None:
             raise ValueError("CLIP text-to-video similarity needs CLIP text weights: pass a CLIPModel folder or a "
                              "CLIPTextModelWithProjection folder")
-        from atomo_jax.models.tokenizer import load_clip_tokenizer  # pylint: disable=g-import-not-at-top
 
         text_path = Path(text_path)
         text_config, projection_dim, text_params = _load_text(text_path, state_dict(text_path))

@@ -20,6 +20,8 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
+from PIL import Image
+from tqdm import tqdm
 
 from atomo_jax.eval import flow, metrics
 from atomo_jax.pipelines import video_io
@@ -150,7 +152,6 @@ def read_image(path: str) -> np.ndarray:
 
 def fit_image(image: np.ndarray, height: int, width: int) -> np.ndarray:
     """Resizes a uint8 image to (height, width) (bicubic, aspect ratio not kept), as AIGCBench matches sizes."""
-    from PIL import Image  # pylint: disable=g-import-not-at-top
 
     return np.asarray(Image.fromarray(image).resize((width, height), Image.Resampling.BICUBIC))
 
@@ -189,7 +190,6 @@ def evaluate(inputs: Iterable[VideoInput], *, clip: Any = None, ssim_window: str
              max_frames: int | None = None, progress: bool = True) -> dict[str, Any]:
     """Scores every input -> {"videos": [per-video dicts], "mean": {metric: mean over videos that have it},
     "settings": {...}}."""
-    from tqdm import tqdm  # pylint: disable=g-import-not-at-top
 
     inputs = list(inputs)
     rows = []

@@ -138,10 +138,10 @@ class Transformer2D(nn.Module):
         n, hgt, wid, c = x.shape
         h = layers.group_norm(self.groups, 1e-6, dtype=self.dtype, name="norm")(x)
         h = layers.conv(self.channels, (1, 1), padding="VALID", dtype=self.dtype, name="proj_in")(h)
-        h = h.reshape(n, hgt * wid, self.channels)
+        h = nn.with_logical_constraint(h.reshape(n, hgt * wid, self.channels), ax.PIXEL_TOKENS)
         for i in range(self.num_layers):
             h = BasicTransformerBlock(self.channels, self.heads, self.channels // self.heads,
                                       ip_adapter=self.ip_adapter, implementation=self.implementation,
                                       dtype=self.dtype, name=f"transformer_blocks_{i}")(h, context, ip_tokens, ip_scale)
-        h = h.reshape(n, hgt, wid, self.channels)
+        h = nn.with_logical_constraint(h.reshape(n, hgt, wid, self.channels), ax.FOLDED_FRAMES)
         return x + layers.conv(c, (1, 1), padding="VALID", dtype=self.dtype, name="proj_out")(h)

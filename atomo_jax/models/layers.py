@@ -26,6 +26,16 @@ def _init(init: nn.initializers.Initializer, names: Sequence[str]) -> nn.initial
     return nn.with_logical_partitioning(init, tuple(names))
 
 
+def fold_frames(x: jax.Array) -> jax.Array:
+    """(B, F, H, W, C) -> (B*F, H, W, C), the layout of the 2-D layers, pinned to `axes.FOLDED_FRAMES`."""
+    return nn.with_logical_constraint(x.reshape((-1,) + x.shape[2:]), ax.FOLDED_FRAMES)
+
+
+def unfold_frames(x: jax.Array, batch: int) -> jax.Array:
+    """(B*F, H, W, C) -> (B, F, H, W, C), the layout of the temporal layers, pinned to `axes.VIDEO`."""
+    return nn.with_logical_constraint(x.reshape((batch, -1) + x.shape[1:]), ax.VIDEO)
+
+
 def dense(features: int, *, axes: Sequence[str] = (ax.EMBED, ax.MLP), use_bias: bool = True, zero_init: bool = False,
           dtype: Dtype = jnp.float32, name: str | None = None) -> nn.Dense:
     """Linear layer; kernel is (in, out) = torch weight transposed."""
@@ -155,6 +165,7 @@ def _splash_block(length: int) -> int:
 
 def _splash_local(q: jax.Array, k: jax.Array, v: jax.Array, *, interpret: bool) -> jax.Array:
     """Splash attention on one device's (B, T, N, H) shard: heads-major per example, vmapped over the batch."""
+    # TPU only (Mosaic kernels): not imported where splash is not used
     from jax.experimental.pallas.ops.tpu import splash_attention as splash
 
     (_, tq, n, d), tk = q.shape, k.shape[1]

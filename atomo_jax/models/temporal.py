@@ -49,11 +49,11 @@ class MotionModule(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         b, f, hgt, wid, c = x.shape
         h = layers.group_norm(self.groups, 1e-6, dtype=self.dtype, name="norm")(x)
-        h = h.transpose(0, 2, 3, 1, 4).reshape(b * hgt * wid, f, c)
+        h = nn.with_logical_constraint(h.transpose(0, 2, 3, 1, 4).reshape(b * hgt * wid, f, c), ax.FRAME_TOKENS)
         h = layers.dense(c, dtype=self.dtype, name="proj_in")(h)
         for i in range(self.num_layers):
             h = BasicTransformerBlock(c, self.heads, c // self.heads, cross_attention=False,
                                       positions=self.max_seq_length, implementation=self.implementation,
                                       dtype=self.dtype, name=f"transformer_blocks_{i}")(h)
         h = layers.dense(c, axes=(ax.MLP, ax.EMBED), zero_init=True, dtype=self.dtype, name="proj_out")(h)
-        return x + h.reshape(b, hgt, wid, f, c).transpose(0, 3, 1, 2, 4)
+        return x + nn.with_logical_constraint(h.reshape(b, hgt, wid, f, c).transpose(0, 3, 1, 2, 4), ax.VIDEO)

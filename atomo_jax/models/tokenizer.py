@@ -35,7 +35,7 @@ def load_clip_tokenizer(folder: str | Path, *, expected_vocab_size: int | None =
     Raises `TokenizerError` naming the folder and the files expected when the files are missing or the tokenizer
     is broken (wrong vocabulary size, known words not round-tripping).
     """
-    from transformers import CLIPTokenizer
+    from transformers import CLIPTokenizer  # optional dependency: the [torch] extra
 
     folder = Path(folder)
     expected = "vocab.json + merges.txt (or tokenizer.json)"

@@ -113,10 +113,9 @@ class _Layers(nn.Module):
         x = _remat(ResnetBlock2D, cfg.remat)(channels, cfg.norm_num_groups, cfg.norm_eps, dt, name=f"resnets_{i}")(
             x, temb)
         batch = temb.shape[0]
-        to5 = lambda t: t.reshape((batch, t.shape[0] // batch) + t.shape[1:])
         if cfg.use_temporal_conv and temporal:
-            x = _remat(TemporalConvLayer, cfg.remat)(channels, cfg.norm_num_groups, dt, name=f"temp_convs_{i}")(
-                to5(x)).reshape(x.shape)
+            conv = _remat(TemporalConvLayer, cfg.remat)(channels, cfg.norm_num_groups, dt, name=f"temp_convs_{i}")
+            x = layers.fold_frames(conv(layers.unfold_frames(x, batch)))
         elif cfg.use_temporal_conv and self.is_initializing():
             raise ValueError("initialise the UNet with temporal=True so the temporal parameters exist")
         if attention:
@@ -124,9 +123,10 @@ class _Layers(nn.Module):
                                                  cfg.norm_num_groups, cfg.ip_adapter, cfg.attention_impl, dt,
                                                  name=f"attentions_{i}")(x, context, ip_tokens, ip_scale)
         if cfg.use_motion_modules and has_motion and temporal:
-            x = _remat(MotionModule, cfg.remat)(channels, cfg.motion_num_heads, cfg.motion_max_seq_length,
-                                                cfg.motion_layers, cfg.norm_num_groups, cfg.attention_impl, dt,
-                                                name=f"motion_modules_{i}")(to5(x)).reshape(x.shape)
+            motion = _remat(MotionModule, cfg.remat)(channels, cfg.motion_num_heads, cfg.motion_max_seq_length,
+                                                     cfg.motion_layers, cfg.norm_num_groups, cfg.attention_impl, dt,
+                                                     name=f"motion_modules_{i}")
+            x = layers.fold_frames(motion(layers.unfold_frames(x, batch)))
         return x
 
 
@@ -161,11 +161,10 @@ class MidBlock(_Layers):
                                              cfg.norm_num_groups, cfg.ip_adapter, cfg.attention_impl, dt,
                                              name="attentions_0")(x, context, ip_tokens, ip_scale)
         if cfg.use_motion_modules and cfg.motion_mid_block and temporal:
-            batch = temb.shape[0]
-            x = _remat(MotionModule, cfg.remat)(self.channels, cfg.motion_num_heads, cfg.motion_max_seq_length,
-                                                cfg.motion_layers, cfg.norm_num_groups, cfg.attention_impl, dt,
-                                                name="motion_modules_0")(
-                x.reshape((batch, x.shape[0] // batch) + x.shape[1:])).reshape(x.shape)
+            motion = _remat(MotionModule, cfg.remat)(self.channels, cfg.motion_num_heads, cfg.motion_max_seq_length,
+                                                     cfg.motion_layers, cfg.norm_num_groups, cfg.attention_impl, dt,
+                                                     name="motion_modules_0")
+            x = layers.fold_frames(motion(layers.unfold_frames(x, temb.shape[0])))
         return self.layer(1, self.channels, False, x, temb, context, ip_tokens, ip_scale, temporal, has_motion=False)
 
 
@@ -214,7 +213,7 @@ class SpatioTemporalUNet(nn.Module):
                 image_embeds.astype(dt))
         ip_scale = jnp.asarray(ip_scale, dt)
 
-        x = sample.reshape(b * f, h, w, cfg.in_channels).astype(dt)
+        x = layers.fold_frames(sample.astype(dt))
         x = layers.conv(c0, (3, 3), padding=((1, 1), (1, 1)), dtype=dt, name="conv_in")(x)
         skips = [x]
         for i, (ch, attn) in enumerate(zip(cfg.block_out_channels, cfg.down_attention)):
@@ -230,4 +229,4 @@ class SpatioTemporalUNet(nn.Module):
                 x, block_skips, temb, context, ip_tokens, ip_scale, temporal)
         x = nn.silu(layers.group_norm(cfg.norm_num_groups, cfg.norm_eps, dtype=dt, name="conv_norm_out")(x))
         x = layers.conv(cfg.out_channels, (3, 3), padding=((1, 1), (1, 1)), dtype=dt, name="conv_out")(x)
-        return x.reshape(b, f, h, w, cfg.out_channels).astype(jnp.float32)
+        return layers.unfold_frames(x, b).astype(jnp.float32)

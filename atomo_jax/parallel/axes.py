@@ -18,11 +18,19 @@ KERNEL = ("kernel_0", "kernel_1", "kernel_2")  # extents of a conv kernel, one n
 NORM = "norm"  # scale / bias of a normalisation layer
 VOCAB = "vocab"  # token / position embedding tables
 
-# Activation axes.
-BATCH = "batch"
+# Activation axes. The model pins its activations to these at every change of layout (frames folded into the batch
+# and back, pixels into tokens and back) with `nn.with_logical_constraint`, so the compiler never has to guess how a
+# reshape's output is laid out. The constraints bind only where the rules are in context (`nn.logical_axis_rules`,
+# set by the train step, whose batch is split evenly): sampling and eval run the same model unconstrained.
+BATCH = "batch"  # examples; also a folded axis whose major part is the examples (B*F frames, B*H*W pixels)
 FRAMES = "frames"
-LENGTH = "length"
-ACT_EMBED = "act_embed"
+LENGTH = "length"  # tokens: pixels of one frame (spatial attention) or text/image tokens
+ACT_EMBED = "act_embed"  # channels of an activation
+
+FOLDED_FRAMES = (BATCH, None, None, ACT_EMBED)  # (B*F, H, W, C): what the 2-D layers see
+VIDEO = (BATCH, FRAMES, None, None, ACT_EMBED)  # (B, F, H, W, C): what the temporal layers see
+PIXEL_TOKENS = (BATCH, LENGTH, ACT_EMBED)  # (B*F, H*W, C): spatial attention
+FRAME_TOKENS = (BATCH, FRAMES, ACT_EMBED)  # (B*H*W, F, C): temporal attention
 
 MESH_AXES = ("data", "fsdp", "tensor")
 

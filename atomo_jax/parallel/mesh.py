@@ -12,6 +12,7 @@ import jax
 import ml_collections
 import numpy as np
 from jax.sharding import AxisType, Mesh
+from jax.experimental import mesh_utils
 
 from atomo_jax.parallel.axes import MESH_AXES
 
@@ -42,13 +43,11 @@ def make_mesh(mesh_config: ml_collections.ConfigDict, devices: list | None = Non
     dcn = int(mesh_config.dcn_data)
     num_slices = len({getattr(d, "slice_index", 0) for d in devices})
     if num_slices > 1 or dcn > 1:
-        from jax.experimental import mesh_utils
         if shape[0] % dcn:
             raise ValueError(f"config.mesh.data={shape[0]} must be a multiple of dcn_data={dcn}")
         ici = (shape[0] // dcn, shape[1], shape[2])
         device_array = mesh_utils.create_hybrid_device_mesh(ici, (dcn, 1, 1), devices=devices)
     elif devices[0].platform in ("tpu", "gpu", "cuda"):
-        from jax.experimental import mesh_utils
         device_array = mesh_utils.create_device_mesh(shape, devices=devices)
     else:
         device_array = np.asarray(devices).reshape(shape)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+import contextlib
+from typing import Any, Iterator, Sequence
 
 import flax.linen as nn
 import jax
@@ -46,6 +47,15 @@ def batch_sharding(mesh: Mesh, rules: Sequence, ndim: int = 1) -> NamedSharding:
     """Leading (batch) axis split as the rules say for `batch`; the rest replicated."""
     target = dict(rules).get(ax.BATCH)
     return NamedSharding(mesh, P(target, *([None] * (ndim - 1))))
+
+
+@contextlib.contextmanager
+def activation_layout(mesh: Mesh, rules: Sequence) -> Iterator[None]:
+    """While a function is traced: the model's activation constraints (`nn.with_logical_constraint` on the
+    `axes.VIDEO`, `FOLDED_FRAMES`, ... layouts) bind to `mesh` through `rules`, as do the logical rules splash
+    attention's shard_map reads. Outside it they are no-ops."""
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(list(rules)):
+        yield
 
 
 def fetch(x: jax.Array) -> np.ndarray:

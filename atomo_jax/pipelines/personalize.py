@@ -16,6 +16,7 @@ import flax
 import jax.numpy as jnp
 
 from atomo_jax.models.unet import UNetConfig
+from atomo_jax.convert import torch_io, unet
 
 KEPT_MARKERS = ("temp_convs", "motion_modules", "to_k_ip", "to_v_ip", "image_proj")
 CONV_IN = "conv_in/kernel"
@@ -63,7 +64,6 @@ def spatial_config(config: UNetConfig) -> UNetConfig:
 def load_base_unet(path: str, config: UNetConfig) -> dict[str, Any]:
     """Reads an SD 1.5 fine-tune's UNet (a diffusers pipeline folder with unet/, a UNet folder, or a
     .safetensors/.bin file with diffusers key names) into our layout for `spatial_config(config)`."""
-    from atomo_jax.convert import torch_io, unet  # pylint: disable=g-import-not-at-top
 
     if not os.path.exists(path):
         raise FileNotFoundError(f"--base {path}: no such file or folder (expected an SD 1.5 diffusers folder "

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import os
+import io
 from fractions import Fraction
 
+import av
 import numpy as np
+from PIL import Image, ImageColor, UnidentifiedImageError
 
 
 def _check_frames(frames: np.ndarray) -> np.ndarray:
@@ -24,8 +27,6 @@ def to_uint8(video: np.ndarray) -> np.ndarray:
 
 
 def _write_mp4(path: str, frames: np.ndarray, fps: float) -> None:
-    import av  # pylint: disable=g-import-not-at-top
-
     # yuv420p (what every player accepts) needs even sides: pad by edge replication.
     f, h, w, _ = frames.shape
     frames = np.pad(frames, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)), mode="edge")
@@ -42,8 +43,6 @@ def _write_mp4(path: str, frames: np.ndarray, fps: float) -> None:
 
 
 def _write_gif(path: str, frames: np.ndarray, fps: float) -> None:
-    from PIL import Image  # pylint: disable=g-import-not-at-top
-
     images = [Image.fromarray(frame) for frame in frames]
     images[0].save(path, save_all=True, append_images=images[1:], duration=max(1, round(1000 / fps)),
                    loop=0, optimize=False)
@@ -70,7 +69,6 @@ def write_video(path: str, frames: np.ndarray, fps: float = 8.0) -> str:
 
 def write_png_strip(path: str, frames: np.ndarray) -> str:
     """Writes the frames side by side as one PNG (F*W wide): a quick look at a video in TensorBoard or a README."""
-    from PIL import Image  # pylint: disable=g-import-not-at-top
 
     frames = _check_frames(frames)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -80,9 +78,7 @@ def write_png_strip(path: str, frames: np.ndarray) -> str:
 
 def encode_png(image: np.ndarray) -> bytes:
     """uint8 (H, W, 3) -> PNG bytes."""
-    import io
 
-    from PIL import Image  # pylint: disable=g-import-not-at-top
 
     out = io.BytesIO()
     Image.fromarray(np.asarray(image, np.uint8)).save(out, format="PNG")
@@ -91,7 +87,6 @@ def encode_png(image: np.ndarray) -> bytes:
 
 def read_video(path: str) -> np.ndarray:
     """Reads every frame of a video file as uint8 (F, H, W, 3) (used by tests and evaluation)."""
-    import av  # pylint: disable=g-import-not-at-top
 
     if not os.path.exists(path):
         raise FileNotFoundError(f"video file not found: {path}")
@@ -104,7 +99,6 @@ def read_rgb(path: str, background: str = "white") -> np.ndarray:
     expanded, transparency composited over `background` (a colour name or #rrggbb, default white). A missing,
     truncated or foreign file is one ValueError/FileNotFoundError naming it. numpy + Pillow only, so the PyTorch
     reference (`atomo_jax.torch_ref`) shares it without importing jax."""
-    from PIL import Image, ImageColor, UnidentifiedImageError  # pylint: disable=g-import-not-at-top
 
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such image file")
@@ -133,7 +127,6 @@ def read_rgb(path: str, background: str = "white") -> np.ndarray:
 def load_image(path: str, height: int, width: int, background: str = "white") -> np.ndarray:
     """An image file (see `read_rgb`) -> (1, height, width, 3) float32 in [-1, 1]: short side resized (bicubic),
     centre crop."""
-    from PIL import Image  # pylint: disable=g-import-not-at-top
 
     im = Image.fromarray(read_rgb(path, background))
     scale = max(height / im.height, width / im.width)

@@ -25,6 +25,7 @@ from diffusers.models.attention_processor import IPAdapterAttnProcessor2_0
 from diffusers.models.embeddings import ImageProjection, MultiIPAdapterImageProjection
 from diffusers.models.resnet import TemporalConvLayer
 from torch import nn
+from safetensors.torch import load_file
 
 ATOMO_CONFIG = "atomo_config.json"
 UNET_PREFIX, MOTION_PREFIX, TEMP_CONV_PREFIX = "unet.", "motion_adapter.", "temp_convs."
@@ -228,7 +229,6 @@ def read_atomo_config(folder: str | Path) -> dict[str, Any]:
 
 def read_export_parts(folder: str | Path) -> dict[str, dict[str, torch.Tensor]]:
     """The UNet files of an export as {part: {key: tensor}} under the names they are stored with."""
-    from safetensors.torch import load_file
 
     folder = Path(folder)
     files = read_atomo_config(folder)["files"]

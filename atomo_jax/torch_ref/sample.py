@@ -257,7 +257,7 @@ def _token_ids(pipe: Pipeline, tokenizer_dir: str | None, prompt: str) -> tuple[
         return None, None
     if not tokenizer_dir:
         raise ValueError("this model has a text encoder: pass --tokenizer DIR (a CLIP tokenizer folder)")
-    from transformers import CLIPTokenizer
+    from transformers import CLIPTokenizer  # optional dependency: the [torch] extra
 
     tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir)
     if tokenizer.vocab_size != pipe.text_encoder.config.vocab_size:

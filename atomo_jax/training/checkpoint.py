@@ -24,6 +24,8 @@ from jax.experimental import multihost_utils
 
 from atomo_jax.configuration import ConfigError, adopt_architecture, config_from_saved, saved_architecture
 from atomo_jax.training.state import TrainState, merge
+from atomo_jax.models.atomo import build_model
+from atomo_jax.training.setup import abstract_train_state
 
 
 COMPOSED_CONFIG = "atomo_config.json"
@@ -166,8 +168,6 @@ def load_inference(path: str, use_ema: bool = True,
                    config: ml_collections.ConfigDict | None = None) -> tuple[ml_collections.ConfigDict, Any, dict]:
     """(config, AtomoVideo, params) from a training or composed checkpoint; a training checkpoint gives the EMA
     weights when `use_ema` (a composed one has only one set)."""
-    from atomo_jax.models.atomo import build_model
-    from atomo_jax.training.setup import abstract_train_state
 
     step_dir = _resolve_step_dir(path)
     config = config or load_config(str(step_dir))

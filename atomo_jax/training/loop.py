@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
+import orbax.checkpoint as ocp
 
 from atomo_jax.models.atomo import build_model
 from atomo_jax.models.tokenizer import caption_tokenizer
@@ -40,7 +41,6 @@ DEVICE_KEYS = ("video", "cond_image", "mask", "latents", "image_embeds", "tokens
 
 def _load_init_params(path: str, abstract_params: Any, shardings: Any) -> dict:
     """A composed initial checkpoint (`python -m atomo_jax.convert compose`): the plain params dict."""
-    import orbax.checkpoint as ocp
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_params, shardings)
     logging.info("initialising from composed checkpoint %s", path)
     try:

@@ -7,6 +7,8 @@ import sys
 from typing import Any
 
 import jax
+from tensorboardX import SummaryWriter
+from tensorboardX.proto.summary_pb2 import Summary
 
 # Dense bf16 peak per chip (vendor figures), used for MFU when the device kind is recognised.
 PEAK_FLOPS = {
@@ -54,7 +56,6 @@ class MetricWriter:
         re-run after a restart show once."""
         self.writer = None
         if enabled:
-            from tensorboardX import SummaryWriter
             os.makedirs(logdir, exist_ok=True)
             self.writer = SummaryWriter(logdir, purge_step=None if resumed_at is None else resumed_at + 1)
 
@@ -68,8 +69,6 @@ class MetricWriter:
         """An already encoded PNG or GIF: TensorBoard's image dashboard shows an animated GIF as a moving picture
         (tensorboardX's add_video would need moviepy to make the same GIF)."""
         if self.writer is not None:
-            from tensorboardX.proto.summary_pb2 import Summary
-
             value = Summary.Value(tag=tag, image=Summary.Image(height=height, width=width, colorspace=3,
                                                                encoded_image_string=encoded))
             self.writer._get_file_writer().add_summary(Summary(value=[value]), step)  # how add_* write, too

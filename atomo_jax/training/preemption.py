@@ -27,7 +27,7 @@ class Preemption:
 
     def distributed_started(self) -> None:
         """Call after `jax.distributed.initialize`: with several processes the preemption service now owns SIGTERM."""
-        import jax
+        import jax  # here, not at the top: the handler is installed before the seconds jax takes to import
 
         if jax.process_count() > 1 and self.requested:
             os.kill(os.getpid(), signal.SIGTERM)

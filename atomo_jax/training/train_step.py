@@ -16,6 +16,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from atomo_jax.diffusion import schedule
 from atomo_jax.diffusion.loss import diffusion_loss
+from atomo_jax.parallel import axes
 from atomo_jax.parallel import sharding as shd
 from atomo_jax.training.optimizer import make_optimizer
 from atomo_jax.training.packing import LeafPacker
@@ -82,10 +83,13 @@ def train_step(state: TrainState, batch: dict, *, model: Any, tx: optax.Gradient
     # the slices of the packed vector would add ~1,000 padded copies of it.
     trainable_tree = packer.unpack(state.trainable) if packer else state.trainable
 
+    rules = axes.rules_from_config(config.mesh.rules)
+
     def loss_fn(trainable, micro, k):
         params = {**state.frozen, "unet": merge(trainable, state.frozen["unet"])}
-        return diffusion_loss(model, params, micro, k, alphas_cumprod, config.diffusion, config.cond_drop,
-                              null_tokens)
+        with shd.activation_layout(mesh, rules):
+            return diffusion_loss(model, params, micro, k, alphas_cumprod, config.diffusion, config.cond_drop,
+                                  null_tokens)
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     if accum == 1:
