@@ -8,7 +8,8 @@ Nothing is allocated: the train state and the batch are `jax.ShapeDtypeStruct`s 
 would use, and `jit(train_step).lower(...).compile()` runs XLA for the target. TPU targets need `libtpu` (the version
 `jax[tpu]` pins for the installed jax; for jax 0.10.2: `pip install libtpu==0.0.42.1`). Prints per-chip HBM (arguments,
 temporaries, outputs) against the chip's capacity and FLOPs per step; exits 1 with the numbers when it does not fit.
-`--sweep` compiles every mesh layout x remat policy the config allows and prints a table.
+`--sweep` compiles every mesh layout x remat policy the config allows and prints a table; `--lower_only` stops
+before the compile (mesh, shardings and bytes of state + batch per device in seconds).
 """
 
 from __future__ import annotations
@@ -198,17 +199,23 @@ class CompilerOutOfMemory(Exception):
 _OOM = re.compile(r"temporaries \(([\d.]+\s*[KMGT]?i?B?)\) exceeds available HBM \(([\d.]+\s*[KMGT]?i?B?)\)")
 
 
-def compile_train_step(config: Any, devices: list, capacity_bytes: float | None = None) -> Report:
-    """Lowers and compiles the trainer's jitted step for `devices` with abstract inputs only. Raises
-    `CompilerOutOfMemory` when the TPU compiler refuses the program for the chip's memory."""
+def placed_bytes(tree: Any) -> int:
+    """Bytes one device holds of a tree of sharded `ShapeDtypeStruct`s (the most loaded device's share)."""
+    import jax
+    import numpy as np
+    return sum(math.prod(x.sharding.shard_shape(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
+
+
+def lower_train_step(config: Any, devices: list) -> tuple[Any, Any, Any]:
+    """The trainer's jitted step traced and lowered for `devices` with abstract inputs only (shapes, shardings and
+    the partitioning checks, no XLA compile): (lowered, mesh, abstract sharded inputs)."""
     import jax
     from atomo_jax.models.atomo import build_model
     from atomo_jax.parallel import axes
     from atomo_jax.parallel.mesh import make_mesh
     from atomo_jax.parallel.sharding import replicated
-    from atomo_jax.training.setup import validate
     from atomo_jax.training.packing import packer_from_config
-    from atomo_jax.training.setup import abstract_train_state, state_shardings
+    from atomo_jax.training.setup import abstract_train_state, state_shardings, validate
     from atomo_jax.training.state import merge
     from atomo_jax.training.train_step import batch_shardings, jit_train_step
 
@@ -216,7 +223,6 @@ def compile_train_step(config: Any, devices: list, capacity_bytes: float | None 
     validate(config, mesh)
     rules = axes.rules_from_config(config.mesh.rules)
     model = build_model(config.model)
-    t0 = time.perf_counter()
     # Shapes and shardings are worked out on the host (abstract TPU devices cannot run eager ops).
     state_sh = state_shardings(config, model, mesh, rules)
     abstract = abstract_train_state(config, model)
@@ -231,7 +237,18 @@ def compile_train_step(config: Any, devices: list, capacity_bytes: float | None 
     batch_in = {k: with_sh(v, batch_sh[k]) for k, v in batch.items()}
     step = jit_train_step(config, model, mesh, state_sh, batch_sh, packer=packer)
     with jax.set_mesh(mesh):
-        lowered = step.lower(state_in, batch_in)
+        return step.lower(state_in, batch_in), mesh, (state_in, batch_in)
+
+
+def compile_train_step(config: Any, devices: list, capacity_bytes: float | None = None) -> Report:
+    """Lowers and compiles the trainer's jitted step for `devices` with abstract inputs only. Raises
+    `CompilerOutOfMemory` when the TPU compiler refuses the program for the chip's memory."""
+    import jax
+    from atomo_jax.training.metrics import compiled_flops
+
+    t0 = time.perf_counter()
+    lowered, mesh, _ = lower_train_step(config, devices)
+    with jax.set_mesh(mesh):
         try:
             compiled = lowered.compile()
         except jax.errors.JaxRuntimeError as e:  # XLA:TPU stops at "Ran out of memory in memory space hbm"
@@ -240,7 +257,6 @@ def compile_train_step(config: Any, devices: list, capacity_bytes: float | None 
                 raise
             raise CompilerOutOfMemory(m.group(1), m.group(2), str(e).splitlines()[0]) from None
     mem = compiled.memory_analysis()
-    from atomo_jax.training.metrics import compiled_flops
     return Report(layout=dict(mesh.shape), remat=str(config.model.unet.remat), devices=len(devices),
                   argument_bytes=int(mem.argument_size_in_bytes), output_bytes=int(mem.output_size_in_bytes),
                   alias_bytes=int(mem.alias_size_in_bytes), temp_bytes=int(mem.temp_size_in_bytes),
@@ -266,7 +282,7 @@ def describe(report: Report, target: Target, usable_fraction: float = 0.95) -> s
         f"target        {target.name}" + (f" = {target.topology_name} x {target.num_slices} slice(s)"
                                           if target.topology_name else "") + f", {report.devices} devices",
         f"mesh          {report.layout}   remat={report.remat}   compile {report.compile_s:.1f} s",
-        f"per device    arguments {gib(report.argument_bytes)}   temporaries {gib(report.temp_bytes)}   "
+        f"per device    arguments {gib(report.argument_bytes)} ({report.argument_bytes:,} B)   temporaries {gib(report.temp_bytes)}   "
         f"outputs {gib(report.output_bytes)} (in place over donated inputs: {gib(report.alias_bytes)})   "
         f"code {gib(report.code_bytes)}",
         f"peak          {gib(report.peak_bytes)} per device vs {cap}",
@@ -309,6 +325,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                              "(v5p:4x4x4), or cpu-N for N fake CPU devices")
     parser.add_argument("--num_slices", type=int, default=1, help="slices joined over DCN (multi-slice jobs)")
     parser.add_argument("--sweep", action="store_true", help="try mesh layouts x remat policies and print a table")
+    parser.add_argument("--lower_only", action="store_true",
+                        help="trace, shard and lower the step without compiling it (seconds, not minutes): checks "
+                             "the mesh and shardings and prints the state + batch bytes per device, not temporaries")
     parser.add_argument("--hbm_gib", type=float, help="override the per-chip memory capacity (GiB)")
     parser.add_argument("--usable_fraction", type=float, default=0.95,
                         help="fraction of the capacity a program may use (the runtime keeps the rest)")
@@ -332,6 +351,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     devices = target_devices(target)
     cap = capacity(target, len(devices), args.hbm_gib, args.usable_fraction)
 
+    if args.lower_only:
+        try:
+            _, mesh, inputs = lower_train_step(config, devices)
+        except ValueError as e:
+            print(f"[aot] error: {e}", file=sys.stderr)
+            return 2
+        placed = placed_bytes(inputs)
+        print(f"[aot] lowered for {target.name}: mesh {dict(mesh.shape)}, arguments {placed / GIB:.2f} GiB "
+              f"({placed:,} B) per device (state + batch; not compiled, so no temporaries)", flush=True)
+        return 0
     if not args.sweep:
         try:
             report = compile_train_step(config, devices, cap)

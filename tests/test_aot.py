@@ -1,8 +1,7 @@
-"""Ahead-of-time compiles of the real train step: TPU topologies from this CPU host (needs libtpu) and the full-size
-model on 8 fake CPU devices, with abstract inputs only (nothing allocated), plus the refusal of a config that does not
-fit. The compiles run `python -m atomo_jax.aot` in subprocesses (the device count is fixed when jax starts).
-
-Both compiles take several minutes of one core; tests/run.sh installs libtpu so CI runs the TPU one.
+"""Ahead-of-time checks of the real train step with abstract inputs only (nothing allocated): the demo compiled for a
+TPU topology from this CPU host (needs libtpu) and for fake CPU devices, the refusal of a config that does not fit,
+and the full-size model traced, sharded and lowered on 8 fake CPU devices. They run `python -m atomo_jax.aot` in
+subprocesses (the device count is fixed when jax starts); tests/run.sh installs libtpu so CI runs the TPU one.
 """
 
 from __future__ import annotations
@@ -60,12 +59,19 @@ def test_accelerator_names_map_to_topologies():
 
 
 def test_config_that_does_not_fit_is_refused_with_numbers():
-    proc = _aot("--config=configs/demo.py", "--topology=cpu-2", "--hbm_gib=0.01", "--config.data.num_frames=4",
-                "--config.train.batch_size=2", timeout=900)
+    demo = ("--config=configs/demo.py", "--topology=cpu-2", "--config.data.num_frames=4", "--config.train.batch_size=2",
+            "--config.mesh.data=1", "--config.mesh.fsdp=2")
+    proc = _aot(*demo, "--hbm_gib=0.01", timeout=900)
     assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert "DOES NOT FIT" in proc.stderr and re.search(r"needs \d+\.\d+ GiB per device", proc.stderr)
     assert "temporaries" in proc.stdout and "FLOPs/step" in proc.stdout
     assert "config.model.unet.remat=full" in proc.stderr  # the demo runs without remat: advised
+    # --lower_only's bytes (from the shardings, no compile) are the compiled program's argument bytes, to the byte:
+    # what lets the full-size check below skip the compile.
+    lowered = _aot(*demo, "--lower_only", timeout=900)
+    assert lowered.returncode == 0, lowered.stdout[-2000:] + lowered.stderr[-3000:]
+    compiled_bytes = re.search(r"arguments \d+\.\d+ GiB \(([\d,]+) B\)", proc.stdout).group(1)
+    assert re.search(r"arguments \d+\.\d+ GiB \(([\d,]+) B\) per device", lowered.stdout).group(1) == compiled_bytes
 
 
 def test_advice_leaves_out_what_the_config_already_does():
@@ -87,11 +93,14 @@ def test_demo_compiles_for_a_small_tpu_topology():
     assert re.search(r"peak +\d+\.\d+ GiB per device vs 15\.20 GiB usable", proc.stdout)
 
 
-def test_full_size_step_compiles_on_8_fake_devices_with_fsdp():
+def test_full_size_step_lowers_on_8_fake_devices_with_fsdp():
     """SD 1.5 + temporal layers + IP-Adapter (with the frozen VAE and CLIP encoders inside the step) at 256 px x 16
-    frames, fsdp=8: lowered and compiled without allocating weights (about 3.5 minutes of one core here)."""
+    frames, fsdp=8: traced, sharded and lowered without allocating weights. The XLA compile of this program adds
+    7-10 minutes of one core here and no check the demo-size compiles above do not make (the byte count is the
+    compiled one, see the test above); `atomo-aot` without --lower_only compiles it."""
     proc = _aot("--config=configs/base.py", "--topology=cpu-8", "--config.mesh.data=1", "--config.mesh.fsdp=8",
-                "--config.train.batch_size=8", "--config.data.num_frames=16", "--config.data.resolution=256")
+                "--config.train.batch_size=8", "--config.data.num_frames=16", "--config.data.resolution=256",
+                "--lower_only")
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert "{'data': 1, 'fsdp': 8, 'tensor': 1}" in proc.stdout
     args = float(re.search(r"arguments (\d+\.\d+) GiB", proc.stdout).group(1))

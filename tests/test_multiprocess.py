@@ -10,39 +10,22 @@ from __future__ import annotations
 import os
 import re
 import signal
-import textwrap
 
 import numpy as np
 
 from tests.conftest import cli_env, kill_all, losses, start, start_processes, wait_all, wait_for
 
-CONFIG = textwrap.dedent("""
-    from configs import demo
-
-    def get_config():
-        c = demo.get_config()
-        c.train.num_steps = 3
-        c.train.batch_size = 8
-        c.train.log_every = 1
-        c.data.num_frames = 4
-        c.data.num_videos = 8
-        c.data.shuffle = False
-        c.mesh.data = -1
-        c.mesh.fsdp = 4
-        c.checkpoint.every_steps = 0
-        c.checkpoint.async_save = False
-        c.sample.at_end = False
-        return c
-""")
+# The demo, shrunk from the command line as a user would: one global batch of 8, unshuffled, on data x fsdp 4.
+SMALL = ["--config=configs/demo.py", "--config.train.num_steps=3", "--config.train.batch_size=8",
+         "--config.train.log_every=1", "--config.data.num_frames=4", "--config.data.num_videos=8",
+         "--config.data.shuffle=False", "--config.mesh.data=-1", "--config.mesh.fsdp=4",
+         "--config.checkpoint.every_steps=0", "--config.checkpoint.async_save=False", "--config.sample.at_end=False"]
 
 
 def test_two_processes_train_like_one(tmp_path):
-    cfg = tmp_path / "cfg.py"
-    cfg.write_text(CONFIG)
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
-    procs = [start("atomo_jax.train", f"--config={cfg}", f"--workdir={one}", env=cli_env(8))]
-    procs += start_processes("atomo_jax.train", f"--config={cfg}", f"--workdir={two}", num_processes=2,
-                             devices_per_process=4)
+    procs = [start("atomo_jax.train", *SMALL, f"--workdir={one}", env=cli_env(8))]
+    procs += start_processes("atomo_jax.train", *SMALL, f"--workdir={two}", num_processes=2, devices_per_process=4)
     outs = wait_all(procs)
     assert "devices=8 mesh={'data': 2, 'fsdp': 4, 'tensor': 1}" in outs[0]
     assert "devices=8 mesh={'data': 2, 'fsdp': 4, 'tensor': 1}" in outs[1]
