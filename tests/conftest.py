@@ -32,14 +32,17 @@ _OWN_CACHE = None
 # somewhat faster on this machine: demo train step 30 s -> 26 s, full-size fit check 218 s -> 205 s.
 FAST_CPU_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 
-# The slowest files, in seconds of one 2-worker run on the 2-core CI machine (2026-11-29, with FAST_CPU_COMPILE):
-# test_aot 474, test_sharding 216, test_multiprocess 196, test_train_demo 145, test_sample_cli 140, test_resume 126,
-# test_export 91; every other file takes under 31. With --dist loadfile, xdist hands out whole files in collection
-# order, re-sorted by test count unless told not to, so the long one-test files went last: in the run before this
-# order the full-size AOT compile and the multi-process trainers began 8-9 minutes in and finished together at the
-# end. Longest first (roughly) lets the short files fill in around them.
-SLOWEST_FIRST = ("test_journey.py", "test_aot.py", "test_multiprocess.py", "test_sharding.py", "test_train_demo.py",
-                 "test_sample_cli.py", "test_resume.py", "test_train_step.py", "test_worker_exit.py", "test_export.py")
+# The slowest files, longest first (seconds of one 2-worker run on the 2-core CI machine, 2026-12-02, with
+# FAST_CPU_COMPILE and another job loading the machine): test_journey 828, test_sharding 717,
+# test_multiprocess 571, test_train_step 562 (before its step was compiled once), test_resume 380,
+# test_checkpoint_fallback 330, test_train_demo 328, test_sample_cli 264, test_export 240, test_aot 194 (after it
+# stopped compiling the full-size step), test_convert_cli 200, test_packing 190. With --dist loadfile, xdist hands
+# out whole files in collection order, re-sorted by test count unless told not to, so the long one-test files went
+# last and finished together at the end; longest first lets the short files fill in around them.
+SLOWEST_FIRST = ("test_journey.py", "test_sharding.py", "test_multiprocess.py", "test_train_step.py",
+                 "test_resume.py", "test_checkpoint_fallback.py", "test_train_demo.py", "test_sample_cli.py",
+                 "test_export.py", "test_convert_cli.py", "test_aot.py", "test_packing.py", "test_worker_exit.py",
+                 "test_install.py")
 
 
 def pytest_configure(config: pytest.Config) -> None:
