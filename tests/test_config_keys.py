@@ -97,3 +97,16 @@ def test_bad_values_through_the_cli_name_every_key(tmp_path):
     for key, value in BAD_VALUES.items():
         assert any(line.removeprefix("error: ").startswith(f"config.{key}=") for line in out.splitlines()), (key, out)
     assert not (tmp_path / "run" / "checkpoints").exists()  # refused before anything was written
+
+
+def test_three_axis_mesh_is_refused_until_shardy_gets_its_gradients_right(tmp_path):
+    """data x fsdp x tensor trains with wrong gradients under this jax's Shardy (bench/shardy_grads.py): the trainer
+    says so and stops before any work instead of training on them."""
+    from tests.conftest import cli_env, start
+
+    proc = start("atomo_jax.train", "--config=configs/demo.py", f"--workdir={tmp_path / 'run'}",
+                 "--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.tensor=2", env=cli_env(8))
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 2 and "Traceback" not in out, out[-3000:]
+    assert "error: config.mesh.tensor=2: expected 1 when data and fsdp are both > 1" in out, out[-3000:]
+    assert not (tmp_path / "run" / "checkpoints").exists()
