@@ -19,15 +19,11 @@ import math
 import os
 import re
 import sys
-import time
 from typing import Any, Sequence
 
 import ml_collections
 
 from atomo_jax.configuration import add_log_level, cli_parser, parse_cli
-
-# jax, and every module of ours that imports it, is imported inside the functions below: `main` first sets the
-# variables jax reads when it starts (JAX_PLATFORMS, XLA_FLAGS's CPU device count, libtpu's) for the target.
 
 GIB = 1024 ** 3
 
@@ -114,156 +110,6 @@ def parse_target(name: str, num_slices: int = 1) -> Target:
     return Target(name, gen, chips, f"{gen}:{'x'.join(map(str, dims))}", bounds, num_slices)
 
 
-def target_devices(target: Target) -> list:
-    import jax
-    if target.generation == "cpu":
-        devices = jax.devices("cpu")
-        if len(devices) != target.chips * target.num_slices:
-            raise RuntimeError(f"--topology={target.name}: {len(devices)} CPU devices exist, wanted "
-                               f"{target.chips * target.num_slices} (XLA_FLAGS was set after jax started?)")
-        return devices
-    try:
-        import libtpu  # noqa: F401  optional: the [tpu] extra
-    except ImportError:
-        raise RuntimeError(f"--topology={target.name} needs libtpu to compile for TPU on this host: "
-                           f"pip install '{libtpu_requirement()}'") from None
-    from jax.experimental import topologies
-    desc = topologies.get_topology_desc(platform="tpu", topology_name=target.topology_name,
-                                        chips_per_host_bounds=target.chips_per_host_bounds,
-                                        num_slices=target.num_slices)
-    return list(desc.devices)
-
-
-def libtpu_requirement() -> str:
-    """The libtpu pin of jax[tpu] for the installed jax, e.g. 'libtpu==0.0.42.*'."""
-    import importlib.metadata as md
-    for req in md.requires("jax") or []:
-        if req.startswith("libtpu") and "tpu" in req.split(";")[-1]:
-            return req.split(";")[0].strip()
-    return "libtpu"
-
-
-@dataclasses.dataclass
-class Report:
-    layout: dict
-    remat: str
-    devices: int
-    argument_bytes: int
-    output_bytes: int
-    alias_bytes: int
-    temp_bytes: int
-    code_bytes: int
-    flops: float  # per device, one step
-    capacity_bytes: float | None
-    compile_s: float
-
-    @property
-    def peak_bytes(self) -> int:
-        """Live at once: inputs, temporaries, outputs not written in place over donated inputs, the program."""
-        return self.argument_bytes + self.temp_bytes + self.output_bytes - self.alias_bytes + self.code_bytes
-
-    @property
-    def fits(self) -> bool:
-        return self.capacity_bytes is None or self.peak_bytes <= self.capacity_bytes
-
-
-def abstract_batch(config: Any, model: Any, abstract_params: dict) -> dict:
-    """ShapeDtypeStructs of one global batch as the loader yields it for `config.data.kind`."""
-    import jax
-    import jax.numpy as jnp
-    b, f, r = int(config.train.batch_size), int(config.data.num_frames), int(config.data.resolution)
-    f32 = jnp.float32
-    batch = {"mask": jax.ShapeDtypeStruct((b, f), f32)}
-    if config.data.kind == "latents":
-        video = jax.ShapeDtypeStruct((b, f, r, r, 3), f32)
-        lat = jax.eval_shape(model.encode_video, abstract_params, video)
-        emb = jax.eval_shape(lambda p, i: model.encode_image(p, i), abstract_params,
-                             jax.ShapeDtypeStruct((b, r, r, 3), f32))
-        batch.update(latents=jax.ShapeDtypeStruct(lat.shape, f32), image_embeds=jax.ShapeDtypeStruct(emb.shape, f32))
-    else:
-        batch.update(video=jax.ShapeDtypeStruct((b, f, r, r, 3), f32),
-                     cond_image=jax.ShapeDtypeStruct((b, r, r, 3), f32))
-    if model.text_encoder is not None:
-        batch["tokens"] = jax.ShapeDtypeStruct((b, model.text_length), jnp.int32)
-    return batch
-
-
-class CompilerOutOfMemory(Exception):
-    """The target's compiler itself refused the program: its temporaries alone exceed the chip's memory."""
-
-    def __init__(self, needed: str, available: str, message: str):
-        super().__init__(message)
-        self.needed, self.available = needed, available
-
-
-_OOM = re.compile(r"temporaries \(([\d.]+\s*[KMGT]?i?B?)\) exceeds available HBM \(([\d.]+\s*[KMGT]?i?B?)\)")
-
-
-def placed_bytes(tree: Any) -> int:
-    """Bytes one device holds of a tree of sharded `ShapeDtypeStruct`s (the most loaded device's share)."""
-    import jax
-    import numpy as np
-    return sum(math.prod(x.sharding.shard_shape(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
-
-
-def lower_train_step(config: Any, devices: list) -> tuple[Any, Any, Any]:
-    """The trainer's jitted step traced and lowered for `devices` with abstract inputs only (shapes, shardings and
-    the partitioning checks, no XLA compile): (lowered, mesh, abstract sharded inputs)."""
-    import jax
-    from atomo_jax.models.atomo import build_model
-    from atomo_jax.parallel import axes
-    from atomo_jax.parallel.mesh import make_mesh
-    from atomo_jax.parallel.sharding import replicated
-    from atomo_jax.training.packing import packer_from_config
-    from atomo_jax.training.setup import abstract_train_state, state_shardings, validate
-    from atomo_jax.training.state import merge
-    from atomo_jax.training.train_step import batch_shardings, jit_train_step
-
-    mesh = make_mesh(config.mesh, devices=devices)
-    validate(config, mesh)
-    rules = axes.rules_from_config(config.mesh.rules)
-    model = build_model(config.model)
-    # Shapes and shardings are worked out on the host (abstract TPU devices cannot run eager ops).
-    state_sh = state_shardings(config, model, mesh, rules)
-    abstract = abstract_train_state(config, model)
-    params = {**abstract.frozen, "unet": merge(abstract.trainable, abstract.frozen["unet"])}
-    batch = abstract_batch(config, model, params)
-    batch_sh = batch_shardings(batch, mesh, rules)
-    packer, state_sh = packer_from_config(config, abstract, state_sh, replicated(mesh))  # as the trainer runs it
-    if packer:
-        abstract = jax.eval_shape(packer.pack_state, abstract)
-    with_sh = lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s)
-    state_in = jax.tree.map(with_sh, abstract, state_sh)
-    batch_in = {k: with_sh(v, batch_sh[k]) for k, v in batch.items()}
-    step = jit_train_step(config, model, mesh, state_sh, batch_sh, packer=packer)
-    with jax.set_mesh(mesh):
-        return step.lower(state_in, batch_in), mesh, (state_in, batch_in)
-
-
-def compile_train_step(config: Any, devices: list, capacity_bytes: float | None = None) -> Report:
-    """Lowers and compiles the trainer's jitted step for `devices` with abstract inputs only. Raises
-    `CompilerOutOfMemory` when the TPU compiler refuses the program for the chip's memory."""
-    import jax
-    from atomo_jax.training.metrics import compiled_flops
-
-    t0 = time.perf_counter()
-    lowered, mesh, _ = lower_train_step(config, devices)
-    with jax.set_mesh(mesh):
-        try:
-            compiled = lowered.compile()
-        except jax.errors.JaxRuntimeError as e:  # XLA:TPU stops at "Ran out of memory in memory space hbm"
-            m = _OOM.search(str(e))
-            if "RESOURCE_EXHAUSTED" not in str(e) or not m:
-                raise
-            raise CompilerOutOfMemory(m.group(1), m.group(2), str(e).splitlines()[0]) from None
-    mem = compiled.memory_analysis()
-    return Report(layout=dict(mesh.shape), remat=str(config.model.unet.remat), devices=len(devices),
-                  argument_bytes=int(mem.argument_size_in_bytes), output_bytes=int(mem.output_size_in_bytes),
-                  alias_bytes=int(mem.alias_size_in_bytes), temp_bytes=int(mem.temp_size_in_bytes),
-                  code_bytes=int(mem.generated_code_size_in_bytes), flops=compiled_flops(compiled) or 0.0,
-                  capacity_bytes=capacity_bytes, compile_s=time.perf_counter() - t0)
-
-
 def capacity(target: Target, num_devices: int, hbm_gib: float | None = None,
              usable_fraction: float = 0.95) -> float | None:
     """Usable bytes per device (a chip may show as several devices, e.g. v4 TensorCores without megacore)."""
@@ -274,7 +120,7 @@ def capacity(target: Target, num_devices: int, hbm_gib: float | None = None,
     return hbm * GIB * usable_fraction / per_chip_devices
 
 
-def describe(report: Report, target: Target, usable_fraction: float = 0.95) -> str:
+def describe(report: Any, target: Target, usable_fraction: float = 0.95) -> str:
     gib = lambda x: f"{x / GIB:.2f} GiB"
     cap = "n/a (no capacity for this target; pass --hbm_gib)" if report.capacity_bytes is None else \
         f"{gib(report.capacity_bytes)} usable ({usable_fraction:.0%} of {report.capacity_bytes / usable_fraction / GIB:.1f})"
@@ -349,27 +195,31 @@ def main(argv: Sequence[str] | None = None) -> int:
             config.mesh.dcn_data = target.num_slices
         print(f"[aot] {target.num_slices} slices: data parallelism across slices, config.mesh.dcn_data="
               f"{target.num_slices}", flush=True)
-    devices = target_devices(target)
+    # Only now, with the environment above set: jax reads it when it starts, on the first of these imports.
+    from atomo_jax import fit_check
+    from atomo_jax.models.unet import REMAT_POLICIES
+    from atomo_jax.parallel.mesh import mesh_shape
+
+    devices = fit_check.target_devices(target)
     cap = capacity(target, len(devices), args.hbm_gib, args.usable_fraction)
 
     if args.lower_only:
         try:
-            _, mesh, inputs = lower_train_step(config, devices)
+            _, mesh, inputs = fit_check.lower_train_step(config, devices)
         except ValueError as e:
             print(f"[aot] error: {e}", file=sys.stderr)
             return 2
-        placed = placed_bytes(inputs)
+        placed = fit_check.placed_bytes(inputs)
         print(f"[aot] lowered for {target.name}: mesh {dict(mesh.shape)}, arguments {placed / GIB:.2f} GiB "
               f"({placed:,} B) per device (state + batch; not compiled, so no temporaries)", flush=True)
         return 0
     if not args.sweep:
         try:
-            report = compile_train_step(config, devices, cap)
+            report = fit_check.compile_train_step(config, devices, cap)
         except ValueError as e:  # bad mesh/batch combination: the config's own error
             print(f"[aot] error: {e}", file=sys.stderr)
             return 2
-        except CompilerOutOfMemory as e:
-            from atomo_jax.parallel.mesh import mesh_shape
+        except fit_check.CompilerOutOfMemory as e:
             data, fsdp, tensor = mesh_shape(config.mesh, len(devices))
             print(f"[aot] DOES NOT FIT: the {target.generation} compiler needs {e.needed} of temporaries per device, "
                   f"{e.available} available on {target.name} (mesh data={data} fsdp={fsdp} tensor={tensor}, "
@@ -385,7 +235,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"[aot] fits on {target.name}", flush=True)
         return 0
 
-    from atomo_jax.models.unet import REMAT_POLICIES
     rows = []
     print(f"{'data':>5} {'fsdp':>5} {'tensor':>6} {'remat':>13} {'args GiB':>9} {'temp GiB':>9} {'peak GiB':>9} "
           f"{'TFLOP/dev':>9} {'fits':>5}", flush=True)
@@ -396,12 +245,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 c.mesh.update(dict(data=data, fsdp=fsdp, tensor=tensor))
                 c.model.unet.remat = remat
             try:
-                r = compile_train_step(c, devices, cap)
+                r = fit_check.compile_train_step(c, devices, cap)
                 row = (f"{data:>5} {fsdp:>5} {tensor:>6} {remat:>13} {r.argument_bytes / GIB:>9.2f} "
                        f"{r.temp_bytes / GIB:>9.2f} {r.peak_bytes / GIB:>9.2f} {r.flops / 1e12:>9.2f} "
                        f"{'yes' if r.fits else 'no':>5}")
                 rows.append(r)
-            except CompilerOutOfMemory as e:
+            except fit_check.CompilerOutOfMemory as e:
                 row = (f"{data:>5} {fsdp:>5} {tensor:>6} {remat:>13} {'-':>9} {e.needed:>9} {'-':>9} {'-':>9} "
                        f"{'no':>5}  (compiler: temporaries {e.needed} > {e.available})")
             except Exception as e:  # one failing layout should not end the sweep

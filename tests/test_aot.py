@@ -116,7 +116,7 @@ def test_tpu_compiler_refusal_becomes_compiler_out_of_memory(monkeypatch):
     import jax
     from jax._src import stages
 
-    from atomo_jax.aot import CompilerOutOfMemory, compile_train_step
+    from atomo_jax.fit_check import CompilerOutOfMemory, compile_train_step
     from configs import demo
 
     config = demo.get_config()

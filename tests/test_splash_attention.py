@@ -94,7 +94,8 @@ def test_aot_compile_for_tpu_uses_splash_kernel():
     """The default implementation, traced under a mesh of abstract v5e chips on this CPU host, picks splash for
     long sequences (per device via shard_map: no all-gather) and XLA for a temporal one."""
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-    from atomo_jax.aot import parse_target, target_devices
+    from atomo_jax.aot import parse_target
+    from atomo_jax.fit_check import target_devices
     devices = target_devices(parse_target("v5e:2x2"))
     mesh = Mesh(np.asarray(devices).reshape(4, 1, 1), ("data", "fsdp", "tensor"), axis_types=(AxisType.Auto,) * 3)
     sharding = NamedSharding(mesh, P("data"))
