@@ -33,16 +33,15 @@ _OWN_CACHE = None
 FAST_CPU_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 
 # The slowest files, longest first (seconds of one 2-worker run on the 2-core CI machine, 2026-12-02, with
-# FAST_CPU_COMPILE and another job loading the machine): test_journey 828, test_sharding 717,
-# test_multiprocess 571, test_train_step 562 (before its step was compiled once), test_resume 380,
-# test_checkpoint_fallback 330, test_train_demo 328, test_sample_cli 264, test_export 240, test_aot 194 (after it
-# stopped compiling the full-size step), test_convert_cli 200, test_packing 190. With --dist loadfile, xdist hands
-# out whole files in collection order, re-sorted by test count unless told not to, so the long one-test files went
-# last and finished together at the end; longest first lets the short files fill in around them.
-SLOWEST_FIRST = ("test_journey.py", "test_sharding.py", "test_multiprocess.py", "test_train_step.py",
-                 "test_resume.py", "test_checkpoint_fallback.py", "test_train_demo.py", "test_sample_cli.py",
-                 "test_export.py", "test_convert_cli.py", "test_aot.py", "test_packing.py", "test_worker_exit.py",
-                 "test_install.py")
+# FAST_CPU_COMPILE, other jobs on the machine for its first 15 minutes): test_journey 894, test_sharding 756,
+# test_train_step 653, test_multiprocess 513, test_resume 446, test_checkpoint_fallback 402, test_aot 261,
+# test_sample_cli 239, test_packing 209, test_train_demo 174, test_convert_cli 134, test_install 109. With --dist
+# loadfile, xdist hands out whole files in collection order, re-sorted by test count unless told not to, so the long
+# one-test files went last and finished together at the end; longest first lets the short files fill in around them.
+SLOWEST_FIRST = ("test_journey.py", "test_sharding.py", "test_train_step.py", "test_multiprocess.py",
+                 "test_resume.py", "test_checkpoint_fallback.py", "test_aot.py", "test_sample_cli.py",
+                 "test_packing.py", "test_train_demo.py", "test_convert_cli.py", "test_install.py", "test_export.py",
+                 "test_worker_exit.py")
 
 
 def pytest_configure(config: pytest.Config) -> None:
