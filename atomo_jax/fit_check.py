@@ -119,7 +119,6 @@ def placed_bytes(tree: Any) -> int:
 def lower_train_step(config: Any, devices: list) -> tuple[Any, Any, Any]:
     """The trainer's jitted step traced and lowered for `devices` with abstract inputs only (shapes, shardings and
     the partitioning checks, no XLA compile): (lowered, mesh, abstract sharded inputs)."""
-
     mesh = make_mesh(config.mesh, devices=devices)
     validate(config, mesh)
     rules = axes.rules_from_config(config.mesh.rules)
