@@ -1,18 +1,22 @@
 #!/usr/bin/env bash
 # One lent-GPU call of the benchmark: ours and the PyTorch peer side by side, on the same GPU, in the same run.
-# Usage (on the device, from the repo root, with .whl carried):  bash bench/gpu_run.sh GROUP...
+# Usage (on the device, from the repo root, with .whl carried):  bash bench/gpu_run.sh GROUP[+GROUP]...
 #   groups: train (both sizes: ours and the regionally compiled peer), b4 / b1 (one size; b1's peer defaults to the
-#           whole-model compile), paper (ours, b4, the paper's trainable set), sample (i2v, 16 frames, 512 px,
-#           25 steps, guidance batch 3, vs diffusers), scale2 (1 vs 2 GPUs, data-parallel and fsdp; needs 2 GPUs),
-#           ab_gn / ab_layout / ab_pack (b4 A/B of GroupNorm's form / of row-major state layouts / of updating
-#           every leaf on its own, against the default, both profiled, the HLO of the variant, beside the peer). JAX_ARGS adds flags to every run of ours (e.g. --profile=DIR).
+#           whole-model compile), paper (the paper's shape, b1 x 24 frames x 512 px, its trainable set and full
+#           fine-tune, ours and the peer with the same set), sample (i2v, 16 frames, 512 px, 25 steps, guidance
+#           batch 3, vs diffusers eager and regionally compiled), scale2 (1 vs 2 GPUs, data-parallel and fsdp;
+#           needs 2 GPUs), ab_gn / ab_layout / ab_pack (b4 A/B against the default of GroupNorm differentiated by
+#           JAX / of row-major state layouts / of updating every leaf on its own, both profiled, the HLO of the
+#           default, beside the peer). JAX_ARGS adds flags to every run of ours (e.g. --profile=DIR).
 # The processes of a group start together: their compiles overlap, then they time one at a time (bench/gate.py).
 # The peer's b4 run uses diffusers' regional compilation (as measured in bench/RESULTS.md); TORCH_B4=--compile=full
 # asks for the whole-model torch.compile, which needs more than a 10-minute call to compile (bench/NOTES.md).
-# Results -> $OUT/results.jsonl, logs -> $OUT/*.log, the table last.
+# Results -> $OUT/results.jsonl, logs and profiles -> $OUT/logs.tgz (the device returns at most 8 files), the table
+# last.
 set -uo pipefail
 out=${OUT:-/tmp/bench_out}
-mkdir -p "$out"
+logs=/tmp/bench_logs
+mkdir -p "$out" "$logs"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
   || exit 1
 export PYTHONPATH=$PWD:/tmp/site PYTHONUNBUFFERED=1
@@ -38,49 +42,71 @@ group() {  # "name:script:args" ..., in timing order (the peer first: it allocat
   for spec in "$@"; do
     name=${spec%%:*}; script=${spec#*:}; args=${script#*:}; script=${script%%:*}
     # shellcheck disable=SC2086
-    ( BENCH_NAME=$name timeout "$limit" python3 "bench/$script.py" $args --out="$res" > "$out/$name.log" 2>&1
-      echo "$name rc=$?" >> "$out/$name.log"; touch "$BENCH_GATE/$name.exit" ) &
+    ( BENCH_NAME=$name timeout "$limit" python3 "bench/$script.py" $args --out="$res" > "$logs/$name.log" 2>&1
+      echo "$name rc=$?" >> "$logs/$name.log"; touch "$BENCH_GATE/$name.exit" ) &
   done
   wait
-  for spec in "$@"; do tail -n 2 "$out/${spec%%:*}.log"; done
+  for spec in "$@"; do tail -n 2 "$logs/${spec%%:*}.log"; done
 }
 
-python3 bench/jax_bench.py matmul --out="$res" > "$out/matmul.log" 2>&1; tail -n 1 "$out/matmul.log"
+python3 bench/jax_bench.py matmul --out="$res" > "$logs/matmul.log" 2>&1; tail -n 1 "$logs/matmul.log"
 ja=${JAX_ARGS:-}
-# FLOPs of our steps counted on a CPU host by bench/flops.py for the same program (the b4 count matched the device's
-# to the last FLOP; counting on the device beside two compiles once crashed the process, bench/NOTES.md).
+# FLOPs of our steps counted on a CPU host (`jax_bench.py flops`, same program; the b4 count matched the device's to
+# the last FLOP; counting on the device beside two compiles once crashed the process, bench/NOTES.md).
 b4="--batch=4 --latent=32 --model_flops=57135558688768"
 b1="--batch=1 --latent=64 --model_flops=61522056282112"
+p24="--batch=1 --latent=64 --frames=24"  # the paper's shape: 24 frames x 512 px
+p24_flops_all=92334312620032 p24_flops_paper=76043906646016
 peer_b4="torch_b4:torch_peer:train --batch=4 --latent=32 ${TORCH_B4:---compile=regional} --count_flops"
 
-ab_b4() {  # NAME FLAGS: our b4 step without and with jax_bench switches, both profiled (the HLO of the second),
-           # beside the peer
-  group "$peer_b4" "jax_b4:jax_bench:train $b4 --profile=/tmp/tr4 $ja" \
-        "jax_b4_$1:jax_bench:train $b4 $2 --profile=/tmp/tr4_$1 --dump_hlo=/tmp/hlo_b4 $ja"
-  (cd /tmp/hlo_b4 && find . -name '*train_step*after_optimizations.txt' | head -n 4 | tar -czf "$out/hlo_b4.tgz" -T -)
-}
-
-for g in "$@"; do
-  case $g in
-    train) group "$peer_b4" \
-                 "torch_b1:torch_peer:train --batch=1 --latent=64 ${TORCH_B1:---compile=regional} --count_flops" \
-                 "jax_b4:jax_bench:train $b4 $ja" "jax_b1:jax_bench:train $b1 $ja" ;;
-    b4) group "$peer_b4" "jax_b4:jax_bench:train $b4 $ja" ;;
-    b1) group "torch_b1:torch_peer:train --batch=1 --latent=64 ${TORCH_B1:---compile=full} --count_flops" \
-              "jax_b1:jax_bench:train $b1 $ja" ;;
-    paper) group "jax_b4_paper:jax_bench:train --batch=4 --latent=32 --trainable=paper $ja" ;;
-    sample) group "torch_sample:torch_peer:sample --latent=64 --steps=25 --iters=3" \
-                  "jax_sample:jax_bench:sample --latent=64 --steps=25 --iters=3" ;;
+specs() {  # the processes of one group, "name:script:args", in timing order (the peer first: it allocates while
+           # compiling)
+  case $1 in
+    train) printf '%s\n' "$peer_b4" "torch_b1:torch_peer:train --batch=1 --latent=64 ${TORCH_B1:---compile=regional} --count_flops" \
+                "jax_b4:jax_bench:train $b4 $ja" "jax_b1:jax_bench:train $b1 $ja" ;;
+    b4) printf '%s\n' "$peer_b4" "jax_b4:jax_bench:train $b4 $ja" ;;
+    b1) printf '%s\n' "torch_b1:torch_peer:train --batch=1 --latent=64 ${TORCH_B1:---compile=full} --count_flops" \
+             "jax_b1:jax_bench:train $b1 $ja" ;;
+    # The paper's shape, both trainable sets, ours and the regionally compiled peer with the same set.
+    paper) printf '%s\n' "torch_p24_paper:torch_peer:train $p24 --trainable=paper --compile=regional --count_flops" \
+                "torch_p24_all:torch_peer:train $p24 --trainable=all --compile=regional --count_flops" \
+                "jax_p24_paper:jax_bench:train $p24 --trainable=paper --model_flops=$p24_flops_paper $ja" \
+                "jax_p24_all:jax_bench:train $p24 --trainable=all --model_flops=$p24_flops_all $ja" ;;
+    sample) printf '%s\n' "torch_sample:torch_peer:sample --latent=64 --steps=25 --iters=3" \
+                 "torch_sample_regional:torch_peer:sample --latent=64 --steps=25 --iters=3 --compile=regional" \
+                 "jax_sample:jax_bench:sample --latent=64 --steps=25 --iters=3" ;;
     # Two GPUs: the same per-GPU batch on 1 GPU, 2 GPUs data-parallel, 2 GPUs fsdp; no peer (its row comes from
     # train). Three compiles and state builds may overrun a 10-minute call (bench/NOTES.md, calls 11-13).
-    scale2) group "jax_b4:jax_bench:train $b4 $ja" "jax_b4_dp2:jax_bench:train $b4 --devices=2 $ja" \
-                  "jax_b4_fsdp2:jax_bench:train $b4 --devices=2 --layout=fsdp $ja" ;;
-    ab_gn) ab_b4 flaxgn --flax_groupnorm ;;
-    ab_layout) ab_b4 rowmajor --row_major ;;
-    ab_pack) ab_b4 unpacked --pack_small=0 ;;
-    *) echo "unknown group $g"; exit 2 ;;
+    scale2) printf '%s\n' "jax_b4:jax_bench:train $b4 $ja" "jax_b4_dp2:jax_bench:train $b4 --devices=2 $ja" \
+                 "jax_b4_fsdp2:jax_bench:train $b4 --devices=2 --layout=fsdp $ja" ;;
+    # b4 A/Bs: our step without and with jax_bench switches, both profiled (the HLO of the default), beside the peer
+    ab_gn) ab_specs autodiffgn --autodiff_groupnorm ;;
+    ab_layout) ab_specs rowmajor --row_major ;;
+    ab_pack) ab_specs unpacked --pack_small=0 ;;
+    *) printf '%s\n' "unknown group $1" >&2; return 2 ;;
   esac
+}
+
+ab_specs() {  # NAME FLAGS
+  printf '%s\n' "$peer_b4" "jax_b4:jax_bench:train $b4 --profile=/tmp/tr4 --dump_hlo=/tmp/hlo_b4 $ja" \
+       "jax_b4_$1:jax_bench:train $b4 $2 --profile=/tmp/tr4_$1 $ja"
+}
+
+# Each argument is a group; "a+b" runs a's and b's processes as one group (they compile together, then time one
+# after another), which fits more into one call.
+for arg in "$@"; do
+  all=()
+  for g in ${arg//+/ }; do
+    list=$(specs "$g") || exit 2
+    mapfile -t -O "${#all[@]}" all <<< "$list"
+  done
+  group "${all[@]}"
 done
+if [ -d /tmp/hlo_b4 ]; then
+  (cd /tmp/hlo_b4 && find . -name '*train_step*after_optimizations.txt' | head -n 4 | tar -czf "$out/hlo_b4.tgz" -T -)
+fi
+cp "$out"/profile_*.txt "$logs"/ 2>/dev/null && rm -f "$out"/profile_*.txt
+tar -czf "$out/logs.tgz" -C "$logs" .
 # The autotune cache comes back as one file (the device returns at most 8 files); next call: untar into .bench_cache.
 tar -czf "$out/autotune.tgz" -C "$autotune" . 2>/dev/null
 python3 bench/report.py "$res"

@@ -1,10 +1,12 @@
 """Our side of the GPU benchmark: the full-size train step and image-to-video sampling, timed on one device.
 
-  python bench/jax_bench.py train --batch=4 --latent=32 [--trainable=all|paper] [--remat=none] --out=r.jsonl
+  python bench/jax_bench.py train --batch=4 --latent=32 [--frames=16] [--trainable=all|paper] --out=r.jsonl
   python bench/jax_bench.py sample --latent=64 --steps=25 --out=r.jsonl
   python bench/jax_bench.py matmul --out=r.jsonl
+  python bench/jax_bench.py flops --batch=1 --latent=64 --frames=24 --trainable=paper --out=r.jsonl   # CPU host
 
-Shapes follow the peer (DESIGN.md): 9 input channels, 16 frames, 93 context tokens, CLIP image embedding 1024.
+Shapes follow the peer (DESIGN.md): 9 input channels, 16 frames (--frames: the paper trains 24), 93 context tokens,
+CLIP image embedding 1024.
 Latents, context and image embedding come straight in (no VAE / encoders in the timed step), as for the peer.
 """
 
@@ -35,7 +37,7 @@ from bench import gate  # noqa: E402
 from bench.flops import count_flops  # noqa: E402
 from configs import base  # noqa: E402
 
-FRAMES, CONTEXT = 16, 93
+CONTEXT = 93
 
 
 def bench_config(args: argparse.Namespace):
@@ -50,7 +52,7 @@ def bench_config(args: argparse.Namespace):
         kind="clip_vision", image_size=32, patch_size=16, hidden_size=64, intermediate_size=128,
         num_hidden_layers=1, num_attention_heads=2, projection_dim=1024))
     c.model.text_encoder = base.ml_collections.ConfigDict(dict(kind="none"))
-    c.data.num_frames = FRAMES
+    c.data.num_frames = args.frames
     c.data.resolution = args.latent * 8
     c.train.batch_size = args.batch * args.devices  # --batch is per device: scaling runs keep it fixed
     c.train.trainable = (".*",) if args.trainable == "all" else ("temp_convs", "motion_modules", "^conv_in/")
@@ -84,11 +86,11 @@ def timing_params(model) -> dict:
     return jax.tree.map(leaf, abstract)
 
 
-def make_batch(b: int, latent: int, rng: np.random.Generator) -> dict:
-    return {"latents": jnp.asarray(rng.standard_normal((b, FRAMES, latent, latent, 4)), jnp.float32),
+def make_batch(b: int, frames: int, latent: int, rng: np.random.Generator) -> dict:
+    return {"latents": jnp.asarray(rng.standard_normal((b, frames, latent, latent, 4)), jnp.float32),
             "image_embeds": jnp.asarray(rng.standard_normal((b, 1024)), jnp.float32),
             "context": jnp.asarray(rng.standard_normal((b, CONTEXT, 768)), jnp.float32),
-            "mask": jnp.zeros((b, FRAMES), jnp.float32).at[:, 0].set(1.0)}
+            "mask": jnp.zeros((b, frames), jnp.float32).at[:, 0].set(1.0)}
 
 
 _T0 = time.perf_counter()
@@ -151,25 +153,41 @@ def use_conv3d_temporal_conv() -> None:
     layers.FrameConv = Conv3dFrameConv
 
 
-def use_flax_group_norm() -> None:
-    """A/B baseline: flax's GroupNorm (reduces (N, ..., G, C/G) over non-contiguous axes), as before
-    layers.GroupNorm; same parameters and math."""
+def use_autodiff_group_norm() -> None:
+    """A/B baseline: GroupNorm as before session 6: the same forward formula differentiated by JAX, and SiLU as a
+    separate op after it (instead of layers.GroupNorm's closed-form VJP with the SiLU inside); same parameters."""
     from atomo_jax.models import layers
 
-    def flax_group_norm(num_groups, eps, *, dtype=jnp.float32, name=None):
-        return nn.GroupNorm(num_groups=num_groups, epsilon=eps, dtype=dtype, param_dtype=jnp.float32, name=name,
-                            use_fast_variance=False)
+    class AutodiffGroupNorm(layers.GroupNorm):
+        @nn.compact
+        def __call__(self, x):
+            c, g = x.shape[-1], self.num_groups
+            scale = self.param("scale", layers._init(nn.initializers.ones_init(), (axes.NORM,)), (c,), jnp.float32)
+            bias = self.param("bias", layers._init(nn.initializers.zeros_init(), (axes.NORM,)), (c,), jnp.float32)
+            reduced = tuple(range(1, x.ndim - 1))
 
-    layers.group_norm = flax_group_norm
+            def group_mean(t):
+                per_channel = jnp.mean(t, axis=reduced)
+                m = jnp.mean(per_channel.reshape(-1, g, c // g), axis=-1, keepdims=True)
+                m = jnp.broadcast_to(m, m.shape[:-1] + (c // g,)).reshape(-1, c)
+                return m.reshape((m.shape[0],) + (1,) * len(reduced) + (c,))
+
+            xf = x.astype(jnp.float32)
+            centred = xf - group_mean(xf)
+            out = (centred * (jax.lax.rsqrt(group_mean(jnp.square(centred)) + self.epsilon) * scale)
+                   + bias).astype(self.dtype)
+            return nn.silu(out) if self.silu else out
+
+    layers.GroupNorm = AutodiffGroupNorm
 
 
 def run_train(args: argparse.Namespace) -> dict:
-    config = bench_config(args)
-    model = build_model(config.model)
     if args.conv3d:
         use_conv3d_temporal_conv()
-    if args.flax_groupnorm:
-        use_flax_group_norm()
+    if args.autodiff_groupnorm:
+        use_autodiff_group_norm()
+    config = bench_config(args)
+    model = build_model(config.model)
     if args.devices > len(jax.devices()):
         raise SystemExit(f"--devices={args.devices}, but this host has {len(jax.devices())}: {jax.devices()}")
     mesh = make_mesh(config.mesh, jax.devices()[:args.devices])
@@ -183,7 +201,7 @@ def run_train(args: argparse.Namespace) -> dict:
             abstract = jax.eval_shape(packer.pack_state, abstract)
             log(f"packed {packer.num_packed} of {len(packer.packed)} trainable leaves")
         auto_layouts = bool(config.train.auto_layouts)
-        batches = [make_batch(b, args.latent, np.random.default_rng(i)) for i in range(3)]
+        batches = [make_batch(b, args.frames, args.latent, np.random.default_rng(i)) for i in range(3)]
         batch_sh = batch_shardings(batches[0], mesh, rules)
         batches = [{k: jax.device_put(v, batch_sh[k]) for k, v in bt.items()} for bt in batches]
         step = jit_train_step(config, model, mesh, step_sh, batch_sh, auto_state_layouts=auto_layouts,
@@ -236,9 +254,9 @@ def run_train(args: argparse.Namespace) -> dict:
                                    f"profile_{os.environ.get('BENCH_NAME', 'jax')}.txt"), "w") as f:
                 f.write(summary + "\n")
     med = statistics.median(times)
-    impl = ("jax" + ("_conv3d" if args.conv3d else "") + ("_flaxgn" if args.flax_groupnorm else "")
+    impl = ("jax" + ("_conv3d" if args.conv3d else "") + ("_autodiffgn" if args.autodiff_groupnorm else "")
             + ("_rowmajor" if args.row_major else "") + ("_unpacked" if args.pack_small == 0 else ""))
-    return {"kind": "train", "impl": impl, "batch": args.batch,
+    return {"kind": "train", "impl": impl, "batch": args.batch, "frames": args.frames,
             "devices": args.devices, "layout": args.layout, "latent": args.latent, "trainable": args.trainable,
             "remat": args.remat, "attention": args.attention, "dtype": args.dtype, "s_per_step": med,
             "s_per_step_sync": statistics.median(times_sync), "times": times, "times_sync": times_sync,
@@ -246,6 +264,30 @@ def run_train(args: argparse.Namespace) -> dict:
             "model_flops": flops, "tflops": flops / med / 1e12 / args.devices if flops else None,
             "peak_gib": peak_gib(), "first_loss": first_loss, "loss": losses[-1],
             "xla_flags": os.environ.get("XLA_FLAGS", ""), "device": jax.devices()[0].device_kind}
+
+
+def run_flops(args: argparse.Namespace) -> dict:
+    """Model FLOPs of the train step (matmul + conv, forward + backward) from its jaxpr alone: no compile, so a CPU
+    host counts them for the device run's --model_flops (counting on the GPU beside compiles once crashed)."""
+    config = bench_config(argparse.Namespace(**{**vars(args), "attention": "xla"}))
+    model = build_model(config.model)
+    mesh = make_mesh(config.mesh, jax.devices()[:1])
+    rules = axes.rules_from_config(None)
+    with jax.set_mesh(mesh):
+        shardings = state_shardings(config, model, mesh, rules)
+        abstract = abstract_train_state(config, model)
+        packer, step_sh = packer_from_config(config, abstract, shardings, shd.replicated(mesh))
+        if packer:
+            abstract = jax.eval_shape(packer.pack_state, abstract)
+        batch = make_batch(args.batch, args.frames, args.latent, np.random.default_rng(0))
+        batch_sh = batch_shardings(batch, mesh, rules)
+        with_sh = lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s)
+        step = jit_train_step(config, model, mesh, step_sh, batch_sh, packer=packer)
+        flops = count_flops(step, jax.tree.map(with_sh, abstract, step_sh),
+                            {k: with_sh(v, batch_sh[k]) for k, v in batch.items()})
+    log(f"model FLOPs per step (matmul + conv): {flops:.0f}")
+    return {"kind": "flops", "impl": "jax", "batch": args.batch, "frames": args.frames, "latent": args.latent,
+            "trainable": args.trainable, "model_flops": flops}
 
 
 def run_sample(args: argparse.Namespace) -> dict:
@@ -256,8 +298,8 @@ def run_sample(args: argparse.Namespace) -> dict:
     model = build_model(config.model)
     b, lat = 1, args.latent
     rng = np.random.default_rng(0)
-    given = jnp.zeros((b, FRAMES, lat, lat, 4)).at[:, 0].set(jnp.asarray(rng.standard_normal((b, lat, lat, 4))))
-    mask = jnp.zeros((b, FRAMES)).at[:, 0].set(1.0)
+    given = jnp.zeros((b, args.frames, lat, lat, 4)).at[:, 0].set(jnp.asarray(rng.standard_normal((b, lat, lat, 4))))
+    mask = jnp.zeros((b, args.frames)).at[:, 0].set(1.0)
     cond = Conditioning(mask=mask, given_latents=given,
                         context=jnp.asarray(rng.standard_normal((b, CONTEXT, 768)), jnp.float32),
                         empty_context=jnp.asarray(rng.standard_normal((b, CONTEXT, 768)), jnp.float32),
@@ -277,7 +319,7 @@ def run_sample(args: argparse.Namespace) -> dict:
     run = lambda: compiled(params, jax.random.key(1), cond)
     jax.block_until_ready(run())
     times = timed(run, args.iters)
-    return {"kind": "sample", "impl": "jax", "latent": lat, "steps": args.steps, "guidance_batch": 3,
+    return {"kind": "sample", "impl": "jax", "frames": args.frames, "latent": lat, "steps": args.steps, "guidance_batch": 3,
             "s_per_video": statistics.median(times), "times": times, "compile_s": compile_s, "peak_gib": peak_gib(),
             "device": jax.devices()[0].device_kind}
 
@@ -295,8 +337,9 @@ def run_matmul(args: argparse.Namespace) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["train", "sample", "matmul"])
+    p.add_argument("what", choices=["train", "sample", "matmul", "flops"])
     p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--frames", type=int, default=16)
     p.add_argument("--latent", type=int, default=32)
     p.add_argument("--trainable", choices=["all", "paper"], default="all")
     p.add_argument("--remat", default="none")
@@ -311,7 +354,8 @@ def main() -> None:
     p.add_argument("--devices", type=int, default=1, help="GPUs in the mesh (the first N); --batch is per GPU")
     p.add_argument("--layout", choices=["data", "fsdp"], default="data", help="how the --devices are used")
     p.add_argument("--conv3d", action="store_true", help="A/B: temporal conv as a 3-D convolution (the old form)")
-    p.add_argument("--flax_groupnorm", action="store_true", help="A/B: flax's GroupNorm (the old form)")
+    p.add_argument("--autodiff_groupnorm", action="store_true",
+                   help="A/B: GroupNorm differentiated by JAX, SiLU apart (the form before session 6)")
     p.add_argument("--row_major", action="store_true",
                    help="A/B: the train state in row-major layouts (config.train.auto_layouts=False)")
     p.add_argument("--pack_small", type=int, default=None,
@@ -326,7 +370,7 @@ def main() -> None:
                                    " --xla_dump_hlo_as_text")
     import faulthandler
     faulthandler.dump_traceback_later(45, repeat=True)  # where a slow phase spends its time, in the log
-    result = {"train": run_train, "sample": run_sample, "matmul": run_matmul}[args.what](args)
+    result = {"train": run_train, "sample": run_sample, "matmul": run_matmul, "flops": run_flops}[args.what](args)
     result["args"] = vars(args)
     with open(args.out, "a") as f:
         f.write(json.dumps(result) + "\n")

@@ -1,8 +1,12 @@
 """The PyTorch peer of DESIGN.md: diffusers UNet3DConditionModel, SD 1.5-sized (1.40 B params), 9 input channels,
 bf16 autocast + SDPA, fused AdamW, full fine-tune; and its sampling loop (UNet calls + DDIM scheduler).
 
-  python bench/torch_peer.py train --batch=4 --latent=32 [--compile=full|regional] --out=r.jsonl
-  python bench/torch_peer.py sample --latent=64 --steps=25 --out=r.jsonl
+  python bench/torch_peer.py train --batch=4 --latent=32 [--frames=16] [--trainable=all|paper]
+                               [--compile=full|regional] --out=r.jsonl
+  python bench/torch_peer.py sample --latent=64 --steps=25 [--compile=regional] --out=r.jsonl
+
+--trainable=paper trains what AtomoVideo trains (the temporal layers and conv_in: diffusers' `temp_convs`,
+`temp_attentions`, `transformer_in`, `conv_in`); the rest is frozen (no gradients, no optimizer state).
 
 FLOPs are counted with torch's FlopCounterMode (matmul + conv + SDPA, forward + backward) on one step.
 """
@@ -22,7 +26,9 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench import gate  # noqa: E402
 
-FRAMES, CONTEXT = 16, 93
+CONTEXT = 93
+# The paper's trainable set in diffusers' UNet3DConditionModel names (ours: temp_convs, motion_modules, conv_in).
+PAPER_TRAINABLE = ("temp_convs", "temp_attentions", "transformer_in", "conv_in")
 
 
 def build_unet() -> torch.nn.Module:
@@ -53,23 +59,31 @@ def pipelined(fn, n: int) -> list[float]:
     return [a.elapsed_time(b) / 1e3 for a, b in zip(events, events[1:])]
 
 
+def compile_regionally(unet: torch.nn.Module) -> None:
+    """diffusers' regional compilation: each repeated block compiled once and reused, minutes less to compile than
+    the whole model (whole-model compiles outran 10-minute device calls, bench/NOTES.md)."""
+    unet._repeated_blocks = ["BasicTransformerBlock", "ResnetBlock2D", "TemporalConvLayer"]
+    # Blocks recur at several channel counts and sizes: one compile each (the default limit, 8, left the rest of
+    # the blocks eager, bench/NOTES.md).
+    torch._dynamo.config.recompile_limit = 64
+    unet.compile_repeated_blocks()
+
+
 def run_train(args: argparse.Namespace) -> dict:
     torch.manual_seed(0)
     unet = build_unet().cuda().train()
-    opt = torch.optim.AdamW(unet.parameters(), lr=1e-5, fused=True)
+    if args.trainable == "paper":
+        for name, p in unet.named_parameters():
+            p.requires_grad_(any(part in PAPER_TRAINABLE for part in name.split(".")))
+    trainable = [p for p in unet.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=1e-5, fused=True)
     if args.compile == "regional":
-        # diffusers' regional compilation: each repeated block compiled once and reused, minutes less to compile
-        # than the whole model (whole-model compiles outran 10-minute device calls, bench/NOTES.md).
-        unet._repeated_blocks = ["BasicTransformerBlock", "ResnetBlock2D", "TemporalConvLayer"]
-        # Blocks recur at several channel counts and sizes: one compile each (the default limit, 8, left the
-        # rest of the blocks eager, bench/NOTES.md).
-        torch._dynamo.config.recompile_limit = 64
-        unet.compile_repeated_blocks()
+        compile_regionally(unet)
     model = torch.compile(unet) if args.compile == "full" else unet
-    b, lat = args.batch, args.latent
+    b, lat, frames = args.batch, args.latent, args.frames
     g = torch.Generator(device="cuda").manual_seed(0)
-    sample = torch.randn(b, 9, FRAMES, lat, lat, device="cuda", generator=g)
-    target = torch.randn(b, 4, FRAMES, lat, lat, device="cuda", generator=g)
+    sample = torch.randn(b, 9, frames, lat, lat, device="cuda", generator=g)
+    target = torch.randn(b, 4, frames, lat, lat, device="cuda", generator=g)
     context = torch.randn(b, CONTEXT, 768, device="cuda", generator=g)
     t = torch.randint(0, 1000, (b,), device="cuda", generator=g)
 
@@ -103,12 +117,12 @@ def run_train(args: argparse.Namespace) -> dict:
     times = pipelined(step, args.iters)
     med = statistics.median(times)
     impl = "torch_eager" if args.compile == "none" else f"torch_{args.compile}"
-    return {"kind": "train", "impl": impl, "batch": b, "latent": lat,
+    return {"kind": "train", "impl": impl, "batch": b, "frames": frames, "latent": lat, "trainable": args.trainable,
             "s_per_step": med, "times": times,
             "s_per_step_sync": statistics.median(times_sync), "times_sync": times_sync, "warmup_s": warmup_s,
             "model_flops": flops,
             "tflops": flops / med / 1e12 if flops else None,
-            "params": sum(p.numel() for p in unet.parameters()),
+            "params": sum(p.numel() for p in unet.parameters()), "trainable_params": sum(p.numel() for p in trainable),
             "peak_gib": torch.cuda.max_memory_allocated() / 2 ** 30, "device": torch.cuda.get_device_name()}
 
 
@@ -117,17 +131,21 @@ def run_sample(args: argparse.Namespace) -> dict:
     from diffusers import DDIMScheduler
     torch.manual_seed(0)
     unet = build_unet().cuda().eval().to(torch.bfloat16)
+    if args.compile == "regional":
+        compile_regionally(unet)
+    elif args.compile == "full":
+        unet = torch.compile(unet)
     sched = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
                           rescale_betas_zero_snr=True, timestep_spacing="trailing", prediction_type="v_prediction",
                           clip_sample=False)
-    lat = args.latent
+    lat, frames = args.latent, args.frames
     g = torch.Generator(device="cuda").manual_seed(0)
-    cond = torch.randn(1, 5, FRAMES, lat, lat, device="cuda", generator=g, dtype=torch.bfloat16)
+    cond = torch.randn(1, 5, frames, lat, lat, device="cuda", generator=g, dtype=torch.bfloat16)
     context = torch.randn(3, CONTEXT, 768, device="cuda", generator=g, dtype=torch.bfloat16)
 
     def video():
         sched.set_timesteps(args.steps)
-        x = torch.randn(1, 4, FRAMES, lat, lat, device="cuda", generator=g, dtype=torch.bfloat16)
+        x = torch.randn(1, 4, frames, lat, lat, device="cuda", generator=g, dtype=torch.bfloat16)
         for t in sched.timesteps:
             inp = torch.cat([x, cond], dim=1).repeat(3, 1, 1, 1, 1)  # uncond / image / image+text
             out = unet(inp, t, encoder_hidden_states=context).sample
@@ -136,13 +154,16 @@ def run_sample(args: argparse.Namespace) -> dict:
             x = sched.step(guided, t, x).prev_sample
         return x
 
-    video()
+    t0 = time.perf_counter()
+    video()  # compiles each block on its first call when compiled
+    warmup_s = time.perf_counter() - t0
     torch.cuda.reset_peak_memory_stats()
     gate.compiled()
     gate.wait_turn()
     times = timed(video, args.iters)
-    return {"kind": "sample", "impl": "torch_eager", "latent": lat, "steps": args.steps, "guidance_batch": 3,
-            "s_per_video": statistics.median(times), "times": times,
+    impl = "torch_eager" if args.compile == "none" else f"torch_{args.compile}"
+    return {"kind": "sample", "impl": impl, "frames": frames, "latent": lat, "steps": args.steps, "guidance_batch": 3,
+            "s_per_video": statistics.median(times), "times": times, "warmup_s": warmup_s,
             "peak_gib": torch.cuda.max_memory_allocated() / 2 ** 30, "device": torch.cuda.get_device_name()}
 
 
@@ -160,6 +181,8 @@ def main() -> None:
     p.add_argument("what", choices=["train", "sample", "matmul"])
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--latent", type=int, default=32)
+    p.add_argument("--frames", type=int, default=16)
+    p.add_argument("--trainable", choices=["all", "paper"], default="all")
     p.add_argument("--compile", choices=["none", "full", "regional"], default="none")
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--warmup", type=int, default=3)

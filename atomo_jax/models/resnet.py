@@ -26,14 +26,14 @@ class ResnetBlock2D(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, temb: jax.Array | None = None) -> jax.Array:
-        h = nn.silu(layers.group_norm(self.groups, self.eps, dtype=self.dtype, name="norm1")(x))
+        h = layers.group_norm(self.groups, self.eps, dtype=self.dtype, name="norm1", silu=True)(x)
         h = layers.conv(self.out_channels, (3, 3), padding=((1, 1), (1, 1)), dtype=self.dtype, name="conv1")(h)
         if temb is not None:
             t = layers.dense(self.out_channels, dtype=self.dtype, name="time_emb_proj")(nn.silu(temb))
             frames = h.shape[0] // t.shape[0]
             h = (h.reshape((t.shape[0], frames) + h.shape[1:])
                  + t[:, None, None, None, :].astype(h.dtype)).reshape(h.shape)
-        h = nn.silu(layers.group_norm(self.groups, self.eps, dtype=self.dtype, name="norm2")(h))
+        h = layers.group_norm(self.groups, self.eps, dtype=self.dtype, name="norm2", silu=True)(h)
         h = layers.conv(self.out_channels, (3, 3), padding=((1, 1), (1, 1)), dtype=self.dtype, name="conv2")(h)
         if x.shape[-1] != self.out_channels:
             x = layers.conv(self.out_channels, (1, 1), padding="VALID", dtype=self.dtype, name="conv_shortcut")(x)

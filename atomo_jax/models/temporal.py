@@ -29,7 +29,7 @@ class TemporalConvLayer(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         h = x
         for i in range(1, 5):
-            h = nn.silu(layers.group_norm(self.groups, 1e-5, dtype=self.dtype, name=f"conv{i}_norm")(h))
+            h = layers.group_norm(self.groups, 1e-5, dtype=self.dtype, name=f"conv{i}_norm", silu=True)(h)
             h = layers.FrameConv(self.channels, zero_init=(i == 4), dtype=self.dtype, name=f"conv{i}_conv")(h)
         return x + h
 

@@ -227,6 +227,6 @@ class SpatioTemporalUNet(nn.Module):
             block_skips, skips = skips[-n_up:][::-1], skips[:-n_up]
             x = UpBlock(cfg, ch, attn, i < levels, name=f"up_blocks_{i}")(
                 x, block_skips, temb, context, ip_tokens, ip_scale, temporal)
-        x = nn.silu(layers.group_norm(cfg.norm_num_groups, cfg.norm_eps, dtype=dt, name="conv_norm_out")(x))
+        x = layers.group_norm(cfg.norm_num_groups, cfg.norm_eps, dtype=dt, name="conv_norm_out", silu=True)(x)
         x = layers.conv(cfg.out_channels, (3, 3), padding=((1, 1), (1, 1)), dtype=dt, name="conv_out")(x)
         return layers.unfold_frames(x, b).astype(jnp.float32)

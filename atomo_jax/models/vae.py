@@ -121,7 +121,7 @@ class Encoder(nn.Module):
             x = DownEncoderBlock(channels, cfg.layers_per_block, groups, add_downsample=i < last, dtype=self.dtype,
                                  name=f"down_blocks_{i}")(x)
         x = VAEMidBlock(groups, cfg.mid_block_add_attention, dtype=self.dtype, name="mid_block")(x)
-        x = nn.silu(layers.group_norm(groups, _EPS, dtype=self.dtype, name="conv_norm_out")(x))
+        x = layers.group_norm(groups, _EPS, dtype=self.dtype, name="conv_norm_out", silu=True)(x)
         return layers.conv(2 * cfg.latent_channels, (3, 3), padding=_PAD1, dtype=self.dtype, name="conv_out")(x)
 
 
@@ -140,7 +140,7 @@ class Decoder(nn.Module):
         for i, c in enumerate(channels):
             x = UpDecoderBlock(c, cfg.layers_per_block + 1, groups, add_upsample=i < len(channels) - 1,
                                dtype=self.dtype, name=f"up_blocks_{i}")(x)
-        x = nn.silu(layers.group_norm(groups, _EPS, dtype=self.dtype, name="conv_norm_out")(x))
+        x = layers.group_norm(groups, _EPS, dtype=self.dtype, name="conv_norm_out", silu=True)(x)
         return layers.conv(cfg.out_channels, (3, 3), padding=_PAD1, dtype=self.dtype, name="conv_out")(x)
 
 
