@@ -5,9 +5,8 @@
 #           whole-model compile), paper (the paper's shape, b1 x 24 frames x 512 px, its trainable set and full
 #           fine-tune, ours and the peer with the same set), sample (i2v, 16 frames, 512 px, 25 steps, guidance
 #           batch 3, vs diffusers eager and regionally compiled), scale2 (1 vs 2 GPUs, data-parallel and fsdp;
-#           needs 2 GPUs), ab_gn / ab_layout / ab_pack (b4 A/B against the default of GroupNorm differentiated by
-#           JAX / of row-major state layouts / of updating every leaf on its own, both profiled, the HLO of the
-#           default, beside the peer). JAX_ARGS adds flags to every run of ours (e.g. --profile=DIR).
+#           needs 2 GPUs), ab_layout / ab_pack (b4 A/B against the default of row-major state layouts / of
+#           updating every leaf on its own, both profiled, the HLO of the default, beside the peer). JAX_ARGS adds flags to every run of ours (e.g. --profile=DIR).
 # The processes of a group start together: their compiles overlap, then they time one at a time (bench/gate.py).
 # The peer's b4 run uses diffusers' regional compilation (as measured in bench/RESULTS.md); TORCH_B4=--compile=full
 # asks for the whole-model torch.compile, which needs more than a 10-minute call to compile (bench/NOTES.md).
@@ -80,7 +79,6 @@ specs() {  # the processes of one group, "name:script:args", in timing order (th
     scale2) printf '%s\n' "jax_b4:jax_bench:train $b4 $ja" "jax_b4_dp2:jax_bench:train $b4 --devices=2 $ja" \
                  "jax_b4_fsdp2:jax_bench:train $b4 --devices=2 --layout=fsdp $ja" ;;
     # b4 A/Bs: our step without and with jax_bench switches, both profiled (the HLO of the default), beside the peer
-    ab_gn) ab_specs autodiffgn --autodiff_groupnorm ;;
     ab_layout) ab_specs rowmajor --row_major ;;
     ab_pack) ab_specs unpacked --pack_small=0 ;;
     *) printf '%s\n' "unknown group $1" >&2; return 2 ;;

@@ -153,39 +153,9 @@ def use_conv3d_temporal_conv() -> None:
     layers.FrameConv = Conv3dFrameConv
 
 
-def use_autodiff_group_norm() -> None:
-    """A/B baseline: GroupNorm as before session 6: the same forward formula differentiated by JAX, and SiLU as a
-    separate op after it (instead of layers.GroupNorm's closed-form VJP with the SiLU inside); same parameters."""
-    from atomo_jax.models import layers
-
-    class AutodiffGroupNorm(layers.GroupNorm):
-        @nn.compact
-        def __call__(self, x):
-            c, g = x.shape[-1], self.num_groups
-            scale = self.param("scale", layers._init(nn.initializers.ones_init(), (axes.NORM,)), (c,), jnp.float32)
-            bias = self.param("bias", layers._init(nn.initializers.zeros_init(), (axes.NORM,)), (c,), jnp.float32)
-            reduced = tuple(range(1, x.ndim - 1))
-
-            def group_mean(t):
-                per_channel = jnp.mean(t, axis=reduced)
-                m = jnp.mean(per_channel.reshape(-1, g, c // g), axis=-1, keepdims=True)
-                m = jnp.broadcast_to(m, m.shape[:-1] + (c // g,)).reshape(-1, c)
-                return m.reshape((m.shape[0],) + (1,) * len(reduced) + (c,))
-
-            xf = x.astype(jnp.float32)
-            centred = xf - group_mean(xf)
-            out = (centred * (jax.lax.rsqrt(group_mean(jnp.square(centred)) + self.epsilon) * scale)
-                   + bias).astype(self.dtype)
-            return nn.silu(out) if self.silu else out
-
-    layers.GroupNorm = AutodiffGroupNorm
-
-
 def run_train(args: argparse.Namespace) -> dict:
     if args.conv3d:
         use_conv3d_temporal_conv()
-    if args.autodiff_groupnorm:
-        use_autodiff_group_norm()
     config = bench_config(args)
     model = build_model(config.model)
     if args.devices > len(jax.devices()):
@@ -254,7 +224,7 @@ def run_train(args: argparse.Namespace) -> dict:
                                    f"profile_{os.environ.get('BENCH_NAME', 'jax')}.txt"), "w") as f:
                 f.write(summary + "\n")
     med = statistics.median(times)
-    impl = ("jax" + ("_conv3d" if args.conv3d else "") + ("_autodiffgn" if args.autodiff_groupnorm else "")
+    impl = ("jax" + ("_conv3d" if args.conv3d else "")
             + ("_rowmajor" if args.row_major else "") + ("_unpacked" if args.pack_small == 0 else ""))
     return {"kind": "train", "impl": impl, "batch": args.batch, "frames": args.frames,
             "devices": args.devices, "layout": args.layout, "latent": args.latent, "trainable": args.trainable,
@@ -354,8 +324,6 @@ def main() -> None:
     p.add_argument("--devices", type=int, default=1, help="GPUs in the mesh (the first N); --batch is per GPU")
     p.add_argument("--layout", choices=["data", "fsdp"], default="data", help="how the --devices are used")
     p.add_argument("--conv3d", action="store_true", help="A/B: temporal conv as a 3-D convolution (the old form)")
-    p.add_argument("--autodiff_groupnorm", action="store_true",
-                   help="A/B: GroupNorm differentiated by JAX, SiLU apart (the form before session 6)")
     p.add_argument("--row_major", action="store_true",
                    help="A/B: the train state in row-major layouts (config.train.auto_layouts=False)")
     p.add_argument("--pack_small", type=int, default=None,

@@ -103,7 +103,7 @@ def torch_group_norm(x: np.ndarray, groups: int, eps: float, scale: np.ndarray, 
 @pytest.mark.parametrize("shape,groups", [((3, 5, 6, 64), 32), ((2, 4, 3, 5, 64), 32), ((4, 64), 4)])
 def test_group_norm_matches_torch_values_and_grads(shape, groups, silu):
     """4-D (B*F, H, W, C), 5-D (B, F, H, W, C: statistics across frames, as torch on (B, C, F, H, W)) and 2-D; alone
-    and fused with the SiLU after it. The gradient is our closed form (custom VJP), held to torch's autograd."""
+    and with the SiLU after it (`silu=True`)."""
     rng = np.random.default_rng(3)
     x = (3.0 + 2.0 * rng.standard_normal(shape)).astype(np.float32)  # an offset mean: the variance is two-pass
     upstream = rng.standard_normal(shape).astype(np.float32)
@@ -119,35 +119,6 @@ def test_group_norm_matches_torch_values_and_grads(shape, groups, silu):
     np.testing.assert_allclose(d_x, ref_dx, rtol=1e-4, atol=2e-5)
     np.testing.assert_allclose(d_p["scale"], ref_dscale, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(d_p["bias"], ref_dbias, rtol=1e-5, atol=1e-4)
-
-
-def test_group_norm_bf16_gradient_matches_autodiff_of_the_formula():
-    """In the bf16 compute dtype the closed-form gradient lands where autodiff of the plain formula does (both
-    against float64 torch), so the custom VJP costs no accuracy in training's precision."""
-    rng = np.random.default_rng(5)
-    shape = (2, 4, 6, 6, 64)
-    x = jnp.asarray(1.0 + rng.standard_normal(shape), jnp.bfloat16)
-    upstream = jnp.asarray(rng.standard_normal(shape), jnp.bfloat16)
-    scale = jnp.asarray(1 + 0.1 * rng.standard_normal(64), jnp.float32)
-    bias = jnp.asarray(0.1 * rng.standard_normal(64), jnp.float32)
-
-    def plain(x, scale, bias):  # the formula, differentiated by JAX
-        xf = x.astype(jnp.float32).reshape(shape[0], -1, 32, 2)
-        mean = xf.mean(axis=(1, 3), keepdims=True)
-        var = jnp.square(xf - mean).mean(axis=(1, 3), keepdims=True)
-        z = ((xf - mean) * jax.lax.rsqrt(var + 1e-5)).reshape(shape) * scale + bias
-        return jax.nn.silu(z).astype(jnp.bfloat16)
-
-    gn = layers.group_norm(32, 1e-5, silu=True, dtype=jnp.bfloat16)
-    ours = lambda x, s, b: gn.apply({"params": {"scale": s, "bias": b}}, x)
-    grads = {name: jax.grad(lambda *a: jnp.sum((fn(*a) * upstream).astype(jnp.float32)), argnums=(0, 1, 2))(
-        x, scale, bias) for name, fn in (("ours", ours), ("plain", plain))}
-    ref = torch_group_norm(np.asarray(x, np.float32), 32, 1e-5, np.asarray(scale), np.asarray(bias),
-                           np.asarray(upstream, np.float32), silu=True)[1:]
-    rel = lambda a, r: float(np.linalg.norm(np.asarray(a, np.float64) - r) / np.linalg.norm(r))
-    for i in range(3):
-        err_ours, err_plain = rel(grads["ours"][i], ref[i]), rel(grads["plain"][i], ref[i])
-        assert err_ours < 1e-2 and err_ours <= 1.5 * err_plain + 1e-3, (i, err_ours, err_plain)
 
 
 def test_group_norm_params_dtype_and_errors():

@@ -81,73 +81,16 @@ class FrameConv(nn.Module):
         return prev + y[..., 1, :] + nxt + bias.astype(self.dtype)
 
 
-def _group_stats(xf: jax.Array, num_groups: int) -> tuple[jax.Array, jax.Array]:
-    """Per-(example, channel) sums of `xf` (N, ..., C) over every axis but the first and last, (N, C), and the
-    number of elements in each group."""
-    return jnp.sum(xf, axis=tuple(range(1, xf.ndim - 1))), math.prod(xf.shape[1:-1]) * (xf.shape[-1] // num_groups)
-
-
-def _group_mean(per_channel_sum: jax.Array, count: int, num_groups: int) -> jax.Array:
-    """(N, C) per-channel sums -> (N, C): the mean over each channel's group (count = elements per group)."""
-    n, c = per_channel_sum.shape
-    g = jnp.sum(per_channel_sum.reshape(n, num_groups, c // num_groups), axis=-1, keepdims=True) / count
-    return jnp.broadcast_to(g, (n, num_groups, c // num_groups)).reshape(n, c)
-
-
-def _expand(t: jax.Array, ndim: int) -> jax.Array:
-    """(N, C) -> (N, 1, ..., 1, C) against an ndim-dimensional activation."""
-    return t.reshape((t.shape[0],) + (1,) * (ndim - 2) + (t.shape[1],))
-
-
-def _group_norm_fwd(x, scale, bias, num_groups, epsilon, silu, dtype):
-    xf = x.astype(jnp.float32)
-    sums, count = _group_stats(xf, num_groups)
-    mean = _group_mean(sums, count, num_groups)
-    centred = xf - _expand(mean, x.ndim)
-    var = _group_mean(_group_stats(jnp.square(centred), num_groups)[0], count, num_groups)  # two-pass variance
-    rstd = jax.lax.rsqrt(var + epsilon)
-    z = centred * _expand(rstd * scale, x.ndim) + bias
-    out = (z * jax.nn.sigmoid(z) if silu else z).astype(dtype)
-    return out, (x, scale, bias, mean, rstd)
-
-
-def _group_norm_bwd(num_groups, epsilon, silu, dtype, residuals, g):
-    # The textbook GroupNorm backward, written out so XLA sees one reduction (per-channel sums of dz and dz * xhat,
-    # reading x and g once) and one elementwise pass for dx; the saved residuals are x and (N, C) statistics, where
-    # autodiff of the forward kept float32 intermediates of the activation's size (bench/NOTES.md, session 6).
-    x, scale, bias, mean, rstd = residuals
-    xhat = (x.astype(jnp.float32) - _expand(mean, x.ndim)) * _expand(rstd, x.ndim)
-    dz = g.astype(jnp.float32)
-    if silu:
-        z = xhat * scale + bias
-        sig = jax.nn.sigmoid(z)
-        dz = dz * sig * (1.0 + z * (1.0 - sig))
-    sum_dz, count = _group_stats(dz, num_groups)
-    sum_dz_xhat = _group_stats(dz * xhat, num_groups)[0]
-    mean_dy = _group_mean(sum_dz * scale, count, num_groups)  # dy = dz * scale: d(loss)/d(xhat)
-    mean_dy_xhat = _group_mean(sum_dz_xhat * scale, count, num_groups)
-    dx = _expand(rstd, x.ndim) * (dz * scale - _expand(mean_dy, x.ndim) - xhat * _expand(mean_dy_xhat, x.ndim))
-    return dx.astype(x.dtype), jnp.sum(sum_dz_xhat, axis=0), jnp.sum(sum_dz, axis=0)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
-def _group_norm(x, scale, bias, num_groups, epsilon, silu, dtype):
-    return _group_norm_fwd(x, scale, bias, num_groups, epsilon, silu, dtype)[0]
-
-
-_group_norm.defvjp(_group_norm_fwd, _group_norm_bwd)
-
-
 class GroupNorm(nn.Module):
     """GroupNorm over every axis but the first (so a (B, F, H, W, C) input shares statistics across frames, as
-    torch's GroupNorm on a 5-D tensor does), in float32 with the two-pass variance, optionally followed by SiLU in
-    the same pass (`silu=True`, the GN -> SiLU pair of every resnet and temporal convolution); parameters `scale`
-    and `bias` as flax's GroupNorm.
+    torch's GroupNorm on a 5-D tensor does), in float32 with the two-pass variance, optionally followed by SiLU
+    (`silu=True`, the GN -> SiLU pair of every resnet and temporal convolution); parameters `scale` and `bias` as
+    flax's GroupNorm.
 
-    Channels-last, the statistics are per-channel sums over the spatial (and frame) axes, then a sum over each
+    Channels-last, the statistics are per-channel means over the spatial (and frame) axes, then a mean over each
     group's channels: contiguous column reductions instead of flax's reduction of (N, ..., G, C/G) over
-    non-contiguous axes (1% faster in the H200 train step, bench/NOTES.md, call 14). The gradient is the
-    closed-form one (`_group_norm_bwd`), which needs only x and the (N, C) statistics.
+    non-contiguous axes (1% faster in the H200 train step, bench/NOTES.md, call 14). XLA fuses the SiLU and the
+    backward as well as a closed-form VJP did (call 23: a hand-written one was 1% slower), so autodiff it is.
     """
 
     num_groups: int
@@ -163,7 +106,21 @@ class GroupNorm(nn.Module):
             raise ValueError(f"{where}: {c} channels do not split into {self.num_groups} groups")
         scale = self.param("scale", _init(nn.initializers.ones_init(), (ax.NORM,)), (c,), jnp.float32)
         bias = self.param("bias", _init(nn.initializers.zeros_init(), (ax.NORM,)), (c,), jnp.float32)
-        return _group_norm(x, scale, bias, self.num_groups, self.epsilon, self.silu, jnp.dtype(self.dtype))
+        reduced = tuple(range(1, x.ndim - 1))
+        per_group = c // self.num_groups
+
+        def group_mean(t: jax.Array) -> jax.Array:
+            """(N, ..., C) -> (N, 1.., C): the mean over `reduced` and each channel's group."""
+            per_channel = jnp.mean(t, axis=reduced)
+            g = jnp.mean(per_channel.reshape(-1, self.num_groups, per_group), axis=-1, keepdims=True)
+            g = jnp.broadcast_to(g, g.shape[:-1] + (per_group,)).reshape(-1, c)
+            return g.reshape((g.shape[0],) + (1,) * len(reduced) + (c,))
+
+        xf = x.astype(jnp.float32)
+        centred = xf - group_mean(xf)
+        mul = jax.lax.rsqrt(group_mean(jnp.square(centred)) + self.epsilon) * scale
+        out = (centred * mul + bias).astype(self.dtype)
+        return nn.silu(out) if self.silu else out
 
 
 def group_norm(num_groups: int, eps: float, *, silu: bool = False, dtype: Dtype = jnp.float32,
