@@ -6,13 +6,17 @@ gradient reductions cross the slow network.
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from jax.sharding import AxisType, Mesh
+from jax.sharding import AxisType, Mesh, PartitionSpec as P
 from jax.experimental import mesh_utils
+from orbax.checkpoint import multihost
+
 
 from atomo_jax.parallel.axes import MESH_AXES
 
@@ -51,4 +55,28 @@ def make_mesh(mesh_config: ml_collections.ConfigDict, devices: list | None = Non
         device_array = mesh_utils.create_device_mesh(shape, devices=devices)
     else:
         device_array = np.asarray(devices).reshape(shape)
-    return Mesh(device_array, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+    mesh = Mesh(device_array, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+    if jax.process_count() > 1 and len({d.process_index for d in mesh.devices.flat}) > 1:
+        connect_collectives(mesh)
+    return mesh
+
+
+_connections = itertools.count()
+
+
+def connect_collectives(mesh: Mesh, timeout_s: int = 600) -> None:
+    """Sets up, while every process stands at one barrier, the communicators of each group of devices a program on
+    `mesh` reduces or gathers over (every subset of its axes).
+
+    Why: on CPU (gloo) the first collective of a device group is a rendezvous that gives up after 30 s, and each
+    process compiles a program on its own before running it: under load one process can reach the first sample's
+    gather more than 30 s after the other and the run dies ("Gloo context initialization failed"). Once a group's
+    communicator exists, later collectives wait for late processes as long as they need. The barrier is the
+    coordination service's, whose timeout is ours to set."""
+    multihost.get_barrier_sync_fn()(key=f"atomo_connect_collectives_{next(_connections)}", timeout_ms=timeout_s * 1000)
+    names = [a for a in mesh.axis_names if mesh.shape[a] > 1]
+    groups = [g for r in range(1, len(names) + 1) for g in itertools.combinations(names, r)]
+    every = P(tuple(mesh.axis_names))
+    reduce = jax.shard_map(lambda x: [jax.lax.psum(x, g) for g in groups], mesh=mesh, in_specs=every,
+                           out_specs=[every] * len(groups))
+    jax.block_until_ready(jax.jit(reduce)(jnp.zeros((mesh.size,), jnp.float32)))
