@@ -122,6 +122,17 @@ def test_translation_motion(dx, dy):
     assert score == pytest.approx(np.hypot(dx, dy), rel=FLOW_TOLERANCE)
 
 
+def test_motion_score_reads_float_videos_in_0_1_and_refuses_other_scales():
+    video = translating_video(2, 1)
+    assert flow.motion_score(video.astype(np.float32) / 255.0) == pytest.approx(flow.motion_score(video), rel=1e-5)
+    with pytest.raises(ValueError, match=r"float video must hold values in \[0, 1\], got \d+\.\.\d+ \(pass uint8"):
+        flow.motion_score(video.astype(np.float32))
+    with pytest.raises(ValueError, match=r"\[0, 1\], got -0\.\d+\.\.0\.\d+"):
+        flow.motion_score(video.astype(np.float32) / 127.5 - 1.0)
+    with pytest.raises(ValueError, match="uint8 or float frames, got dtype int64"):
+        flow.motion_score(video.astype(np.int64))
+
+
 def test_flow_direction():
     f = np.asarray(flow.dense_flow(*translating_video(3, -2)[:2]))
     np.testing.assert_allclose(np.median(f.reshape(-1, 2), axis=0), [-3.0, 2.0], atol=0.05)

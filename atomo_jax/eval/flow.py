@@ -127,11 +127,20 @@ def _pair_magnitudes(video: jax.Array) -> jax.Array:
 
 
 def motion_score(video: np.ndarray) -> float:
-    """Mean optical-flow magnitude in pixels between adjacent frames of a (F, H, W, 3) uint8 video; 0.0 for a
-    single frame."""
+    """Mean optical-flow magnitude in pixels between adjacent frames of a (F, H, W, 3) video, uint8 (0..255) or
+    float in [0, 1] (the same score for the same frames); 0.0 for a single frame."""
     video = np.asarray(video)
     if video.ndim != 4 or video.shape[-1] != 3:
         raise ValueError(f"expected a (F, H, W, 3) video, got shape {video.shape}")
+    if np.issubdtype(video.dtype, np.floating):
+        # A float video on the 0..255 scale, or one in [-1, 1], read as [0, 1] would score wrong, silently.
+        lo, hi = float(video.min()), float(video.max())
+        if lo < 0.0 or hi > 1.0:
+            raise ValueError(f"a float video must hold values in [0, 1], got {lo:.4g}..{hi:.4g} (pass uint8 frames "
+                             "for the 0..255 scale)")
+        video = video.astype(np.float32) * 255.0
+    elif video.dtype != np.uint8:
+        raise ValueError(f"expected uint8 or float frames, got dtype {video.dtype}")
     if video.shape[0] < 2:
         return 0.0
     return float(np.mean(np.asarray(_pair_magnitudes(jnp.asarray(video)))))
