@@ -71,8 +71,8 @@ def connect_collectives(mesh: Mesh, timeout_s: int = 600) -> None:
     Why: on CPU (gloo) the first collective of a device group is a rendezvous that gives up after 30 s, and each
     process compiles a program on its own before running it: under load one process can reach the first sample's
     gather more than 30 s after the other and the run dies ("Gloo context initialization failed"). Once a group's
-    communicator exists, later collectives wait for late processes as long as they need. The barrier is the
-    coordination service's, whose timeout is ours to set."""
+    communicator exists, later collectives wait for a late process (150 s of skew, tried here, passed). The
+    barrier is the coordination service's, whose timeout is ours to set."""
     multihost.get_barrier_sync_fn()(key=f"atomo_connect_collectives_{next(_connections)}", timeout_ms=timeout_s * 1000)
     names = [a for a in mesh.axis_names if mesh.shape[a] > 1]
     groups = [g for r in range(1, len(names) + 1) for g in itertools.combinations(names, r)]
