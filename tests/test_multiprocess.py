@@ -10,12 +10,10 @@ from __future__ import annotations
 import os
 import re
 import signal
-import subprocess
-import sys
 
 import numpy as np
 
-from tests.conftest import ROOT, cli_env, free_port, kill_all, losses, start, start_processes, wait_all, wait_for
+from tests.conftest import cli_env, kill_all, losses, start, start_processes, wait_all, wait_for
 
 # The demo, shrunk from the command line as a user would: one global batch of 8, unshuffled, on data x fsdp 4.
 SMALL = ["--config=configs/demo.py", "--config.train.num_steps=3", "--config.train.batch_size=8",
@@ -60,35 +58,12 @@ def test_sigterm_on_one_host_stops_every_host_at_the_same_saved_step(tmp_path):
     assert max(losses(workdir)) == step
 
 
-LATE_PROCESS = """
-import sys, time
-import jax, numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
-from configs.base import get_config
-from atomo_jax.parallel import distributed, sharding
-from atomo_jax.parallel.mesh import make_mesh
-distributed.maybe_initialize()
-config = get_config()
-config.mesh.data, config.mesh.fsdp = 1, -1
-mesh = make_mesh(config.mesh)
-if jax.process_index() == 1:
-    time.sleep(45)  # a host still compiling its first program
-local = np.arange(2, dtype=np.float32) + 10 * jax.process_index()
-x = jax.make_array_from_process_local_data(NamedSharding(mesh, P(("fsdp",))), local)
-print("gathered", sharding.fetch(x).tolist(), flush=True)
-"""
-
 
 def test_a_process_45_s_late_at_the_first_gather_does_not_end_the_run():
     """Each process compiles its first program alone, so one can reach the first collective long after the other
     (the CI journey run died this way at its first sample). On CPU that collective's gloo rendezvous gives up after
     30 s unless the mesh set up its communicators while the processes stood together."""
-    port = free_port()
-    procs = [subprocess.Popen([sys.executable, "-c", LATE_PROCESS], cwd=ROOT, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True,
-                              env=cli_env(2, ATOMO_COORDINATOR=f"127.0.0.1:{port}", ATOMO_NUM_PROCESSES="2",
-                                          ATOMO_PROCESS_ID=str(i)))
-             for i in range(2)]
+    procs = start_processes("tests.late_gather", num_processes=2, devices_per_process=2)
     try:
         outs = wait_all(procs, timeout=600)
     finally:

@@ -17,7 +17,6 @@ from jax.sharding import AxisType, Mesh, PartitionSpec as P
 from jax.experimental import mesh_utils
 from orbax.checkpoint import multihost
 
-
 from atomo_jax.parallel.axes import MESH_AXES
 
 
