@@ -5,6 +5,9 @@
 
 Rerunning with the same --workdir resumes from its latest readable checkpoint. Any config key can be set with
 --config.a.b=value (configs/base.py lists them all).
+
+Exit codes: 0 the run reached train.num_steps; 75 it was stopped (SIGTERM, preemption) and saved a checkpoint
+before the end: rerun the same command to resume; 2 a bad config value or unreadable data; 1 any other failure.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import os
 import sys
 from typing import Sequence
 
-from atomo_jax.training.preemption import Preemption
+from atomo_jax.training.preemption import STOPPED_EXIT_CODE, Preemption
 
 _PREEMPTION = Preemption()  # listening from the first line of the process (see run below)
 
@@ -42,6 +45,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CheckpointError as e:  # every checkpoint of the workdir unreadable: each path and why
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 1
+    if result.get("preempted"):
+        print(f"[train] stopped at step {result['step']} of {result['num_steps']}, checkpoint saved (exit code "
+              f"{STOPPED_EXIT_CODE}: rerun the same command to resume)", flush=True)
+        return STOPPED_EXIT_CODE
     print(f"[train] done at step {result['step']}", flush=True)
     return 0
 

@@ -1,1 +1,1 @@
-"""Launchers: TPU pods (tpu_pod.py), SLURM GPU clusters (slurm.py + slurm_gpu.sbatch), this machine (local.py)."""
+"""Launchers: TPU pods (tpu_pod.py), SLURM clusters (slurm.py + slurm.sbatch), this machine (local.py)."""

@@ -288,8 +288,9 @@ def query_state(pod: Pod, runner: Runner) -> str | None:
     raise LaunchError(f"cannot query {pod.name}: {out.stderr.strip()}")
 
 
-# 143: a worker got SIGTERM (VM shutting down); 255: ssh lost the connection after gcloud's own retries.
-_RETRYABLE = (143, 255)
+# 75: the trainer was stopped (a maintenance notice, SIGTERM) and saved; 143: a worker got SIGTERM (VM shutting
+# down); 255: ssh lost the connection after gcloud's own retries.
+_RETRYABLE = (75, 143, 255)
 _WAITING = {"CREATING", "STARTING", "RESTARTING", "REPAIRING", "ACCEPTED", "PROVISIONING", "WAITING_FOR_RESOURCES"}
 
 

@@ -99,11 +99,12 @@ def start_processes(module: str, *args: str, num_processes: int, devices_per_pro
             for i in range(num_processes)]
 
 
-def wait_all(procs: Sequence[subprocess.Popen], timeout: float = 900) -> list[str]:
-    """Waits for every process; their outputs, or a failure showing each one's tail."""
+def wait_all(procs: Sequence[subprocess.Popen], timeout: float = 900, returncode: int = 0) -> list[str]:
+    """Waits for every process; their outputs, or a failure showing the tail of each one that did not exit with
+    `returncode`."""
     outs = [p.communicate(timeout=timeout)[0] for p in procs]
     for i, (p, out) in enumerate(zip(procs, outs)):
-        assert p.returncode == 0, f"process {i} exited {p.returncode}:\n{out[-5000:]}"
+        assert p.returncode == returncode, f"process {i} exited {p.returncode}:\n{out[-5000:]}"
     return outs
 
 

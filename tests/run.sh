@@ -9,8 +9,14 @@ python3 -m venv .venv
 .venv/bin/pip install -q --no-deps open-clip-torch==3.3.0 -e .
 # libtpu compiles for TPU topologies on this CPU host (the AOT fit check and its test); the version jax[tpu] pins.
 .venv/bin/pip install -q "libtpu==0.0.42.1"
-if ! command -v shellcheck >/dev/null; then
-  (apt-get update -qq && apt-get install -y -qq shellcheck) >/dev/null 2>&1 || echo "warning: shellcheck not installed"
+# Debian packages some tests drive for real: shellcheck (the launch scripts), SLURM + munge (tests/test_slurm_real.py
+# stands up a one-node cluster).
+need=()
+command -v shellcheck >/dev/null || need+=(shellcheck)
+[[ -x /usr/sbin/slurmd && -x /usr/sbin/munged ]] || need+=(slurm-wlm munge)
+if ((${#need[@]})); then
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}") >/dev/null 2>&1 \
+    || echo "warning: could not install ${need[*]}"
 fi
 # Two workers (pytest-xdist), one test file each at a time: most of the time goes to single-threaded XLA compiles.
 .venv/bin/python -m pytest -q -p no:cacheprovider -n "${PYTEST_WORKERS:-2}" --dist loadfile "${@:-tests}"

@@ -43,7 +43,7 @@ if f"--config.fail_process={pid}" in sys.argv:
 if "--config.hang=1" in sys.argv:
     def stop(*_):
         print(f"fake trainer {pid} saved a checkpoint", flush=True)
-        sys.exit(0)
+        sys.exit(75)  # the real trainer's "stopped and saved" code
     signal.signal(signal.SIGTERM, stop)
     while True:
         time.sleep(0.05)
@@ -384,13 +384,14 @@ def test_slurm_dry_run_2_nodes_x_8_gpus(repo, tmp_path):
     assert res.returncode == 0, res.stderr
     (mkdir, sbatch), = [commands(res.stdout)]
     assert mkdir == ["mkdir", "-p", str(tmp_path / "logs")]
-    script = sbatch.index(str(LAUNCH / "slurm_gpu.sbatch"))
+    script = sbatch.index(str(LAUNCH / "slurm.sbatch"))
     flags, train_args = sbatch[1:script], sbatch[script + 1:]
     assert {"--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=8", "--partition=gpu", "--time=04:00:00",
-            "--signal=B:USR1@300", f"--chdir={repo}", "--export=ALL,ATOMO_PYTHON=/venv/bin/python"} <= set(flags)
+            "--signal=B:USR1@300", f"--chdir={repo}",
+            "--export=ALL,ATOMO_PYTHON=/venv/bin/python,ATOMO_PLATFORM=cuda"} <= set(flags)
     assert train_args == ["--config=configs/demo.py", "--workdir=/shared/runs/x", *OVERRIDES]
     assert "2 nodes x 8 GPUs = 16 devices, 2 jax processes" in res.stdout
-    script_text = (LAUNCH / "slurm_gpu.sbatch").read_text()
+    script_text = (LAUNCH / "slurm.sbatch").read_text()
     assert "#SBATCH --requeue" in script_text and "#SBATCH --ntasks-per-node=1" in script_text
 
 
@@ -421,12 +422,13 @@ def sbatch_env(tmp_path: Path, repo: Path, bin_dir: Path) -> dict[str, str]:
 
 def test_sbatch_script_runs_trainer_with_all_gpus_and_verbatim_args(repo, tmp_path):
     env = sbatch_env(tmp_path, repo, fake_slurm_bin(tmp_path))
-    res = run(["bash", LAUNCH / "slurm_gpu.sbatch", "--config=configs/demo.py", "--workdir=/w", *OVERRIDES,
+    res = run(["bash", LAUNCH / "slurm.sbatch", "--config=configs/demo.py", "--workdir=/w", *OVERRIDES,
                "--config.fail_process=0"], env=env, cwd=repo)
     assert res.returncode == 3, res.stderr  # the trainer's exit code is the job's
     rec = json.loads((tmp_path / "out" / "process_0.json").read_text())
     assert rec["argv"] == ["--config=configs/demo.py", "--workdir=/w", *OVERRIDES, "--config.fail_process=0"]
     assert rec["env"]["JAX_LOCAL_DEVICE_IDS"] == "0,1,2,3,4,5,6,7"
+    assert rec["env"]["JAX_PLATFORMS"] == "cuda"  # a libtpu in the venv is never asked to find a TPU
     srun_flags = (tmp_path / "out" / "srun_args").read_text().split()
     assert {"--ntasks-per-node=1", "--gpus-per-node=8", "--cpus-per-task=96", "--kill-on-bad-exit=1"} <= set(srun_flags)
     assert not (tmp_path / "out" / "scontrol").exists()
@@ -434,13 +436,13 @@ def test_sbatch_script_runs_trainer_with_all_gpus_and_verbatim_args(repo, tmp_pa
 
 def test_sbatch_time_limit_signal_saves_and_requeues(repo, tmp_path):
     env = sbatch_env(tmp_path, repo, fake_slurm_bin(tmp_path))
-    job = subprocess.Popen(["bash", str(LAUNCH / "slurm_gpu.sbatch"), "--config=configs/demo.py", "--workdir=/w",
+    job = subprocess.Popen(["bash", str(LAUNCH / "slurm.sbatch"), "--config=configs/demo.py", "--workdir=/w",
                             "--config.hang=1"], env=env, cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                            text=True)
     wait_for(tmp_path / "out" / "process_0.json")
     job.send_signal(signal.SIGUSR1)  # what --signal=B:USR1@300 delivers before the time limit
     out, _ = job.communicate(timeout=60)
-    assert job.returncode == 0, out
+    assert job.returncode == 75, out  # stopped and saved: requeued, not finished
     assert "fake trainer 0 saved a checkpoint" in out
     assert (tmp_path / "out" / "scancel").read_text().split() == ["--signal=TERM", "4242"]
     assert (tmp_path / "out" / "scontrol").read_text().split() == ["requeue", "4242"]

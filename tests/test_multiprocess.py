@@ -13,6 +13,7 @@ import signal
 
 import numpy as np
 
+from atomo_jax.training.preemption import STOPPED_EXIT_CODE
 from tests.conftest import cli_env, kill_all, losses, start, start_processes, wait_all, wait_for
 
 # The demo, shrunk from the command line as a user would: one global batch of 8, unshuffled, on data x fsdp 4.
@@ -47,7 +48,7 @@ def test_sigterm_on_one_host_stops_every_host_at_the_same_saved_step(tmp_path):
     try:
         wait_for(lambda: max(losses(workdir), default=0) >= 3, procs, "step 3")
         os.kill(procs[1].pid, signal.SIGTERM)
-        outs = wait_all(procs, timeout=600)
+        outs = wait_all(procs, timeout=600, returncode=STOPPED_EXIT_CODE)  # both stopped, neither finished
     finally:
         kill_all(procs)
     stopped = [re.search(r"preempted: saved step (\d+)", out) for out in outs]

@@ -14,6 +14,7 @@ import signal
 import sys
 import textwrap
 
+from atomo_jax.training.preemption import STOPPED_EXIT_CODE
 from tests.conftest import ROOT, cli_env, losses, start, tensorboard_values, wait_for
 
 NUM_STEPS = 10
@@ -50,14 +51,17 @@ def test_sigterm_then_sigkill_resume_is_bitwise_identical(tmp_path):
     full, broken = str(tmp_path / "full"), str(tmp_path / "broken")
     reference = _start(str(cfg), full)  # runs alongside the interrupted one
 
-    # SIGTERM: finish the step, save, exit 0.
+    # SIGTERM: finish the step, save, exit 75 ("stopped, rerun to resume"), never 0 (a finished run).
     proc = _start(str(cfg), broken)
     _wait_for_step(proc, broken, 3)
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=300)
-    assert proc.returncode == 0, out[-3000:]
+    assert proc.returncode == STOPPED_EXIT_CODE, out[-3000:]
     stopped = max(losses(broken))
     assert f"preempted: saved step {stopped}" in out, out[-3000:]
+    assert out.rstrip().endswith(f"stopped at step {stopped} of {NUM_STEPS}, checkpoint saved (exit code 75: rerun "
+                                 "the same command to resume)"), out[-3000:]
+    assert "done at step" not in out
     steps = sorted(int(d) for d in os.listdir(os.path.join(broken, "checkpoints")) if d.isdigit())
     assert steps[-1] == stopped
 

@@ -277,13 +277,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, explicit
                 loss_log.flush()
                 checkpointer.close()
                 print(f"[train] preempted: saved step {step}, exiting", flush=True)
-                return {"step": step, "preempted": True, **last}
+                return {"step": step, "num_steps": num_steps, "preempted": True, **last}
 
         if saved_step != step:
             save(step)
         loss_log.flush()
         checkpointer.close()
-        result: dict[str, Any] = {"step": step, **last}
+        result: dict[str, Any] = {"step": step, "num_steps": num_steps, **last}
         if config.sample.at_end and sampled[0] != step:
             if sample_cond is None:  # resumed at the end: still leave a sample
                 sample_cond = sample_image(config, model, state.frozen, to_device(next(data_iter)))

@@ -13,6 +13,11 @@ import logging
 import os
 import signal
 
+# The exit code of a run stopped to save before its last step: sysexits' EX_TEMPFAIL ("try again later"). Not 0, so
+# a scheduler never reports an unfinished run as finished; not 1 or 2 (errors), so launchers can tell "rerun to
+# resume" from "fix something first" (launch/slurm.sbatch requeues on it, launch/tpu_pod.py reruns).
+STOPPED_EXIT_CODE = 75
+
 
 class Preemption:
     def __init__(self):
