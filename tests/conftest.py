@@ -40,8 +40,8 @@ FAST_CPU_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expens
 # one-test files went last and finished together at the end; longest first lets the short files fill in around them.
 SLOWEST_FIRST = ("test_journey.py", "test_sharding.py", "test_train_step.py", "test_multiprocess.py",
                  "test_resume.py", "test_checkpoint_fallback.py", "test_aot.py", "test_sample_cli.py",
-                 "test_packing.py", "test_train_demo.py", "test_convert_cli.py", "test_install.py", "test_export.py",
-                 "test_worker_exit.py")
+                 "test_packing.py", "test_train_demo.py", "test_slurm_real.py", "test_convert_cli.py",
+                 "test_install.py", "test_export.py", "test_worker_exit.py")
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -434,6 +434,37 @@ def test_sbatch_script_runs_trainer_with_all_gpus_and_verbatim_args(repo, tmp_pa
     assert not (tmp_path / "out" / "scontrol").exists()
 
 
+def test_sbatch_script_on_cpu_nodes_runs_one_cpu_process_per_task(repo, tmp_path):
+    """`slurm.py --gpus_per_node=0 --tasks_per_node=2`: no GPU flags, the CPUs split between the tasks, CPU only."""
+    env = {**sbatch_env(tmp_path, repo, fake_slurm_bin(tmp_path)), "ATOMO_PLATFORM": "cpu",
+           "SLURM_NTASKS_PER_NODE": "2"}
+    for name in ("SLURM_GPUS_ON_NODE", "JAX_PLATFORMS"):
+        env.pop(name, None)
+    res = run(["bash", LAUNCH / "slurm.sbatch", "--config=configs/demo.py", "--workdir=/w"], env=env, cwd=repo)
+    assert res.returncode == 0, res.stderr
+    rec = json.loads((tmp_path / "out" / "process_0.json").read_text())
+    assert rec["env"]["JAX_PLATFORMS"] == "cpu" and "JAX_LOCAL_DEVICE_IDS" not in rec["env"]
+    srun_flags = (tmp_path / "out" / "srun_args").read_text().split()
+    assert {"--ntasks-per-node=2", "--cpus-per-task=48", "--kill-on-bad-exit=1"} <= set(srun_flags)
+    assert not any(f.startswith("--gpus") for f in srun_flags)
+    assert "2 nodes x 2 tasks, 4 CPU processes" in res.stdout
+
+
+def test_slurm_dry_run_cpu_nodes(repo, tmp_path):
+    res = slurm("--nodes=2", "--gpus_per_node=0", "--tasks_per_node=2", f"--repo_dir={repo}",
+                f"--log_dir={tmp_path / 'logs'}", "--python=/venv/bin/python", "--config=configs/demo.py",
+                "--workdir=/shared/runs/x", "--dry-run")
+    assert res.returncode == 0, res.stderr
+    (_, sbatch), = [commands(res.stdout)]
+    assert "--ntasks-per-node=2" in sbatch and "--export=ALL,ATOMO_PYTHON=/venv/bin/python,ATOMO_PLATFORM=cpu" in sbatch
+    assert not any(f.startswith("--gpus") for f in sbatch)
+    assert "2 CPU nodes x 2 tasks = 4 jax processes" in res.stdout
+    assert f"job log: {tmp_path / 'logs' / 'atomo_jax-JOBID.out'}" in res.stdout
+    refused = slurm("--gpus_per_node=8", "--tasks_per_node=2", f"--repo_dir={repo}", "--config=configs/demo.py",
+                    "--workdir=/w", "--dry-run")
+    assert refused.returncode == 2 and "--tasks_per_node=2 with GPUs" in refused.stderr
+
+
 def test_sbatch_time_limit_signal_saves_and_requeues(repo, tmp_path):
     env = sbatch_env(tmp_path, repo, fake_slurm_bin(tmp_path))
     job = subprocess.Popen(["bash", str(LAUNCH / "slurm.sbatch"), "--config=configs/demo.py", "--workdir=/w",

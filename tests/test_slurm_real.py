@@ -9,7 +9,6 @@ machine that cannot run slurmd (not root, packages absent); tests/run.sh install
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -24,11 +23,11 @@ from tests.slurm_cluster import SlurmCluster, missing
 REASON = missing()
 pytestmark = pytest.mark.skipif(REASON is not None, reason=f"cannot run a SLURM cluster here: {REASON}")
 
-NUM_STEPS = 300  # ~75 s of steps here: the time-limit signal (up to 30 s after its cue, slurmctld checks limits
+NUM_STEPS = 200  # ~50 s of steps here: the time-limit signal (up to 30 s after its cue; slurmctld checks limits
 # every 30 s) lands mid-run
-DEMO = ["--config=configs/demo.py", f"--config.train.num_steps={NUM_STEPS}", "--config.train.log_every=1",
-        "--config.data.num_frames=2", "--config.train.batch_size=4", "--config.checkpoint.every_steps=0",
-        "--config.sample.at_end=False"]
+# Both jobs run the same program (num_steps included: the schedule is part of it), compiled once for the two.
+DEMO = ["--config=configs/demo.py", "--config.train.log_every=1", "--config.data.num_frames=2",
+        "--config.train.batch_size=4", "--config.checkpoint.every_steps=0", "--config.sample.at_end=False"]
 PHASE_S = 300  # per wait; a phase takes 20-90 s on 2 idle cores
 
 
@@ -94,7 +93,7 @@ def _tail(log: Path) -> str:
 
 
 def test_requeue_and_time_limit_save_resume_and_finish_every_step_once(cluster, tmp_path):
-    job, log, workdir = submit(cluster, tmp_path, "--time=30")
+    job, log, workdir = submit(cluster, tmp_path, "--time=30", f"--config.train.num_steps={NUM_STEPS}")
 
     # `scontrol requeue` mid-run: SLURM SIGTERMs the job; the trainer saves within KillWait; the job runs again and
     # resumes from that checkpoint.
@@ -129,9 +128,9 @@ def test_requeue_and_time_limit_save_resume_and_finish_every_step_once(cluster, 
 
 
 def test_a_job_stopped_by_hand_is_not_completed(cluster, tmp_path):
-    """Two tasks on the one node (a two-process rehearsal); `scancel --signal=TERM` reaches the trainers, which save
-    and exit 75: the job ends FAILED with that code, not COMPLETED."""
-    job, log, workdir = submit(cluster, tmp_path, "--tasks_per_node=2", "--time=30")
+    """`scancel --signal=TERM` reaches the trainer, which saves and exits 75: the job ends FAILED with that code,
+    not COMPLETED."""
+    job, log, workdir = submit(cluster, tmp_path, "--time=30", f"--config.train.num_steps={NUM_STEPS}")
     wait(cluster, job, log, lambda: len(steps(workdir)) >= 2, "step 2")
     cluster.run("scancel", "--signal=TERM", job)
     wait(cluster, job, log, lambda: ended(cluster, job), "the job to end")
@@ -139,6 +138,5 @@ def test_a_job_stopped_by_hand_is_not_completed(cluster, tmp_path):
     info = cluster.job(job)
     assert (info["JobState"], info["ExitCode"]) == ("FAILED", "75:0"), text[-4000:]
     stopped = re.findall(rf"stopped at step (\d+) of {NUM_STEPS}, checkpoint saved", text)
-    assert len(stopped) == 2 and len(set(stopped)) == 1, text[-4000:]  # both processes, at one step
-    assert (workdir / "checkpoints" / stopped[0]).is_dir() and "done at step" not in text
-    assert os.path.exists(workdir / "losses.jsonl")
+    assert len(stopped) == 1 and "done at step" not in text, text[-4000:]
+    assert (workdir / "checkpoints" / stopped[0]).is_dir() and max(steps(workdir)) == int(stopped[0])
