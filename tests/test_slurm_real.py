@@ -76,12 +76,14 @@ def wait(cluster: SlurmCluster, job_id: str, log: Path, predicate, what: str) ->
 
 def release(cluster: SlurmCluster, job_id: str) -> None:
     """SLURM holds a requeued batch job for about two minutes (its begin time; measured here: requeue at 07:49:58,
-    started again at 07:52:48) before it may run again; start it as soon as it is pending instead."""
+    started again at 07:52:48) before it may run again; start it soon after it is pending instead. Not in the same
+    second as the requeue: slurmd revokes the old run's credential at second resolution, and a launch within that
+    second is refused ("Killing non-startable batch JobId=1: Job credential revoked", the job FAILED 1:0)."""
     t0 = time.time()
     while cluster.job(job_id)["JobState"] != "PENDING":
         assert time.time() - t0 < PHASE_S, f"job {job_id} never went back to PENDING: {cluster.job(job_id)}"
         time.sleep(0.5)
-    cluster.run("scontrol", "update", f"JobId={job_id}", "StartTime=now")
+    cluster.run("scontrol", "update", f"JobId={job_id}", "StartTime=now+3")
 
 
 def ended(cluster: SlurmCluster, job_id: str) -> bool:
@@ -117,7 +119,7 @@ def test_requeue_and_time_limit_save_resume_and_finish_every_step_once(cluster, 
 
     text = log.read_text()
     info = cluster.job(job)
-    assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), text[-4000:]
+    assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), text[-4000:] + cluster.logs()
     assert int(info["Restarts"]) == 2
     stops = [int(s) for s in re.findall(rf"stopped at step (\d+) of {NUM_STEPS}, checkpoint saved", text)]
     assert len(stops) == 2 and stops[0] == first_stop < stops[1] < NUM_STEPS, text[-4000:]
@@ -136,7 +138,7 @@ def test_a_job_stopped_by_hand_is_not_completed(cluster, tmp_path):
     wait(cluster, job, log, lambda: ended(cluster, job), "the job to end")
     text = log.read_text()
     info = cluster.job(job)
-    assert (info["JobState"], info["ExitCode"]) == ("FAILED", "75:0"), text[-4000:]
+    assert (info["JobState"], info["ExitCode"]) == ("FAILED", "75:0"), text[-4000:] + cluster.logs()
     stopped = re.findall(rf"stopped at step (\d+) of {NUM_STEPS}, checkpoint saved", text)
     assert len(stopped) == 1 and "done at step" not in text, text[-4000:]
     assert (workdir / "checkpoints" / stopped[0]).is_dir() and max(steps(workdir)) == int(stopped[0])
