@@ -32,6 +32,15 @@ _OWN_CACHE = None
 # somewhat faster on this machine: demo train step 30 s -> 26 s, full-size fit check 218 s -> 205 s.
 FAST_CPU_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 
+# The demo shrunk from the command line as a user shrinks it, for the tests of mechanisms (resume, signals, damaged
+# checkpoints, launchers, the sample CLI) rather than of the model: one UNet level (every layer kind once: resnet,
+# temporal conv, spatial + IP attention, motion module), 16 px, 4 frames, batch 2. Its train step compiles in a
+# fraction of the demo's time, and every 1-device run of it is the same program, so the compilation cache gives the
+# suite one compile for all of them. Tests append only runtime flags (steps, checkpoints, logging, sampling).
+TINY_DEMO = ("--config=configs/demo.py", "--config.model.unet.block_out_channels=(32,)",
+             "--config.model.unet.down_attention=(True,)", "--config.data.resolution=16", "--config.data.num_frames=4",
+             "--config.sample.num_frames=4", "--config.train.batch_size=2", "--config.data.num_videos=64")
+
 # The slowest files, longest first (seconds of one 2-worker run on the 2-core CI machine, 2026-12-02, with
 # FAST_CPU_COMPILE, other jobs on the machine for its first 15 minutes): test_journey 894, test_sharding 756,
 # test_train_step 653, test_multiprocess 513, test_resume 446, test_checkpoint_fallback 402, test_aot 261,

@@ -1,5 +1,5 @@
-"""Ahead-of-time checks of the real train step with abstract inputs only (nothing allocated): the demo compiled for a
-TPU topology from this CPU host (needs libtpu) and for fake CPU devices, the refusal of a config that does not fit,
+"""Ahead-of-time checks of the real train step with abstract inputs only (nothing allocated): the demo (shrunk to
+conftest's TINY_DEMO) compiled for a TPU topology from this CPU host (needs libtpu) and for fake CPU devices, the refusal of a config that does not fit,
 and the full-size model traced, sharded and lowered on 8 fake CPU devices. They run `python -m atomo_jax.aot` in
 subprocesses (the device count is fixed when jax starts); tests/run.sh installs libtpu so CI runs the TPU one.
 """
@@ -17,7 +17,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from atomo_jax.aot import parse_target  # noqa: E402
-from tests.conftest import FAST_CPU_COMPILE  # noqa: E402
+from tests.conftest import FAST_CPU_COMPILE, TINY_DEMO  # noqa: E402
 
 def _libtpu() -> bool:
     try:
@@ -59,9 +59,8 @@ def test_accelerator_names_map_to_topologies():
 
 
 def test_config_that_does_not_fit_is_refused_with_numbers():
-    demo = ("--config=configs/demo.py", "--topology=cpu-2", "--config.data.num_frames=4", "--config.train.batch_size=2",
-            "--config.mesh.data=1", "--config.mesh.fsdp=2")
-    proc = _aot(*demo, "--hbm_gib=0.01", timeout=900)
+    demo = (*TINY_DEMO, "--topology=cpu-2", "--config.mesh.data=1", "--config.mesh.fsdp=2")
+    proc = _aot(*demo, "--hbm_gib=0.001", timeout=900)
     assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert "DOES NOT FIT" in proc.stderr and re.search(r"needs \d+\.\d+ GiB per device", proc.stderr)
     assert "temporaries" in proc.stdout and "FLOPs/step" in proc.stdout
@@ -87,7 +86,7 @@ def test_advice_leaves_out_what_the_config_already_does():
 @pytest.mark.skipif(not _libtpu(), reason="libtpu is not installed (pip install 'libtpu==0.0.42.*' for jax 0.10.2); "
                     "it is what compiles for TPU on a CPU host")
 def test_demo_compiles_for_a_small_tpu_topology():
-    proc = _aot("--config=configs/demo.py", "--topology=v5e-4", "--config.data.num_frames=4")
+    proc = _aot(*TINY_DEMO, "--topology=v5e-4", "--config.train.batch_size=4")
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert "v5e:2x2" in proc.stdout and "fits on v5e-4" in proc.stdout
     assert re.search(r"peak +\d+\.\d+ GiB per device vs 15\.20 GiB usable", proc.stdout)

@@ -8,12 +8,10 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from tests.conftest import cli_env, losses, start, wait_all
+from tests.conftest import TINY_DEMO, cli_env, losses, start, wait_all
 
-# The demo shrunk, as a user would shrink it: command-line overrides of configs/demo.py.
-SMALL = ["--config=configs/demo.py", "--config.train.batch_size=2", "--config.train.log_every=1",
-         "--config.data.num_frames=4", "--config.data.num_videos=64", "--config.checkpoint.every_steps=2",
-         "--config.checkpoint.keep=5", "--config.checkpoint.async_save=False", "--config.sample.at_end=False"]
+SMALL = [*TINY_DEMO, "--config.train.log_every=1", "--config.checkpoint.every_steps=2", "--config.checkpoint.keep=5",
+         "--config.checkpoint.async_save=False", "--config.sample.at_end=False"]
 
 
 def truncate_largest_array_file(step: Path) -> None:

@@ -1,6 +1,6 @@
-"""The package as users get it: `pip install .` (and `-e .`) into a new venv, the atomo-* commands, and a 3-step demo
-run from a directory that is not the repository. The dependencies come from the suite's own environment (on
-PYTHONPATH), so the test checks our packaging, not 2 GB of downloads."""
+"""The package as users get it: `pip install .` (and `-e .`) into a new venv, the atomo-* commands, and a 3-step run
+of the demo (shrunk to TINY_DEMO) from a directory that is not the repository. The dependencies come from the suite's
+own environment (on PYTHONPATH), so the test checks our packaging, not 2 GB of downloads."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import site
 import subprocess
 import sys
 
-from tests.conftest import FAST_CPU_COMPILE, ROOT
+from tests.conftest import ROOT, TINY_DEMO, cli_env
 
 COMMANDS = ("atomo-train", "atomo-sample", "atomo-convert", "atomo-export", "atomo-eval", "atomo-aot",
             "atomo-cache-latents")
@@ -29,8 +29,7 @@ def test_pip_install_commands_and_demo_from_another_directory(tmp_path):
                                                              "__pycache__", ".bench_cache", ".whl"))
     venv, elsewhere = tmp_path / "venv", tmp_path / "elsewhere"
     elsewhere.mkdir()
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(site.getsitepackages()), "JAX_PLATFORMS": "cpu",
-           "XLA_FLAGS": FAST_CPU_COMPILE}
+    env = {**cli_env(1), "PYTHONPATH": os.pathsep.join(site.getsitepackages())}
     _run([sys.executable, "-m", "venv", venv], elsewhere, env)
     _run([venv / "bin" / "pip", "install", "-q", "--no-deps", src], elsewhere, env)
     where = _run([venv / "bin" / "python", "-c", "import atomo_jax, configs, data_pipelines, launch; "
@@ -38,9 +37,8 @@ def test_pip_install_commands_and_demo_from_another_directory(tmp_path):
     assert str(venv) in where and str(src) not in where, where  # the installed copy, not the checkout
     for command in COMMANDS:
         assert "--" in _run([venv / "bin" / command, "--help"], elsewhere, env), command  # exit 0 and a usage
-    out = _run([venv / "bin" / "atomo-train", "--config=configs/demo.py", "--workdir=run",
-                "--config.train.num_steps=3", "--config.data.num_frames=4", "--config.sample.at_end=False",
-                "--config.checkpoint.every_steps=0", "--config.train.log_every=1",
+    out = _run([venv / "bin" / "atomo-train", *TINY_DEMO, "--workdir=run", "--config.train.num_steps=3",
+                "--config.sample.at_end=False", "--config.checkpoint.every_steps=0", "--config.train.log_every=1",
                 "--config.train.peak_flops=1e12"], elsewhere, env)
     assert "[train] done at step 3" in out and (elsewhere / "run" / "checkpoints" / "3").is_dir(), out[-3000:]
     assert "eta=" in out and "mfu=" in out, out[-3000:]  # the progress line, MFU from the configured peak

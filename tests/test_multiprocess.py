@@ -14,12 +14,11 @@ import signal
 import numpy as np
 
 from atomo_jax.training.preemption import STOPPED_EXIT_CODE
-from tests.conftest import cli_env, kill_all, losses, start, start_processes, wait_all, wait_for
+from tests.conftest import TINY_DEMO, cli_env, kill_all, losses, start, start_processes, wait_all, wait_for
 
-# The demo, shrunk from the command line as a user would: one global batch of 8, unshuffled, on data x fsdp 4.
-SMALL = ["--config=configs/demo.py", "--config.train.num_steps=3", "--config.train.batch_size=8",
-         "--config.train.log_every=1", "--config.data.num_frames=4", "--config.data.num_videos=8",
-         "--config.data.shuffle=False", "--config.mesh.data=-1", "--config.mesh.fsdp=4",
+# One global batch of 8, unshuffled, on data x fsdp 4.
+SMALL = [*TINY_DEMO, "--config.train.num_steps=3", "--config.train.batch_size=8", "--config.train.log_every=1",
+         "--config.data.num_videos=8", "--config.data.shuffle=False", "--config.mesh.data=-1", "--config.mesh.fsdp=4",
          "--config.checkpoint.every_steps=0", "--config.checkpoint.async_save=False", "--config.sample.at_end=False"]
 
 
@@ -41,9 +40,8 @@ def test_sigterm_on_one_host_stops_every_host_at_the_same_saved_step(tmp_path):
     """A preemption notice reaches one host: JAX's preemption service (not a per-step all-gather) brings every
     process to the same step, where all save one checkpoint and stop."""
     workdir = tmp_path / "run"
-    procs = start_processes("atomo_jax.train", "--config=configs/demo.py", f"--workdir={workdir}",
-                            "--config.train.num_steps=1000", "--config.train.log_every=1", "--config.data.num_frames=2",
-                            "--config.train.batch_size=4", "--config.checkpoint.every_steps=0",
+    procs = start_processes("atomo_jax.train", *TINY_DEMO, f"--workdir={workdir}", "--config.train.num_steps=1000",
+                            "--config.train.log_every=1", "--config.checkpoint.every_steps=0",
                             "--config.sample.at_end=False", num_processes=2, devices_per_process=1)
     try:
         wait_for(lambda: max(losses(workdir), default=0) >= 3, procs, "step 3")

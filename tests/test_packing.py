@@ -27,6 +27,8 @@ from atomo_jax.training.train_step import batch_shardings, jit_train_step
 def _config():
     from configs import demo
     c = demo.get_config()
+    c.model.unet.update(dict(block_out_channels=(32,), down_attention=(True,)))  # every layer kind once
+    c.data.resolution = 16
     c.train.batch_size = 2
     c.data.num_frames = 4
     c.mesh.data = 1

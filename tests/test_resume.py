@@ -1,6 +1,6 @@
-"""Preemption and exact resume through the real CLI (1 CPU device, the demo shrunk to 4 frames).
+"""Preemption and exact resume through the real CLI (1 CPU device, conftest's TINY_DEMO).
 
-One run goes uninterrupted. A second run on another workdir is stopped with SIGTERM (must save and exit 0), resumed,
+One run goes uninterrupted. A second run on another workdir is stopped with SIGTERM (must save and exit 75), resumed,
 killed with SIGKILL at an arbitrary later step (possibly mid async save), and resumed to the end. Its per-step losses
 (`losses.jsonl`) must equal the uninterrupted run's bit for bit: the data iterator restores the exact next batch and
 the RNG continues.
@@ -12,33 +12,18 @@ import json
 import os
 import signal
 import sys
-import textwrap
 
 from atomo_jax.training.preemption import STOPPED_EXIT_CODE
-from tests.conftest import ROOT, cli_env, losses, start, tensorboard_values, wait_for
+from tests.conftest import ROOT, TINY_DEMO, cli_env, losses, start, tensorboard_values, wait_for
 
 NUM_STEPS = 10
-
-CONFIG = textwrap.dedent(f"""
-    from configs import demo
-
-    def get_config():
-        c = demo.get_config()
-        c.train.num_steps = {NUM_STEPS}
-        c.train.batch_size = 2
-        c.train.log_every = 1
-        c.data.num_frames = 4
-        c.data.num_videos = 64
-        c.checkpoint.every_steps = 2
-        c.checkpoint.keep = 2
-        c.checkpoint.async_save = True
-        c.sample.at_end = False
-        return c
-""")
+RUN = [*TINY_DEMO, f"--config.train.num_steps={NUM_STEPS}", "--config.train.log_every=1",
+       "--config.checkpoint.every_steps=2", "--config.checkpoint.keep=2", "--config.checkpoint.async_save=True",
+       "--config.sample.at_end=False"]
 
 
-def _start(cfg: str, workdir: str):
-    return start("atomo_jax.train", f"--config={cfg}", f"--workdir={workdir}", env=cli_env(1))
+def _start(workdir, *extra: str):
+    return start("atomo_jax.train", *RUN, f"--workdir={workdir}", *extra, env=cli_env(1))
 
 
 def _wait_for_step(proc, workdir: str, step: int) -> None:
@@ -46,13 +31,11 @@ def _wait_for_step(proc, workdir: str, step: int) -> None:
 
 
 def test_sigterm_then_sigkill_resume_is_bitwise_identical(tmp_path):
-    cfg = tmp_path / "cfg.py"
-    cfg.write_text(CONFIG)
     full, broken = str(tmp_path / "full"), str(tmp_path / "broken")
-    reference = _start(str(cfg), full)  # runs alongside the interrupted one
+    reference = _start(full)  # runs alongside the interrupted one
 
     # SIGTERM: finish the step, save, exit 75 ("stopped, rerun to resume"), never 0 (a finished run).
-    proc = _start(str(cfg), broken)
+    proc = _start(broken)
     _wait_for_step(proc, broken, 3)
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=300)
@@ -66,13 +49,13 @@ def test_sigterm_then_sigkill_resume_is_bitwise_identical(tmp_path):
     assert steps[-1] == stopped
 
     # SIGKILL a few steps after the resume, with saves (async) in flight.
-    proc = _start(str(cfg), broken)
+    proc = _start(broken)
     _wait_for_step(proc, broken, stopped + 3)
     proc.kill()
     proc.wait(timeout=60)
     killed_at = max(losses(broken))
 
-    proc = _start(str(cfg), broken)
+    proc = _start(broken)
     out, _ = proc.communicate(timeout=400)
     assert proc.returncode == 0, out[-3000:]
     assert "resumed from checkpoint" in out
@@ -111,12 +94,8 @@ def sigterm_handled(pid: int) -> bool:
 def test_sigterm_during_startup_of_the_last_step_still_saves_and_samples(tmp_path):
     """A SIGTERM that arrives while the trainer is still importing and compiling, in a 1-step run: the step runs,
     is saved, the end-of-run sample is written, and the exit is 0 (not 143, not a skipped sample)."""
-    cfg = tmp_path / "cfg.py"
-    cfg.write_text(CONFIG)
     workdir = tmp_path / "run"
-    proc = start("atomo_jax.train", f"--config={cfg}", f"--workdir={workdir}", "--config.train.num_steps=1",
-                 "--config.sample.at_end=True", "--config.sample.num_steps=2", "--config.sample.num_frames=4",
-                 env=cli_env(1))
+    proc = _start(workdir, "--config.train.num_steps=1", "--config.sample.at_end=True", "--config.sample.num_steps=2")
     wait_for(lambda: sigterm_handled(proc.pid), [proc], "the SIGTERM handler")
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=600)

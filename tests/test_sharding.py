@@ -24,6 +24,10 @@ LAYOUTS = {"data8": dict(data=8, fsdp=1, tensor=1), "fsdp8": dict(data=1, fsdp=8
 def small_config():
     from configs import demo
     c = demo.get_config()
+    # One UNet level (every layer kind once, as in conftest's TINY_DEMO): the layouts and shardings are the same
+    # per layer at any depth, and each of the five compiles takes a fraction of the demo's time.
+    c.model.unet.update(dict(block_out_channels=(32,), down_attention=(True,)))
+    c.data.resolution = 16
     c.train.batch_size = 8
     c.data.num_frames = 4
     c.data.num_videos = 64
@@ -163,15 +167,15 @@ def test_layouts_match_one_device_and_shard_as_ruled(tmp_path):
         # The two steps moved the params much more than the layouts disagree.
         assert r["update_diff"] < 1e-2 * single["update_norm"], (name, r["update_diff"], single["update_norm"])
 
-    conv = "down_blocks_1/resnets_0/conv2/kernel"  # (3, 3, 64, 64): kernel_0, kernel_1, conv_in, conv_out
+    conv = "down_blocks_0/resnets_0/conv2/kernel"  # (3, 3, 32, 32): kernel_0, kernel_1, conv_in, conv_out
     q = "down_blocks_0/attentions_0/transformer_blocks_0/attn1/to_q/kernel"  # (32, 32): embed, heads
     fsdp, fsdp_tp, dp = out["fsdp8"], out["fsdp4_tensor2"], out["data8"]
     assert fsdp["specs"][conv] == ["None", "None", "fsdp", "tensor"]
-    assert fsdp["shard_shapes"][conv] == [[3, 3, 64, 64], [3, 3, 8, 64]]
-    assert fsdp_tp["shard_shapes"][conv] == [[3, 3, 64, 64], [3, 3, 16, 32]]
+    assert fsdp["shard_shapes"][conv] == [[3, 3, 32, 32], [3, 3, 4, 32]]
+    assert fsdp_tp["shard_shapes"][conv] == [[3, 3, 32, 32], [3, 3, 8, 16]]
     assert fsdp["specs"][q] == ["fsdp", "tensor"] and fsdp["shard_shapes"][q] == [[32, 32], [4, 32]]
     assert fsdp_tp["shard_shapes"][q] == [[32, 32], [8, 16]]
-    assert dp["shard_shapes"][conv] == [[3, 3, 64, 64], [3, 3, 64, 64]]  # data parallel: replicated weights
+    assert dp["shard_shapes"][conv] == [[3, 3, 32, 32], [3, 3, 32, 32]]  # data parallel: replicated weights
     # Every kernel of >= 1024 weights is split 8 ways under fsdp, except conv_in: its 9 input channels (the fsdp
     # axis of a conv kernel) do not divide by 8, so the rules fall back to replicating it.
     import math

@@ -17,17 +17,16 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import FAST_CPU_COMPILE, ROOT
+from tests.conftest import FAST_CPU_COMPILE, ROOT, TINY_DEMO
 from tests.slurm_cluster import SlurmCluster, missing
 
 REASON = missing()
 pytestmark = pytest.mark.skipif(REASON is not None, reason=f"cannot run a SLURM cluster here: {REASON}")
 
-NUM_STEPS = 200  # ~50 s of steps here: the time-limit signal (up to 30 s after its cue; slurmctld checks limits
+NUM_STEPS = 600  # 40-60 s of steps here: the time-limit signal (up to 30 s after its cue; slurmctld checks limits
 # every 30 s) lands mid-run
-# Both jobs run the same program (num_steps included: the schedule is part of it), compiled once for the two.
-DEMO = ["--config=configs/demo.py", "--config.train.log_every=1", "--config.data.num_frames=2",
-        "--config.train.batch_size=4", "--config.checkpoint.every_steps=0", "--config.sample.at_end=False"]
+# Both jobs run the same program (conftest's TINY_DEMO, which other tests compile too), compiled once for all.
+DEMO = [*TINY_DEMO, "--config.train.log_every=1", "--config.checkpoint.every_steps=0", "--config.sample.at_end=False"]
 PHASE_S = 300  # per wait; a phase takes 20-90 s on 2 idle cores
 
 

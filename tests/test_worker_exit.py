@@ -8,7 +8,7 @@ import signal
 import time
 from pathlib import Path
 
-from tests.conftest import kill_all, losses, start, wait_for
+from tests.conftest import TINY_DEMO, kill_all, losses, start, wait_for
 
 EXIT_WITHIN_S = 5.0
 
@@ -36,9 +36,9 @@ def alive(pid: int) -> bool:
 
 
 def test_sigkilled_trainer_leaves_no_workers(tmp_path):
-    proc = start("atomo_jax.train", "--config=configs/demo.py", f"--workdir={tmp_path / 'run'}",
-                 "--config.data.worker_count=2", "--config.data.num_frames=2", "--config.train.log_every=1", "--config.train.num_steps=1000",
-                 "--config.checkpoint.every_steps=0", "--config.sample.at_end=False")
+    proc = start("atomo_jax.train", *TINY_DEMO, f"--workdir={tmp_path / 'run'}", "--config.data.worker_count=2",
+                 "--config.train.log_every=1", "--config.train.num_steps=1000", "--config.checkpoint.every_steps=0",
+                 "--config.sample.at_end=False")
     workers: list[int] = []
     try:
         wait_for(lambda: len(losses(tmp_path / "run")) >= 1, [proc], "the first step")
