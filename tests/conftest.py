@@ -41,16 +41,15 @@ TINY_DEMO = ("--config=configs/demo.py", "--config.model.unet.block_out_channels
              "--config.model.unet.down_attention=(True,)", "--config.data.resolution=16", "--config.data.num_frames=4",
              "--config.sample.num_frames=4", "--config.train.batch_size=2", "--config.data.num_videos=64")
 
-# The slowest files, longest first (seconds of one 2-worker run on the 2-core CI machine, 2026-12-02, with
-# FAST_CPU_COMPILE, other jobs on the machine for its first 15 minutes): test_journey 894, test_sharding 756,
-# test_train_step 653, test_multiprocess 513, test_resume 446, test_checkpoint_fallback 402, test_aot 261,
-# test_sample_cli 239, test_packing 209, test_train_demo 174, test_convert_cli 134, test_install 109. With --dist
+# The slowest files, longest first (seconds of one 2-worker run on the 2-core machine, 2026-12-03, 29 min 23 s in
+# all): test_journey 809, test_sharding 270, test_multiprocess 265 + 137 + 50, test_train_step 261, test_resume 174
+# + 36, test_slurm_real 167 + 23, test_checkpoint_fallback 135, test_train_demo 122, test_packing 85 + 35. With --dist
 # loadfile, xdist hands out whole files in collection order, re-sorted by test count unless told not to, so the long
 # one-test files went last and finished together at the end; longest first lets the short files fill in around them.
-SLOWEST_FIRST = ("test_journey.py", "test_sharding.py", "test_train_step.py", "test_multiprocess.py",
-                 "test_resume.py", "test_checkpoint_fallback.py", "test_aot.py", "test_sample_cli.py",
-                 "test_packing.py", "test_train_demo.py", "test_slurm_real.py", "test_convert_cli.py",
-                 "test_install.py", "test_export.py", "test_worker_exit.py")
+SLOWEST_FIRST = ("test_journey.py", "test_multiprocess.py", "test_sharding.py", "test_train_step.py",
+                 "test_resume.py", "test_slurm_real.py", "test_checkpoint_fallback.py", "test_train_demo.py",
+                 "test_packing.py", "test_aot.py", "test_convert_cli.py", "test_sample_cli.py", "test_install.py",
+                 "test_export.py", "test_worker_exit.py")
 
 
 def pytest_configure(config: pytest.Config) -> None:
