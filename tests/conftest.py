@@ -41,6 +41,12 @@ TINY_DEMO = ("--config=configs/demo.py", "--config.model.unet.block_out_channels
              "--config.model.unet.down_attention=(True,)", "--config.data.resolution=16", "--config.data.num_frames=4",
              "--config.sample.num_frames=4", "--config.train.batch_size=2", "--config.data.num_videos=64")
 
+
+def tiny_demo_config():
+    """TINY_DEMO as a ConfigDict, parsed as the trainer parses it, for tests that build the model in Python."""
+    from atomo_jax.configuration import load_config
+    return load_config(TINY_DEMO[0].removeprefix("--config="), TINY_DEMO[1:])
+
 # The slowest files, longest first (seconds of one 2-worker run on the 2-core machine, 2026-12-03, 29 min 23 s in
 # all): test_journey 809, test_sharding 270, test_multiprocess 265 + 137 + 50, test_train_step 261, test_resume 174
 # + 36, test_slurm_real 167 + 23, test_checkpoint_fallback 135, test_train_demo 122, test_packing 85 + 35. With --dist

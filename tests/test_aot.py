@@ -1,7 +1,8 @@
 """Ahead-of-time checks of the real train step with abstract inputs only (nothing allocated): the demo (shrunk to
-conftest's TINY_DEMO) compiled for a TPU topology from this CPU host (needs libtpu) and for fake CPU devices, the refusal of a config that does not fit,
-and the full-size model traced, sharded and lowered on 8 fake CPU devices. They run `python -m atomo_jax.aot` in
-subprocesses (the device count is fixed when jax starts); tests/run.sh installs libtpu so CI runs the TPU one.
+conftest's TINY_DEMO) compiled for a TPU topology from this CPU host (needs libtpu) and for fake CPU devices, the
+refusal of a config that does not fit, and the full-size model traced, sharded and lowered on 8 fake CPU devices.
+They run `python -m atomo_jax.aot` in subprocesses (the device count is fixed when jax starts); tests/run.sh installs
+libtpu so CI runs the TPU one.
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
 """Small trainable leaves packed into one vector (training/packing.py): which leaves are packed, the exact round trip
-of the whole train state, and the packed train step against the leaf-by-leaf one on the demo model (1 CPU device).
+of the whole train state, and the packed train step against the leaf-by-leaf one on conftest's one-level TINY_DEMO
+model (1 CPU device).
 
 Tolerance for the step comparison: losses and gradient norms to 1e-6 relative, parameters / Adam moments / EMA to
 1e-6 relative L2 after three AdamW steps (fp32; the packed form sums the gradient norm in another order, otherwise
@@ -22,15 +23,11 @@ from atomo_jax.parallel.sharding import replicated
 from atomo_jax.training.packing import LeafPacker, Packed, packer_from_config
 from atomo_jax.training.setup import abstract_train_state, init_train_state, state_shardings
 from atomo_jax.training.train_step import batch_shardings, jit_train_step
+from tests.conftest import tiny_demo_config
 
 
 def _config():
-    from configs import demo
-    c = demo.get_config()
-    c.model.unet.update(dict(block_out_channels=(32,), down_attention=(True,)))  # every layer kind once
-    c.data.resolution = 16
-    c.train.batch_size = 2
-    c.data.num_frames = 4
+    c = tiny_demo_config()  # one UNet level: every layer kind once
     c.mesh.data = 1
     c.cond_drop.image = 0.5  # both dropout branches within three steps
     return c

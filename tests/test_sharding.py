@@ -22,15 +22,11 @@ LAYOUTS = {"data8": dict(data=8, fsdp=1, tensor=1), "fsdp8": dict(data=1, fsdp=8
 
 
 def small_config():
-    from configs import demo
-    c = demo.get_config()
-    # One UNet level (every layer kind once, as in conftest's TINY_DEMO): the layouts and shardings are the same
-    # per layer at any depth, and each of the five compiles takes a fraction of the demo's time.
-    c.model.unet.update(dict(block_out_channels=(32,), down_attention=(True,)))
-    c.data.resolution = 16
+    # conftest's one-level TINY_DEMO (every layer kind once): the layouts and shardings are the same per layer at any
+    # depth, and each of the five compiles takes a fraction of the demo's time.
+    from tests.conftest import tiny_demo_config
+    c = tiny_demo_config()
     c.train.batch_size = 8
-    c.data.num_frames = 4
-    c.data.num_videos = 64
     c.cond_drop.image = 0.3  # exercise the dropout path with a few examples dropped
     return c
 
