@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -17,9 +18,12 @@ from atomo_jax.training.optimizer import make_optimizer
 from atomo_jax.training.state import TrainState, split_trainable
 
 
+@functools.lru_cache(maxsize=4)
 def boxed_abstract_params(model: Any) -> dict:
     """Shapes + logical axis names of every parameter, without allocating any. Parameter shapes do not depend on the
-    input size, so the model is initialised at its smallest input (AtomoVideo.init says why)."""
+    input size, so the model is initialised at its smallest input (AtomoVideo.init says why). Cached per model (a
+    frozen, hashable Flax module): tracing the whole model is seconds, and the state's shapes, shardings and
+    checkpoint targets all start from it."""
     return jax.eval_shape(model.init, jax.random.key(0))
 
 
