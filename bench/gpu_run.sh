@@ -3,8 +3,9 @@
 # Usage (on the device, from the repo root, with .whl carried):  bash bench/gpu_run.sh GROUP[+GROUP]...
 #   groups: train (both sizes: ours and the regionally compiled peer), b4 / b1 (one size; b1's peer defaults to the
 #           whole-model compile), paper (the paper's shape, b1 x 24 frames x 512 px, its trainable set and full
-#           fine-tune, ours and the peer with the same set; paper_all: its full fine-tune pair alone), sample (i2v, 16 frames, 512 px, 25 steps, guidance
-#           batch 3, vs diffusers eager and regionally compiled), scale2 (1 vs 2 GPUs, data-parallel and fsdp;
+#           fine-tune, ours and the peer with the same set; paper_all / paper_set: its full fine-tune / trainable-set
+#           pair alone), sample (i2v, 16 frames, 512 px, 25 steps, guidance batch 3, vs diffusers eager and
+#           regionally compiled), scale2 (1 vs 2 GPUs, data-parallel and fsdp;
 #           needs 2 GPUs), ab_layout / ab_pack (b4 A/B against the default of row-major state layouts / of
 #           updating every leaf on its own, both profiled, the HLO of the default, beside the peer). JAX_ARGS adds flags to every run of ours (e.g. --profile=DIR).
 # The processes of a group start together: their compiles overlap, then they time one at a time (bench/gate.py).
@@ -74,6 +75,9 @@ specs() {  # the processes of one group, "name:script:args", in timing order (th
     # The full fine-tune pair alone: beside three other processes the peer's compile ran out of memory (call 24).
     paper_all) printf '%s\n' "torch_p24_all:torch_peer:train $p24 --trainable=all --compile=regional --count_flops" \
                     "jax_p24_all:jax_bench:train $p24 --trainable=all --model_flops=$p24_flops_all $ja" ;;
+    # The paper's trainable set alone (with JAX_ARGS=--profile=DIR: where its step's time goes).
+    paper_set) printf '%s\n' "torch_p24_paper:torch_peer:train $p24 --trainable=paper --compile=regional --count_flops" \
+                    "jax_p24_paper:jax_bench:train $p24 --trainable=paper --model_flops=$p24_flops_paper $ja" ;;
     sample) printf '%s\n' "torch_sample:torch_peer:sample --latent=64 --steps=25 --iters=3" \
                  "torch_sample_regional:torch_peer:sample --latent=64 --steps=25 --iters=3 --compile=regional" \
                  "jax_sample:jax_bench:sample --latent=64 --steps=25 --iters=3" ;;
