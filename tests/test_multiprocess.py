@@ -1,5 +1,6 @@
-"""Two local processes (4 fake CPU devices each, jax.distributed on 127.0.0.1 through the ATOMO_* variables the
-trainer honours) train like one process with 8 devices: same mesh, same global batches, same losses.
+"""Two local processes (2 fake CPU devices each, jax.distributed on 127.0.0.1 through the ATOMO_* variables the
+trainer honours) train like one process with 4 devices: same mesh (the data axis across the processes, fsdp within
+each, as on a pod), same global batches, same losses.
 
 The dataset is exactly one global batch, unshuffled, so both runs see the same examples whatever the per-process
 sharding of the sampler. Tolerance: per-step losses agree to relative 1e-5 (only collective order may differ).
@@ -16,19 +17,19 @@ import numpy as np
 from atomo_jax.training.preemption import STOPPED_EXIT_CODE
 from tests.conftest import TINY_DEMO, cli_env, kill_all, losses, start, start_processes, wait_all, wait_for
 
-# One global batch of 8, unshuffled, on data x fsdp 4.
+# One global batch of 8, unshuffled, on data 2 x fsdp 2.
 SMALL = [*TINY_DEMO, "--config.train.num_steps=3", "--config.train.batch_size=8", "--config.train.log_every=1",
-         "--config.data.num_videos=8", "--config.data.shuffle=False", "--config.mesh.data=-1", "--config.mesh.fsdp=4",
+         "--config.data.num_videos=8", "--config.data.shuffle=False", "--config.mesh.data=-1", "--config.mesh.fsdp=2",
          "--config.checkpoint.every_steps=0", "--config.checkpoint.async_save=False", "--config.sample.at_end=False"]
 
 
 def test_two_processes_train_like_one(tmp_path):
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
-    procs = [start("atomo_jax.train", *SMALL, f"--workdir={one}", env=cli_env(8))]
-    procs += start_processes("atomo_jax.train", *SMALL, f"--workdir={two}", num_processes=2, devices_per_process=4)
+    procs = [start("atomo_jax.train", *SMALL, f"--workdir={one}", env=cli_env(4))]
+    procs += start_processes("atomo_jax.train", *SMALL, f"--workdir={two}", num_processes=2, devices_per_process=2)
     outs = wait_all(procs)
-    assert "devices=8 mesh={'data': 2, 'fsdp': 4, 'tensor': 1}" in outs[0]
-    assert "devices=8 mesh={'data': 2, 'fsdp': 4, 'tensor': 1}" in outs[1]
+    assert "devices=4 mesh={'data': 2, 'fsdp': 2, 'tensor': 1}" in outs[0]
+    assert "devices=4 mesh={'data': 2, 'fsdp': 2, 'tensor': 1}" in outs[1]
     a, b = np.asarray(list(losses(one).values())), np.asarray(list(losses(two).values()))
     assert a.shape == b.shape == (3,)
     assert np.linalg.norm(a - b) / np.linalg.norm(a) < 1e-5, (a, b)
