@@ -193,5 +193,9 @@ def get_config() -> ml_collections.ConfigDict:
         text_scale=7.5,  # guidance scale of the text on top of the image
         rescale=0.7,  # guidance rescale phi
         num_frames=24,  # frames of the sample
-        fps=8))  # frame rate of the written MP4/GIF
+        fps=8,  # frame rate of the written MP4/GIF
+        # Synthetic data only: at the end of training, animate this many held-out clips' first frames (the sampler
+        # above, the clips' own length) and score them against the true clips (atomo_jax/eval/heldout.py):
+        # WORKDIR/heldout/metrics.json and PNG strips. 0: never.
+        heldout_clips=0))
     return c

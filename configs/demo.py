@@ -37,5 +37,5 @@ def get_config():
                         weight_decay=0.0, grad_clip=1.0, trainable=(".*",), ema_decay=0.99, log_every=10))
     c.checkpoint.update(dict(every_steps=180, keep=2))
     c.sample.update(dict(every_steps=0, num_steps=20, image_scale=1.5, text_scale=1.0, rescale=0.0, num_frames=8,
-                         fps=6))
+                         fps=6, heldout_clips=24))
     return c

@@ -40,10 +40,12 @@ if FAST_CPU_COMPILE not in os.environ.get("XLA_FLAGS", ""):
 # checkpoints, launchers, the sample CLI) rather than of the model: one UNet level (every layer kind once: resnet,
 # temporal conv, spatial + IP attention, motion module), 16 px, 4 frames, batch 2. Its train step compiles in a
 # fraction of the demo's time, and every 1-device run of it is the same program, so the compilation cache gives the
-# suite one compile for all of them. Tests append only runtime flags (steps, checkpoints, logging, sampling).
+# suite one compile for all of them. Tests append only runtime flags (steps, checkpoints, logging, sampling). No
+# held-out scoring: tests/test_train_demo.py covers it.
 TINY_DEMO = ("--config=configs/demo.py", "--config.model.unet.block_out_channels=(32,)",
              "--config.model.unet.down_attention=(True,)", "--config.data.resolution=16", "--config.data.num_frames=4",
-             "--config.sample.num_frames=4", "--config.train.batch_size=2", "--config.data.num_videos=64")
+             "--config.sample.num_frames=4", "--config.train.batch_size=2", "--config.data.num_videos=64",
+             "--config.sample.heldout_clips=0")
 
 
 def tiny_demo_config():

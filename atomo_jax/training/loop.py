@@ -20,6 +20,7 @@ import numpy as np
 from absl import logging
 import orbax.checkpoint as ocp
 
+from atomo_jax.eval import heldout
 from atomo_jax.models.atomo import build_model
 from atomo_jax.models.tokenizer import caption_tokenizer
 from atomo_jax.parallel import axes, distributed
@@ -290,8 +291,44 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, explicit
             sampled = (step, _sample(model, canonical(state), config, sample_cond, workdir, step, writer))
         if sampled[1]:
             result["samples"] = sampled[1]
+        if int(config.sample.heldout_clips) > 0:
+            result["heldout"] = _heldout(model, canonical(state), config, workdir, step, writer)
         writer.close()
         return result
+
+
+def _heldout(model: Any, state: Any, config: ml_collections.ConfigDict, workdir: str, step: int,
+             writer: metrics_lib.MetricWriter) -> dict[str, Any]:
+    """Animates the first frames of `config.sample.heldout_clips` held-out clips with the EMA weights (all processes;
+    the clips' own length, the in-training sampler and seed) and scores them against the true clips; process 0
+    writes WORKDIR/heldout/metrics.json, a PNG strip per clip (true frames, then generated) and the means to
+    TensorBoard. Returns the means."""
+    params = {**state.frozen, "unet": merge(state.ema, state.frozen["unet"])}
+    true = heldout.heldout_videos(config.data, int(config.seed), int(config.sample.heldout_clips))
+    sampler, guidance = i2v.configs_from(config)
+    images = jnp.asarray(true[:, 0].astype(np.float32) / 127.5 - 1.0)
+    video = i2v.image_to_video(model, params, images, jax.random.key(int(config.seed)), num_frames=true.shape[1],
+                               sampler=sampler, guidance=guidance, empty_tokens=empty_prompt_tokens(config),
+                               progress=False).video
+    generated = video_io.to_uint8(video)  # decode returns host frames, the same on every process
+    scores = heldout.score(generated, true)
+    means = {k: v for k, v in scores.items() if k != "rows"}
+    if jax.process_index() == 0:
+        out_dir = os.path.join(workdir, "heldout")
+        os.makedirs(out_dir, exist_ok=True)
+        for i, (g, t) in enumerate(zip(generated, true)):
+            video_io.write_png_strip(os.path.join(out_dir, f"clip_{i:02d}.png"), np.concatenate([t, g]))
+        with open(os.path.join(out_dir, "metrics.json"), "w") as f:
+            json.dump({"step": step, **scores}, f, indent=1)
+        writer.scalars(step, {f"heldout/{k}": means[k] for k in ("trajectory_error_px", "frozen_baseline_px",
+                                                                   "direction_accuracy", "colour_error",
+                                                                   "first_frame_psnr")})
+        print(f"[train] held-out ({means['clips']} clips): trajectory error {means['trajectory_error_px']:.2f} px "
+              f"(frozen frame {means['frozen_baseline_px']:.2f}, wrong way {means['wrong_direction_baseline_px']:.2f})"
+              f", direction accuracy {means['direction_accuracy']:.2f}, colour error {means['colour_error']:.1f} "
+              f"(threshold {means['colour_threshold']:.1f}), first-frame PSNR {means['first_frame_psnr']:.1f} dB: "
+              f"{out_dir}/metrics.json", flush=True)
+    return means
 
 
 def _sample(model: Any, state: Any, config: ml_collections.ConfigDict, image: np.ndarray, workdir: str, step: int,

@@ -122,5 +122,8 @@ def validate(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
     check(int(config.sample.every_steps) >= 0, "sample.every_steps", ">= 0")
     check(int(config.sample.num_steps) >= 1, "sample.num_steps", ">= 1")
     check(config.sample.sampler in ("ddim", "dpmpp2m"), "sample.sampler", "'ddim' or 'dpmpp2m'")
+    check(int(config.sample.heldout_clips) >= 0, "sample.heldout_clips", ">= 0")
+    check(int(config.sample.heldout_clips) == 0 or config.data.kind == "synthetic", "sample.heldout_clips",
+          f"0 unless config.data.kind='synthetic' (held-out clips are drawn, not read; kind={config.data.kind!r})")
     if problems:
         raise ConfigError("\n".join(problems))
