@@ -37,12 +37,8 @@ HELDOUT_SEED_OFFSET = 10_000  # held-out clips are drawn with config.seed + this
 
 
 def heldout_videos(data_config: ml_collections.ConfigDict, seed: int, count: int) -> np.ndarray:
-    """The first `count` held-out synthetic clips, uint8 (N, F, H, W, 3)."""
-    if data_config.kind != "synthetic":
-        raise ValueError(f"held-out evaluation needs config.data.kind='synthetic', got {data_config.kind!r}")
-    if data_config.source_resolution and int(data_config.source_resolution) != int(data_config.resolution):
-        raise ValueError(f"held-out evaluation scores clips at their drawn size: config.data.source_resolution="
-                         f"{data_config.source_resolution} must be 0 or config.data.resolution={data_config.resolution}")
+    """The first `count` held-out synthetic clips, uint8 (N, F, H, W, 3). training.setup.validate checks beforehand
+    that the data is synthetic and drawn at the model's resolution."""
     src = synthetic_source(data_config, num_videos=count, seed=seed + HELDOUT_SEED_OFFSET)
     return np.stack([src[i]["video"] for i in range(count)])
 

@@ -35,7 +35,7 @@ from atomo_jax.training.packing import packer_from_config
 from atomo_jax.training.setup import abstract_train_state, init_train_state, state_shardings, validate
 from atomo_jax.training.state import all_finite, count_params, merge
 from atomo_jax.training.train_step import batch_shardings, canonical_formats, jit_train_step
-from data_pipelines.loader import make_loader, synthetic_source
+from data_pipelines.loader import make_loader
 
 DEVICE_KEYS = ("video", "cond_image", "mask", "latents", "image_embeds", "tokens", "context")
 
@@ -53,9 +53,8 @@ def _load_init_params(path: str, abstract_params: Any, shardings: Any) -> dict:
 def sample_image(config: ml_collections.ConfigDict, model: Any, params: dict, device_batch: dict) -> np.ndarray:
     """The conditioning frame of in-training samples (1, H, W, 3) in [-1, 1], the same on every process: a held-out
     synthetic clip, else the first example of the first global batch (decoded from its latents when cached)."""
-    if config.data.kind == "synthetic":
-        src = synthetic_source(config.data, num_videos=1, seed=int(config.seed) + 10_000)
-        return src[0]["video"][0].astype(np.float32)[None] / 127.5 - 1.0
+    if config.data.kind == "synthetic":  # the first held-out clip, as scored by config.sample.heldout_clips
+        return heldout.heldout_videos(config.data, int(config.seed), 1)[:, 0].astype(np.float32) / 127.5 - 1.0
     if "latents" in device_batch:
         decode = jax.jit(lambda vae, lat: model.decode_latents({"vae": vae}, lat[:1, :1])[:, 0])
         return shd.fetch(decode(params["vae"], device_batch["latents"]))

@@ -125,5 +125,9 @@ def validate(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
     check(int(config.sample.heldout_clips) >= 0, "sample.heldout_clips", ">= 0")
     check(int(config.sample.heldout_clips) == 0 or config.data.kind == "synthetic", "sample.heldout_clips",
           f"0 unless config.data.kind='synthetic' (held-out clips are drawn, not read; kind={config.data.kind!r})")
+    check(int(config.sample.heldout_clips) == 0 or int(config.data.source_resolution or config.data.resolution)
+          == int(config.data.resolution), "data.source_resolution",
+          f"0 or config.data.resolution={config.data.resolution} when config.sample.heldout_clips > 0 (clips are "
+          f"scored at their drawn size)")
     if problems:
         raise ConfigError("\n".join(problems))
