@@ -30,6 +30,7 @@ def small_demo(num_steps: int):
     c.sample.num_steps = 2
     c.data.num_frames = 4
     c.sample.num_frames = 4
+    c.sample.heldout_clips = 4
     return c
 
 
@@ -46,6 +47,16 @@ def test_demo_writes_checkpoints_events_and_samples(trained):
     steps = sorted(int(os.path.basename(p)) for p in glob.glob(os.path.join(workdir, "checkpoints", "*")))
     assert steps == [2, 4]
     assert glob.glob(os.path.join(workdir, "tensorboard", "events.out.tfevents.*"))
+    # The held-out scoring at the end: every key of metrics.json, one row and one strip per clip.
+    import json
+    with open(os.path.join(workdir, "heldout", "metrics.json")) as f:
+        scores = json.load(f)
+    assert scores["step"] == 4 and scores["clips"] == 4 and len(scores["rows"]) == 4, scores
+    for key in ("trajectory_error_px", "frozen_baseline_px", "wrong_direction_baseline_px", "direction_accuracy",
+                "first_frame_psnr"):
+        assert np.isfinite(scores[key]) and scores[key] == result["heldout"][key], key
+    assert scores["frozen_baseline_px"] > 0  # the held-out clips move
+    assert len(glob.glob(os.path.join(workdir, "heldout", "clip_*.png"))) == 4
     for ext in ("mp4", "gif", "png"):
         path = result["samples"][ext]
         assert os.path.getsize(path) > 0, path
