@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Demo-quality sweep on a lent GPU (issue 23): trains configs/demo.py variants side by side on one card and prints
+# each one's held-out scores. The quality a config reaches does not depend on the hardware that trains it, so the GPU
+# only finds the variant worth timing on 2 CPU cores; wall-clock figures for the README come from the CPU.
+# Usage (on the device, from the repo root, with .whl carried):  bash bench/demo_sweep.sh "name:--config.x=1 ..." ...
+set -uo pipefail
+out=${OUT:-/tmp/sweep_out}
+art=/tmp/sweep_art  # the device returns few files: everything goes back as one archive
+mkdir -p "$out" "$art"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+  || exit 1
+export PYTHONPATH=$PWD:/tmp/site PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
+limit=${SWEEP_TIMEOUT:-500}
+for spec in "$@"; do
+  name=${spec%%:*}; args=${spec#*:}
+  # shellcheck disable=SC2086
+  ( timeout "$limit" python3 -m atomo_jax.train --config=configs/demo.py --workdir="/tmp/sweep/$name" $args \
+      > "$art/$name.log" 2>&1; echo "rc=$?" >> "$art/$name.log"
+    cp "/tmp/sweep/$name/heldout/metrics.json" "$art/$name.metrics.json" 2>/dev/null
+    cp "/tmp/sweep/$name/heldout/clip_00.png" "$art/$name.clip_00.png" 2>/dev/null ) &
+done
+wait
+tar czf "$out/sweep.tgz" -C "$art" .
+for spec in "$@"; do
+  name=${spec%%:*}
+  printf '%-14s %s\n' "$name" "$(grep -h 'held-out' "$art/$name.log" | sed 's/.*clips): //; s/: \/tmp.*//') $(grep -h 'steps_per_s' "$art/$name.log" | tail -n 1 | grep -o 'steps_per_s=[0-9.]*') $(tail -n 1 "$art/$name.log")"
+done
