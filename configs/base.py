@@ -127,7 +127,7 @@ def get_config() -> ml_collections.ConfigDict:
         source_seed=0,  # seed of the clips (held-out samples use seed + 10,000)
         shape_radius=(0.1, 0.22),  # half-size range, fraction of the frame
         shape_speed=(0.04, 0.12),  # speed range per frame, fraction of the frame
-        shape_motion="random",  # random | by_shape (each kind starts in its own direction)
+        shape_motion="random",  # random | by_shape | by_colour (each kind / colour starts in its own direction)
         gradient_prob=0.5,  # fraction of clips on a gradient background
         background="random",  # random | black
         # grain

@@ -15,7 +15,11 @@ import grain.python as grain
 SHAPES = ("circle", "square", "triangle")
 # Initial direction per shape for motion="by_shape", in radians (image y grows downwards): right, down, up-left.
 DIRECTIONS = {"circle": 0.0, "square": 0.5 * np.pi, "triangle": 1.25 * np.pi}
-MOTIONS = ("random", "by_shape")
+# Initial direction per colour for motion="by_colour": seven colours 2*pi/7 apart. Colour is in every pixel of the
+# shape (and of a 4x-pooled latent), so it is a cue a tiny model reads sooner than the outline.
+COLOUR_DIRECTIONS = {name: 2 * np.pi * i / 7 for i, name in
+                     enumerate(("red", "green", "blue", "yellow", "purple", "orange", "white"))}
+MOTIONS = ("random", "by_shape", "by_colour")
 BACKGROUNDS = ("random", "black")
 COLOURS = {
     "red": (220, 40, 40),
@@ -69,6 +73,9 @@ class MovingShapesSource(grain.RandomAccessDataSource):
             raise ValueError(f"MovingShapesSource: motion={motion!r}; expected one of {MOTIONS}")
         if background not in BACKGROUNDS:
             raise ValueError(f"MovingShapesSource: background={background!r}; expected one of {BACKGROUNDS}")
+        if motion == "by_colour" and background != "black":  # only on black is the black shape never drawn
+            raise ValueError("MovingShapesSource: motion='by_colour' needs background='black' (a black shape has "
+                             f"no direction), got background={background!r}")
         if not 0.0 <= gradient_prob <= 1.0:
             raise ValueError(f"MovingShapesSource: gradient_prob={gradient_prob} must be in [0, 1]")
         self.num_videos = num_videos
@@ -121,6 +128,8 @@ class MovingShapesSource(grain.RandomAccessDataSource):
         angle = rng.uniform(0, 2 * np.pi)
         if self.motion == "by_shape":
             angle = DIRECTIONS[shape]
+        elif self.motion == "by_colour":
+            angle = COLOUR_DIRECTIONS[colour_name]
         vx, vy = speed * np.cos(angle), speed * np.sin(angle)
         article = "an" if colour_name[0] in "aeiou" else "a"
         caption = f"{article} {colour_name} {shape} moving {_direction_word(vx, vy)}"

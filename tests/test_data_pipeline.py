@@ -25,7 +25,7 @@ from data_pipelines.global_batch import to_global
 from data_pipelines.loader import make_loader
 from data_pipelines.errors import DataBroken, DataError
 from data_pipelines.sources import VideoFolderSource
-from data_pipelines.synthetic import MovingShapesSource
+from data_pipelines.synthetic import COLOUR_DIRECTIONS, DIRECTIONS, MovingShapesSource
 from data_pipelines.video_decode import BadVideo, ClipSpec, call_with_timeout, decode_clip
 
 NUM_GOOD = 6
@@ -126,25 +126,28 @@ def _centroids(video: np.ndarray) -> np.ndarray:
     return np.asarray(out)
 
 
-def test_moving_shapes_options_by_shape_motion_black_background_sizes():
-    source = MovingShapesSource(num_videos=60, num_frames=2, resolution=64, seed=1, radius=(0.2, 0.25),
-                                speed=(0.05, 0.06), motion="by_shape", background="black")
-    direction = {"circle": (1.0, 0.0), "square": (0.0, 1.0), "triangle": (-1.0, -1.0)}  # image y grows down
-    aligned = {k: [] for k in direction}
+@pytest.mark.parametrize("motion", ["by_shape", "by_colour"])
+def test_moving_shapes_options_motion_black_background_sizes(motion):
+    source = MovingShapesSource(num_videos=90, num_frames=2, resolution=64, seed=1, radius=(0.2, 0.25),
+                                speed=(0.05, 0.06), motion=motion, background="black")
+    # The caption is "a <colour> <shape> moving ...": the kind that sets the direction is word 2 or word 1.
+    word, angles = (2, DIRECTIONS) if motion == "by_shape" else (1, COLOUR_DIRECTIONS)
+    aligned = {k: [] for k in angles if k != "black"}
     for i in range(len(source)):
         clip = source[i]
-        shape = clip["caption"].split()[2]
+        kind = clip["caption"].split()[word]
         mask = clip["video"][0].max(axis=-1) > 0
         assert mask.any(), clip["caption"]  # never a black shape on the black background
         assert mask.sum() >= 1.8 * (0.2 * 64) ** 2  # half-size r >= 0.2 of the frame: area >= 2 r^2 (triangle)
         d = np.diff(_centroids(clip["video"]), axis=0)[0]
-        aligned[shape].append(np.dot(d, direction[shape]) / np.linalg.norm(d) / np.linalg.norm(direction[shape]))
-    for shape, cosines in aligned.items():  # a bounce in the first step may turn a few around; random would not align
-        assert len(cosines) >= 5 and np.mean(np.asarray(cosines) > 0.99) >= 0.7, (shape, cosines)
+        truth = np.array([np.cos(angles[kind]), np.sin(angles[kind])])  # image y grows down
+        aligned[kind].append(np.dot(d, truth) / max(np.linalg.norm(d), 1e-9))
+    for kind, cosines in aligned.items():  # a bounce in the first step may turn a few around; random would not align
+        assert len(cosines) >= 5 and np.mean(np.asarray(cosines) > 0.98) >= 0.7, (kind, cosines)
     default = MovingShapesSource(num_videos=4, seed=1)
     assert default.motion == "random" and default.background == "random" and default.radius == (0.1, 0.22)
     for bad in (dict(radius=(0.3, 0.2)), dict(radius=(0.2,)), dict(speed=(0.0, 0.1)), dict(motion="spiral"), dict(background="pink"),
-                dict(gradient_prob=1.5)):
+                dict(gradient_prob=1.5), dict(motion="by_colour")):
         with pytest.raises(ValueError, match="MovingShapesSource: " + next(iter(bad))):
             MovingShapesSource(**bad)
 
