@@ -149,8 +149,10 @@ def test_still_background_beside_a_moving_object_stays_still():
     assert 0.5 * truth <= flow.motion_score(video) <= 1.5 * truth
     video, truth = patch_video()
     assert 0.8 * truth <= flow.motion_score(video) <= 1.4 * truth
-    f = np.linalg.norm(np.asarray(flow.dense_flow(*video[:2])), axis=-1)
-    assert f[:, 40:].max() == 0.0 and f[:20].max() == 0.0  # background well away from the patch: exactly still
+    far = lambda f: np.concatenate([f[:, 40:].ravel(), f[:20].ravel()])  # background well away from the patch
+    norm = lambda **kw: np.linalg.norm(np.asarray(flow.dense_flow(*video[:2], **kw)), axis=-1)
+    assert far(norm()).max() == 0.0
+    assert far(norm(still_test=False)).max() > 0.05  # what the still test removes: the coarse levels' spread
 
 
 def test_motion_score_reads_float_videos_in_0_1_and_refuses_other_scales():

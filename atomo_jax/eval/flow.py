@@ -31,7 +31,7 @@ import numpy as np
 
 MIN_PYRAMID_SIDE = 8
 STILL_FLOOR = 1e-6  # squared grey change (0..1 scale) below a quarter of a uint8 level: no evidence
-MAJORITY_SIGMA = 1.5
+MAJORITY_SIGMA = 1.5  # neighbourhood of the still test's vote: fills ties a few px apart, keeps 2-px edges
 _GREY = (0.299, 0.587, 0.114)  # ITU-R 601 luma
 _DERIVATIVE = np.array([1.0, -8.0, 0.0, 8.0, -1.0]) / 12.0  # 5-point central difference
 
