@@ -143,12 +143,12 @@ def patch_video(speed=2, side=16):
 
 def test_still_background_beside_a_moving_object_stays_still():
     """The coarse levels spread an object's motion into the background; the still test takes it back. Measured:
-    disc 1.34x and patch 1.31x their true pixel means (15x and 1.83x without the still test)."""
+    disc 1.24x and patch 1.01x their true pixel means (15x and 1.83x without the still test)."""
     video, truth = disc_video()
     assert truth == pytest.approx(0.154, abs=0.001)
     assert 0.5 * truth <= flow.motion_score(video) <= 1.5 * truth
     video, truth = patch_video()
-    assert 0.8 * truth <= flow.motion_score(video) <= 1.4 * truth
+    assert 0.8 * truth <= flow.motion_score(video) <= 1.2 * truth
     far = lambda f: np.concatenate([f[:, 40:].ravel(), f[:20].ravel()])  # background well away from the patch
     norm = lambda **kw: np.linalg.norm(np.asarray(flow.dense_flow(*video[:2], **kw)), axis=-1)
     assert far(norm()).max() == 0.0

@@ -7,15 +7,14 @@ Lucas-Kanade normal equations over a Gaussian window (sigma `window_sigma`) for 
 Tikhonov term `damping` so that textureless pixels get a zero increment instead of a division by ~0. Gradients are
 those of the mean of the first and the warped second frame (symmetric, converges in fewer iterations).
 
-After the finest level, a still test zeroes the flow of every pixel whose change between the frames the flow does
-not explain better than no motion (see `_keep_moving`): the coarse levels spread a moving object's flow into a
-textureless background, and the fine levels, which see no gradient there, cannot take it back.
+After the finest level, a still test zeroes the flow of every pixel where the frames give no evidence of motion
+(see `_keep_moving`): the coarse levels spread a moving object's flow into the background around it, and the fine
+levels, which see no gradient in a flat background, cannot take it back.
 
 The motion score is the mean flow magnitude over all pixels and frame pairs, as RAFT-based scores are. Measured
-(tests/test_eval.py): smooth textured translations within 1%; a flat disc moving 2 px/frame on black scores 1.34x
-its true pixel mean (15x without the still test: the interior of a flat disc has no evidence and scores 0, the
-edges and a band of background next to them score the disc's motion); a textured 16x16 patch on a still textured
-background 1.31x (1.83x without). Like any local method it measures only motion it can see: inside textureless
+(tests/test_eval.py): smooth textured translations within 1%; a flat disc moving 2 px/frame on black scores 1.24x
+its true pixel mean (15x without the still test: its edges and a wide band of background scored the disc's
+motion); a textured 16x16 patch on a still textured background 1.01x (1.83x without). Like any local method it measures only motion it can see: inside textureless
 regions and along straight edges (the aperture problem) it under-estimates, where RAFT (AIGCBench's flow network)
 fills motion in from context. Motion scores from this module are therefore *not* directly comparable to RAFT-based
 numbers (e.g. AtomoVideo's 3.124); compare models with the same method.
@@ -90,16 +89,28 @@ def _refine(i0: jax.Array, i1: jax.Array, flow: jax.Array, iterations: int, wind
     return jax.lax.fori_loop(0, iterations, step, flow)
 
 
-def _keep_moving(i0: jax.Array, i1: jax.Array, flow: jax.Array) -> jax.Array:
-    """Zero the flow where the frames give no evidence of motion. A pixel is moving when the flow explains its change
-    better than no motion does, (I1(x) - I0(x))^2 > (I1(x + flow) - I0(x))^2 + STILL_FLOOR; a majority vote over a
-    Gaussian neighbourhood (sigma MAJORITY_SIGMA) then fills isolated ties (texture extrema that move without
-    changing) and removes isolated noise. A textureless still background keeps no flow, although the coarse levels
-    spread an object's motion into it."""
-    warped, _ = _warp(i1, flow)
-    moving = ((i1 - i0) ** 2 > (warped - i0) ** 2 + STILL_FLOOR).astype(jnp.float32)
-    majority = _blur(moving[..., None], _gaussian(MAJORITY_SIGMA))[..., 0] > 0.5
-    return flow * majority[..., None]
+def _evidence(i0: jax.Array, i1: jax.Array, flow: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(moving, still) masks: the flow explains the change from i0 to i1 better than no motion does, by more than
+    STILL_FLOOR, or no motion explains it better (only where the flow's match lies inside the frame: a match
+    outside it is no evidence). Where neither holds (no texture, or a texture extremum), the frames cannot tell."""
+    warped, inside = _warp(i1, flow)
+    unmoved, moved = (i1 - i0) ** 2, (warped - i0) ** 2
+    return unmoved > moved + STILL_FLOOR, (moved > unmoved + STILL_FLOOR) & (inside > 0)
+
+
+def _keep_moving(raw: tuple[jax.Array, jax.Array], smooth: tuple[jax.Array, jax.Array],
+                 flow: jax.Array) -> jax.Array:
+    """Zero the flow where the frames give no evidence of motion. The raw frames decide wherever they can: a pixel
+    is moving where the flow explains its change better than no motion, still where no motion explains it better
+    (a textured still background beside a moving object). Where they cannot (flat regions, texture extrema), the
+    presmoothed frames vote: a pixel is moving when the flow explains their change better over most of a Gaussian
+    neighbourhood (sigma MAJORITY_SIGMA); presmoothing carries a flat object's edges a pixel or two inwards, and
+    the vote fills the rest of a small flat object's interior. A textureless still background keeps no flow,
+    although the coarse levels spread an object's motion into it."""
+    moving, still = _evidence(*raw, flow)
+    votes = _evidence(*smooth, flow)[0].astype(jnp.float32)
+    majority = _blur(votes[..., None], _gaussian(MAJORITY_SIGMA))[..., 0] > 0.5
+    return flow * (moving | (majority & ~still))[..., None]
 
 
 def num_levels(height: int, width: int, max_levels: int) -> int:
@@ -126,7 +137,8 @@ def dense_flow(frame0: jax.Array, frame1: jax.Array, *, max_levels: int = 5, ite
         return f @ jnp.asarray(_GREY, jnp.float32) if f.ndim == 3 else f
 
     presmooth = _gaussian(1.0)
-    pyramid = [tuple(_blur(grey(f)[..., None], presmooth)[..., 0] for f in (frame0, frame1))]
+    raw = (grey(frame0), grey(frame1))
+    pyramid = [tuple(_blur(x[..., None], presmooth)[..., 0] for x in raw)]
     for _ in range(num_levels(*pyramid[0][0].shape, max_levels) - 1):
         pyramid.append(tuple(_downsample(x) for x in pyramid[-1]))
 
@@ -139,7 +151,7 @@ def dense_flow(frame0: jax.Array, frame1: jax.Array, *, max_levels: int = 5, ite
             flow = jax.image.resize(flow, (h, w, 2), method="linear") * scale
         flow = _refine(i0, i1, flow, iterations, window, damping)
     if still_test:
-        flow = _keep_moving(i0, i1, flow)
+        flow = _keep_moving(raw, pyramid[0], flow)
     return flow
 
 
