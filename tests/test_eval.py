@@ -4,6 +4,7 @@ Every flow test uses (4, 64, 64, 3) videos so that one compiled flow serves them
 """
 
 import json
+import os
 import subprocess
 import sys
 
@@ -309,6 +310,8 @@ def test_cli_writes_json_and_markdown(video_folder, clip_folders, tmp_path, caps
     table = (tmp_path / "report" / "metrics.md").read_text()
     assert "| moving.mp4 | 4 |" in table and "| **mean (2 videos)** |" in table
     assert "CLIP text-video" in table and "not directly comparable to RAFT" in table and "resized" in table
+    assert all(row["motion_flow"] == "lk" for row in rows.values()) and results["settings"]["motion_flow"] == "lk"
+    assert "motion px/frame (lk)" in table
     assert "wrote" in capsys.readouterr().out
 
 
@@ -321,6 +324,26 @@ def test_cli_errors(video_folder, clip_folders, tmp_path):
     with pytest.raises(SystemExit, match="error: no such weight file or folder"):
         eval_main(["--videos", str(video_folder / "videos" / "pan.mp4"), "--clip", str(tmp_path / "none"),
                    "--no_progress"])
+    with pytest.raises(SystemExit, match="error: --flow=raft needs --flow_weights=PATH"):
+        eval_main(["--videos", str(video_folder / "videos" / "pan.mp4"), "--flow", "raft", "--no_progress"])
+    with pytest.raises(SystemExit, match="error: --flow_weights is for --flow=raft"):
+        eval_main(["--videos", str(video_folder / "videos" / "pan.mp4"), "--flow_weights", "x.pth", "--no_progress"])
     help_text = subprocess.run([sys.executable, "-m", "atomo_jax.eval", "--help"], capture_output=True, text=True,
                                check=True).stdout
-    assert "--videos" in help_text and "--clip" in help_text
+    assert "--videos" in help_text and "--clip" in help_text and "--flow_weights" in help_text
+
+
+def test_raft_backend_matches_torchvision():
+    """tests/raft_checks.py in a process of its own, with torchvision importable: tests/run.sh installs it into
+    .venv/torchvision rather than the venv, because the only torchvision wheel on these machines is a CUDA build
+    whose presence breaks transformers' imports in every other test (see atomo_jax/eval/raft.py)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    site = os.path.join(root, ".venv", "torchvision")
+    env = dict(os.environ)
+    if os.path.isdir(site):
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [site, env.get("PYTHONPATH")]))
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                           os.path.join(root, "tests", "raft_checks.py")], env=env, cwd=root, capture_output=True,
+                          text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    assert "4 passed in" in proc.stdout and "skipped" not in proc.stdout, proc.stdout[-2000:]  # none skipped

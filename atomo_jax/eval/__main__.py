@@ -11,6 +11,8 @@ differs from the video's is resized to it (reported in the log, the JSON and the
 (CSV with `video,prompt` columns or JSONL {"video": ..., "prompt": ...}) or --prompt for all. CLIP metrics need
 transformers CLIP weights, converted on load (--clip: a CLIPModel folder such as openai/clip-vit-large-patch14, the
 model AIGCBench uses; or --clip_vision/--clip_text); without them only SSIM, MSE and motion are computed.
+Motion: --flow=lk (default; ours, no weights) or --flow=raft --flow_weights=raft_small.pth (torchvision's RAFT, the
+flow network AIGCBench's motion numbers come from; frames >= 128 px with sides divisible by 8).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from typing import Sequence
 from atomo_jax.eval import metrics
 from atomo_jax.eval import evaluate
 from atomo_jax.eval.clip_score import load_clip
+from atomo_jax.eval.raft import RaftFlow
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -39,6 +42,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tokenizer", help="CLIP tokenizer folder (default: the CLIP text folder).")
     p.add_argument("--ssim_window", choices=metrics.SSIM_WINDOWS, default="gaussian",
                    help="gaussian: Wang et al. 11x11, sigma 1.5; uniform: 7x7 box as AIGCBench's eval.py.")
+    p.add_argument("--flow", choices=("lk", "raft"), default="lk",
+                   help="Motion backend: lk (our Lucas-Kanade in JAX, no weights) or raft (torchvision RAFT, as "
+                        "AIGCBench; needs --flow_weights and torchvision).")
+    p.add_argument("--flow_weights", help="torchvision raft_small / raft_large state dict (.pth or .safetensors).")
+    p.add_argument("--raft_updates", type=int, default=12, help="RAFT flow updates per pair (torchvision's default).")
     p.add_argument("--max_frames", type=int, default=0, help="Score only the first N frames (0: all).")
     p.add_argument("--batch_size", type=int, default=16, help="Frames per CLIP call.")
     p.add_argument("--out", default="eval/metrics", help="Output path prefix: writes OUT.json and OUT.md.")
@@ -58,8 +66,16 @@ def run(args: argparse.Namespace) -> tuple[str, str]:
         if args.clip_text:
             raise ValueError("--clip_text needs CLIP vision weights too (--clip or --clip_vision)")
         logging.warning("no CLIP weights (--clip / --clip_vision): CLIP similarities are not computed")
+    flow_backend = None
+    if args.flow == "raft":
+        if not args.flow_weights:
+            raise ValueError("--flow=raft needs --flow_weights=PATH (torchvision raft_small / raft_large weights; "
+                             "nothing is downloaded)")
+        flow_backend = RaftFlow(args.flow_weights, num_flow_updates=args.raft_updates)
+    elif args.flow_weights:
+        raise ValueError("--flow_weights is for --flow=raft")
     results = evaluate.evaluate(inputs, clip=clip, ssim_window=args.ssim_window, max_frames=args.max_frames or None,
-                                progress=not args.no_progress)
+                                progress=not args.no_progress, flow_backend=flow_backend)
     paths = evaluate.write_reports(results, args.out)
     print(evaluate.markdown_table(results))
     print(f"wrote {paths[0]} and {paths[1]}")

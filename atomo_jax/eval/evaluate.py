@@ -5,7 +5,8 @@ Per video (uint8 frames, (F, H, W, 3)):
 - `clip_image_video`: mean over frames of cos(CLIP(image), CLIP(frame)).
 - `clip_adjacent`: mean over adjacent pairs of cos(CLIP(frame i), CLIP(frame i+1)) (AIGCBench's "GenVideo Clip").
 - `clip_text_video`: mean over frames of cos(CLIP text(prompt), CLIP(frame)).
-- `motion`: mean dense-flow magnitude in pixels between adjacent frames (`flow`, Lucas-Kanade, not RAFT).
+- `motion`: mean dense-flow magnitude in pixels between adjacent frames, from the backend named in `motion_flow`
+  (`flow.LucasKanade`, the default, or RAFT from `raft.RaftFlow`).
 Metrics whose inputs are missing (no image, no CLIP weights, no prompt, a single frame) are None.
 """
 
@@ -161,8 +162,9 @@ def _mean_or_none(x: np.ndarray) -> float | None:
 
 
 def score_video(frames: np.ndarray, image: np.ndarray | None = None, *, clip: Any = None, prompt: str | None = None,
-                ssim_window: str = "gaussian") -> dict[str, float | None]:
-    """All metrics of one uint8 video (F, H, W, 3) against a uint8 image of the same size (or None)."""
+                ssim_window: str = "gaussian", flow_backend: Any = None) -> dict[str, float | None]:
+    """All metrics of one uint8 video (F, H, W, 3) against a uint8 image of the same size (or None); the motion
+    score from `flow_backend` (default `flow.LucasKanade()`)."""
     frames = np.asarray(frames)
     if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
         raise ValueError(f"expected uint8 frames (F, H, W, 3), got {frames.dtype} {frames.shape}")
@@ -182,14 +184,15 @@ def score_video(frames: np.ndarray, image: np.ndarray | None = None, *, clip: An
         if prompt is not None and clip.has_text:
             result["clip_text_video"] = _mean_or_none(metrics.cosine(clip.text_embeds([prompt]), frame_embeds))
     if len(frames) > 1:
-        result["motion"] = flow.motion_score(frames)
+        result["motion"] = flow.motion_score(frames, flow_backend)
     return result
 
 
 def evaluate(inputs: Iterable[VideoInput], *, clip: Any = None, ssim_window: str = "gaussian",
-             max_frames: int | None = None, progress: bool = True) -> dict[str, Any]:
+             max_frames: int | None = None, progress: bool = True, flow_backend: Any = None) -> dict[str, Any]:
     """Scores every input -> {"videos": [per-video dicts], "mean": {metric: mean over videos that have it},
-    "settings": {...}}."""
+    "settings": {...}}. Each row names the motion backend (`motion_flow`) beside its motion number."""
+    flow_backend = flow_backend or flow.LucasKanade()
 
     inputs = list(inputs)
     rows = []
@@ -214,14 +217,16 @@ def evaluate(inputs: Iterable[VideoInput], *, clip: Any = None, ssim_window: str
             image = fit_image(image, frames.shape[1], frames.shape[2])
         if item.prompt is not None:
             row["prompt"] = item.prompt
-        row.update(score_video(frames, image, clip=clip, prompt=item.prompt, ssim_window=ssim_window))
+        row.update(score_video(frames, image, clip=clip, prompt=item.prompt, ssim_window=ssim_window,
+                               flow_backend=flow_backend))
+        row["motion_flow"] = flow_backend.name
         rows.append(row)
     mean = {}
     for key in METRICS:
         values = [r[key] for r in rows if r[key] is not None]
         mean[key] = float(np.mean(values)) if values else None
     settings = {"ssim_window": ssim_window, "max_frames": max_frames,
-                "flow": "pyramidal iterative Lucas-Kanade (atomo_jax.eval.flow), not RAFT",
+                "flow": flow_backend.description, "motion_flow": flow_backend.name,
                 "mse_scale": "0..255"}
     return {"videos": rows, "mean": mean, "settings": settings}
 
@@ -233,16 +238,19 @@ def markdown_table(results: Mapping[str, Any]) -> str:
     def cell(value: float | None, key: str) -> str:
         return "-" if value is None else format(value, _COLUMNS[key][1])
 
-    lines = ["| video | frames | " + " | ".join(_COLUMNS[k][0] for k in keys) + " |",
+    s = results["settings"]
+    title = lambda key: _COLUMNS[key][0] + (f" ({s['motion_flow']})" if key == "motion" else "")
+    lines = ["| video | frames | " + " | ".join(title(k) for k in keys) + " |",
              "|---|---:|" + "---:|" * len(keys)]
     for row in results["videos"]:
         lines.append(f"| {os.path.basename(row['video'])} | {row['frames']} | "
                      + " | ".join(cell(row[k], k) for k in keys) + " |")
     lines.append(f"| **mean ({len(results['videos'])} videos)** | | "
                  + " | ".join(cell(results["mean"][k], k) for k in keys) + " |")
-    s = results["settings"]
+    comparable = ("comparable with RAFT-based scores" if s["motion_flow"].startswith("raft")
+                  else "not directly comparable to RAFT-based scores")
     lines += ["", f"SSIM: {s['ssim_window']} window; MSE on the {s['mse_scale']} scale. Motion: mean optical-flow "
-              f"magnitude between adjacent frames from {s['flow']}: not directly comparable to RAFT-based scores."]
+              f"magnitude between adjacent frames from {s['flow']}: {comparable}."]
     resized = [os.path.basename(r["video"]) for r in results["videos"] if "image_resized_from" in r]
     if resized:
         lines.append(f"Input image resized to the video size for: {', '.join(resized)}.")

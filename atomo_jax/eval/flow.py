@@ -23,6 +23,7 @@ numbers (e.g. AtomoVideo's 3.124); compare models with the same method.
 from __future__ import annotations
 
 import functools
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -161,9 +162,21 @@ def _pair_magnitudes(video: jax.Array) -> jax.Array:
     return jnp.mean(jnp.linalg.norm(flows, axis=-1), axis=(1, 2))
 
 
-def motion_score(video: np.ndarray) -> float:
+class LucasKanade:
+    """The default motion backend: per-pair mean magnitudes of `dense_flow`, for frames on the 0..255 scale."""
+
+    name = "lk"
+    description = "pyramidal iterative Lucas-Kanade (atomo_jax.eval.flow), not RAFT"
+
+    def __call__(self, video: np.ndarray) -> np.ndarray:
+        return np.asarray(_pair_magnitudes(jnp.asarray(video)))
+
+
+def motion_score(video: np.ndarray, backend: Callable[[np.ndarray], np.ndarray] | None = None) -> float:
     """Mean optical-flow magnitude in pixels between adjacent frames of a (F, H, W, 3) video, uint8 (0..255) or
-    float in [0, 1] (the same score for the same frames); 0.0 for a single frame."""
+    float in [0, 1] (the same score for the same frames); 0.0 for a single frame. `backend` maps frames on the
+    0..255 scale to (F - 1,) per-pair mean magnitudes: `LucasKanade()` (the default) or an
+    `atomo_jax.eval.raft.RaftFlow`."""
     video = np.asarray(video)
     if video.ndim != 4 or video.shape[-1] != 3:
         raise ValueError(f"expected a (F, H, W, 3) video, got shape {video.shape}")
@@ -178,4 +191,4 @@ def motion_score(video: np.ndarray) -> float:
         raise ValueError(f"expected uint8 or float frames, got dtype {video.dtype}")
     if video.shape[0] < 2:
         return 0.0
-    return float(np.mean(np.asarray(_pair_magnitudes(jnp.asarray(video)))))
+    return float(np.mean((backend or LucasKanade())(video)))
