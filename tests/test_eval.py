@@ -92,6 +92,9 @@ def test_ssim_matches_skimage():
     aigcbench = structural_similarity(a, b, win_size=7, channel_axis=-1)  # the call in AIGCBench's eval.py
     assert metrics.ssim(a, b, window="gaussian") == pytest.approx(wang, rel=1e-10)
     assert metrics.ssim(a, b, window="uniform") == pytest.approx(aigcbench, rel=1e-10)
+    from skimage.metrics import mean_squared_error
+
+    assert metrics.mse(a, b) == pytest.approx(mean_squared_error(a, b), rel=1e-12)  # AIGCBench's MSE call, on uint8
 
 
 def test_mse_and_errors():
