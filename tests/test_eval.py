@@ -168,6 +168,8 @@ def test_motion_score_reads_float_videos_in_0_1_and_refuses_other_scales():
         flow.motion_score(video.astype(np.float32) / 127.5 - 1.0)
     with pytest.raises(ValueError, match="uint8 or float frames, got dtype int64"):
         flow.motion_score(video.astype(np.int64))
+    with pytest.raises(ValueError, match=r"expected a \(F, H, W, 3\) video, got shape \(4, 64, 64\)"):
+        flow.motion_score(video[..., 0])
 
 
 def test_flow_direction():
