@@ -38,7 +38,7 @@ class Preemption:
             os.kill(os.getpid(), signal.SIGTERM)
 
     def should_stop(self, step: int) -> bool:
-        import jax
+        import jax  # as in distributed_started: this module loads before jax does
 
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils
