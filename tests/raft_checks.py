@@ -89,7 +89,7 @@ def test_cli_names_the_backend_beside_the_number(small_weights, tmp_path):
     assert row["motion_flow"] == "raft_small" and results["settings"]["motion_flow"] == "raft_small"
     assert row["motion"] == pytest.approx(torchvision_motion(model, read_video(str(tmp_path / "clip.mp4"))), rel=1e-5)
     table = (tmp_path / "metrics.md").read_text()
-    assert "motion px/frame (raft_small)" in table and "comparable with RAFT-based scores" in table
+    assert "motion px/frame (raft_small)" in table and "comparable with RAFT-based scores at the same frame size" in table
 
 
 def test_transformers_still_imports():

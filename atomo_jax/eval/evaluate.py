@@ -247,7 +247,7 @@ def markdown_table(results: Mapping[str, Any]) -> str:
                      + " | ".join(cell(row[k], k) for k in keys) + " |")
     lines.append(f"| **mean ({len(results['videos'])} videos)** | | "
                  + " | ".join(cell(results["mean"][k], k) for k in keys) + " |")
-    comparable = ("comparable with RAFT-based scores" if s["motion_flow"].startswith("raft")
+    comparable = ("comparable with RAFT-based scores at the same frame size" if s["motion_flow"].startswith("raft")
                   else "not directly comparable to RAFT-based scores")
     lines += ["", f"SSIM: {s['ssim_window']} window; MSE on the {s['mse_scale']} scale. Motion: mean optical-flow "
               f"magnitude between adjacent frames from {s['flow']}: {comparable}."]

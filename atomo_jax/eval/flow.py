@@ -14,10 +14,11 @@ levels, which see no gradient in a flat background, cannot take it back.
 The motion score is the mean flow magnitude over all pixels and frame pairs, as RAFT-based scores are. Measured
 (tests/test_eval.py): smooth textured translations within 1%; a flat disc moving 2 px/frame on black scores 1.24x
 its true pixel mean (15x without the still test: its edges and a wide band of background scored the disc's
-motion); a textured 16x16 patch on a still textured background 1.01x (1.83x without). Like any local method it measures only motion it can see: inside textureless
-regions and along straight edges (the aperture problem) it under-estimates, where RAFT (AIGCBench's flow network)
-fills motion in from context. Motion scores from this module are therefore *not* directly comparable to RAFT-based
-numbers (e.g. AtomoVideo's 3.124); compare models with the same method.
+motion); a textured 16x16 patch on a still textured background 1.01x (1.83x without). Like any local method it
+measures only motion it can see: inside textureless regions and along straight edges (the aperture problem) it
+under-estimates, where RAFT (AIGCBench's flow network) fills motion in from context. Motion scores from this module
+are therefore *not* directly comparable to RAFT-based numbers (e.g. AtomoVideo's 3.124); compare models with the
+same method.
 """
 
 from __future__ import annotations
