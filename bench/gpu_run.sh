@@ -7,7 +7,9 @@
 #           pair alone), sample (i2v, 16 frames, 512 px, 25 steps, guidance batch 3, vs diffusers eager and
 #           regionally compiled), scale2 (1 vs 2 GPUs, data-parallel and fsdp;
 #           needs 2 GPUs), ab_layout / ab_pack (b4 A/B against the default of row-major state layouts / of
-#           updating every leaf on its own, both profiled, the HLO of the default, beside the peer). JAX_ARGS adds flags to every run of ours (e.g. --profile=DIR).
+#           updating every leaf on its own, both profiled, the HLO of the default, beside the peer), ab_flags /
+#           ab_flags_sample (the paper-shape trainable-set pair / the sampling pair, plus ours once per XLA flag in
+#           AB_FLAGS). JAX_ARGS adds flags to every run of ours (e.g. --profile=DIR).
 # The processes of a group start together: their compiles overlap, then they time one at a time (bench/gate.py).
 # The peer's b4 run uses diffusers' regional compilation (as measured in bench/RESULTS.md); TORCH_B4=--compile=full
 # asks for the whole-model torch.compile, which needs more than a 10-minute call to compile (bench/NOTES.md).
@@ -88,8 +90,23 @@ specs() {  # the processes of one group, "name:script:args", in timing order (th
     # b4 A/Bs: our step without and with jax_bench switches, both profiled (the HLO of the default), beside the peer
     ab_layout) ab_specs rowmajor --row_major ;;
     ab_pack) ab_specs unpacked --pack_small=0 ;;
+    # XLA flag A/Bs (AB_FLAGS="--xla_x=1 --xla_y=2"): the paper-shape trainable-set pair / the sampling pair, plus
+    # ours once per flag (jax_bench.py --xla_flag replaces the inherited value for that process alone).
+    ab_flags) printf '%s\n' "torch_p24_paper:torch_peer:train $p24 --trainable=paper --compile=regional --count_flops" \
+                   "jax_p24_paper:jax_bench:train $p24 --trainable=paper --model_flops=$p24_flops_paper $ja"
+              flag_specs "jax_bench:train $p24 --trainable=paper --model_flops=$p24_flops_paper $ja" p24 ;;
+    ab_flags_sample) printf '%s\n' "torch_sample:torch_peer:sample --latent=64 --steps=25 --iters=3" \
+                          "jax_sample:jax_bench:sample --latent=64 --steps=25 --iters=3"
+                     flag_specs "jax_bench:sample --latent=64 --steps=25 --iters=3" sample ;;
     *) printf '%s\n' "unknown group $1" >&2; return 2 ;;
   esac
+}
+
+flag_specs() {  # "script:args" TAG: one process of ours per flag in AB_FLAGS
+  local i=0 flag
+  for flag in ${AB_FLAGS:-}; do
+    i=$((i + 1)); printf '%s\n' "jax_$2_flag$i:${1%%:*}:${1#*:} --xla_flag=$flag"
+  done
 }
 
 ab_specs() {  # NAME FLAGS

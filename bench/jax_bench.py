@@ -153,6 +153,11 @@ def use_conv3d_temporal_conv() -> None:
     layers.FrameConv = Conv3dFrameConv
 
 
+def flag_tag(args: argparse.Namespace) -> str:
+    """'+name=value' per --xla_flag, without the common prefix: A/B rows are told apart in the report."""
+    return "".join("+" + f.lstrip("-").removeprefix("xla_gpu_") for f in args.xla_flag)
+
+
 def run_train(args: argparse.Namespace) -> dict:
     if args.conv3d:
         use_conv3d_temporal_conv()
@@ -225,7 +230,8 @@ def run_train(args: argparse.Namespace) -> dict:
                 f.write(summary + "\n")
     med = statistics.median(times)
     impl = ("jax" + ("_conv3d" if args.conv3d else "")
-            + ("_rowmajor" if args.row_major else "") + ("_unpacked" if args.pack_small == 0 else ""))
+            + ("_rowmajor" if args.row_major else "") + ("_unpacked" if args.pack_small == 0 else "")
+            + flag_tag(args))
     return {"kind": "train", "impl": impl, "batch": args.batch, "frames": args.frames,
             "devices": args.devices, "layout": args.layout, "latent": args.latent, "trainable": args.trainable,
             "remat": args.remat, "attention": args.attention, "dtype": args.dtype, "s_per_step": med,
@@ -289,7 +295,7 @@ def run_sample(args: argparse.Namespace) -> dict:
     run = lambda: compiled(params, jax.random.key(1), cond)
     jax.block_until_ready(run())
     times = timed(run, args.iters)
-    return {"kind": "sample", "impl": "jax", "frames": args.frames, "latent": lat, "steps": args.steps, "guidance_batch": 3,
+    return {"kind": "sample", "impl": "jax" + flag_tag(args), "frames": args.frames, "latent": lat, "steps": args.steps, "guidance_batch": 3,
             "s_per_video": statistics.median(times), "times": times, "compile_s": compile_s, "peak_gib": peak_gib(),
             "device": jax.devices()[0].device_kind}
 
@@ -331,8 +337,15 @@ def main() -> None:
     p.add_argument("--profile", default="", help="trace dir: profile 3 steps and print where the time goes")
     p.add_argument("--dump_hlo", default="", help="dir: XLA writes the optimized HLO of every module there")
     p.add_argument("--tiny", action="store_true", help="demo-sized UNet: a CPU smoke test of this script")
+    p.add_argument("--xla_flag", action="append", default=[],
+                   help="A/B: an XLA flag (--name=value) set for this process, replacing the inherited value; "
+                        "the result's impl is tagged with it")
     p.add_argument("--out", required=True)
     args = p.parse_args()
+    for flag in args.xla_flag:  # read when the backend starts, which is after this point
+        name = flag.split("=")[0]
+        kept = [f for f in os.environ.get("XLA_FLAGS", "").split() if f.split("=")[0] != name]
+        os.environ["XLA_FLAGS"] = " ".join(kept + [flag])
     if args.dump_hlo:  # read when the backend starts, which is after this point
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --xla_dump_to={args.dump_hlo}"
                                    " --xla_dump_hlo_as_text")
