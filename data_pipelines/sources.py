@@ -10,6 +10,7 @@ import csv
 import io
 import json
 import os
+import threading
 from typing import Sequence
 
 import grain.python as grain
@@ -161,8 +162,16 @@ def encode_record(arrays: dict[str, np.ndarray | str | int | float]) -> bytes:
     return buffer.getvalue()
 
 
+# numpy parses each array's npy header with ast.literal_eval, and CPython 3.11's AST construction is not safe in
+# several threads at once (python/cpython#106905: "SystemError: AST constructor recursion depth mismatch"), which
+# grain's read threads do: it killed a 2-process training run. Decoding is a few memcpys, so one at a time costs
+# nothing measurable.
+_DECODE_LOCK = threading.Lock()
+
+
 def decode_record(data: bytes) -> dict[str, np.ndarray]:
-    with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+    """Inverse of `encode_record`; safe to call from several threads."""
+    with _DECODE_LOCK, np.load(io.BytesIO(data), allow_pickle=False) as npz:
         return {k: npz[k] for k in npz.files}
 
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import os
+import sys
+import threading
 import time
 from fractions import Fraction
 
@@ -24,7 +26,7 @@ from data_pipelines import transforms
 from data_pipelines.global_batch import to_global
 from data_pipelines.loader import make_loader
 from data_pipelines.errors import DataBroken, DataError
-from data_pipelines.sources import VideoFolderSource
+from data_pipelines.sources import VideoFolderSource, decode_record, encode_record
 from data_pipelines.synthetic import COLOUR_DIRECTIONS, DIRECTIONS, MovingShapesSource
 from data_pipelines.video_decode import BadVideo, ClipSpec, call_with_timeout, decode_clip
 
@@ -409,6 +411,33 @@ def test_cache_latents_resumes_and_feeds_loader(video_dir, tmp_path):
 
 
 # ---- global arrays -----------------------------------------------------------------------------------------------
+
+
+def test_latent_records_decode_in_many_threads_at_once():
+    """grain's read threads decode cached-latent records concurrently; numpy's npy header parse (ast) is not
+    thread-safe on CPython 3.11 and once killed a 2-process run with a SystemError. A fast thread switch makes the
+    race show within a few thousand decodes when nothing guards it."""
+    record = encode_record({"latents": np.arange(64, dtype=np.float32).reshape(4, 2, 2, 4), "caption": "a red disc"})
+    errors, interval = [], sys.getswitchinterval()
+
+    def decode_many():
+        try:
+            for _ in range(1500):
+                out = decode_record(record)
+            assert out["latents"][3, 1, 1, 3] == 63 and str(out["caption"]) == "a red disc"
+        except Exception as e:  # noqa: BLE001 - collected and reported below
+            errors.append(repr(e))
+
+    sys.setswitchinterval(1e-6)
+    try:
+        threads = [threading.Thread(target=decode_many) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert not errors, errors[:3]
 
 
 def test_to_global_assembles_sharded_arrays():
