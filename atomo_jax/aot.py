@@ -9,7 +9,12 @@ would use, and `jit(train_step).lower(...).compile()` runs XLA for the target. T
 `jax[tpu]` pins for the installed jax; for jax 0.10.2: `pip install libtpu==0.0.42.1`). Prints per-chip HBM (arguments,
 temporaries, outputs) against the chip's capacity and FLOPs per step; exits 1 with the numbers when it does not fit.
 `--sweep` compiles every mesh layout x remat policy the config allows and prints a table; `--lower_only` stops
-before the compile (mesh, shardings and bytes of state + batch per device in seconds).
+before the compile (mesh, shardings and bytes of state + batch per device in seconds). `--plan` finds the largest
+batch that fits per chip with a few compiles (atomo_jax/plan.py) and estimates step time, clips per hour and
+chip-hours (cost with --price_per_chip_hour) from the compiled cost analysis:
+
+  python -m atomo_jax.aot --config=configs/base.py --topology=v5e-16 --plan --plan_remat=dots,full \
+      --config.mesh.fsdp=-1 --config.mesh.data=1 --config.data.kind=latents --price_per_chip_hour=1.2
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from typing import Any, Sequence
 
 import ml_collections
 
+from atomo_jax import plan
 from atomo_jax.configuration import add_log_level, cli_parser, parse_cli
 
 GIB = 1024 ** 3
@@ -34,13 +40,15 @@ class Chip:
     peak_flops: float  # dense bf16 per chip
     dims: int  # torus dimensions of the topology name
     cores_named: bool  # accelerator-type numbers count TensorCores (2 per chip), not chips
+    hbm_bytes_per_s: float  # HBM bandwidth per chip
 
 
+# Google Cloud's published per-chip figures.
 CHIPS = {
-    "v4": Chip(32, 275e12, 3, True),
-    "v5p": Chip(95, 459e12, 3, True),
-    "v5e": Chip(16, 197e12, 2, False),
-    "v6e": Chip(32, 918e12, 2, False),
+    "v4": Chip(32, 275e12, 3, True, 1228e9),
+    "v5p": Chip(95, 459e12, 3, True, 2765e9),
+    "v5e": Chip(16, 197e12, 2, False, 819e9),
+    "v6e": Chip(32, 918e12, 2, False, 1640e9),
 }
 
 
@@ -175,6 +183,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--lower_only", action="store_true",
                         help="trace, shard and lower the step without compiling it (seconds, not minutes): checks "
                              "the mesh and shardings and prints the state + batch bytes per device, not temporaries")
+    parser.add_argument("--plan", action="store_true",
+                        help="find the largest micro-batch per chip that fits (config.train.batch_size is replaced) "
+                             "and estimate step time, clips per hour and chip-hours for config.train.num_steps")
+    parser.add_argument("--plan_remat", default="",
+                        help="--plan: comma-separated remat policies to plan, each a row (default: the config's)")
+    parser.add_argument("--max_clips", type=int, default=256, help="--plan: the largest micro-batch per shard tried")
+    parser.add_argument("--price_per_chip_hour", type=float, help="--plan: price of one chip-hour, for the cost column")
+    parser.add_argument("--peak_tflops", type=float,
+                        help="--plan: dense bf16 TFLOP/s per chip assumed by the step-time estimate (default: the "
+                             "chip's published peak; needed for cpu-N)")
+    parser.add_argument("--hbm_gbps", type=float,
+                        help="--plan: HBM GB/s per chip assumed by the estimate (default: the chip's published "
+                             "figure; needed for cpu-N)")
+    parser.add_argument("--compile_cache", default="",
+                        help="directory of JAX's persistent compilation cache: a repeated plan, sweep or check "
+                             "loads each program it compiled before instead of compiling it again")
     parser.add_argument("--hbm_gib", type=float, help="override the per-chip memory capacity (GiB)")
     parser.add_argument("--usable_fraction", type=float, default=0.95,
                         help="fraction of the capacity a program may use (the runtime keeps the rest)")
@@ -184,6 +208,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         target = parse_target(args.topology, args.num_slices)
     except ValueError as e:
         parser.error(str(e))
+    if args.compile_cache:
+        os.environ["JAX_COMPILATION_CACHE_DIR"] = os.path.abspath(args.compile_cache)
     # Compiling touches no chip: let libtpu load while other jax processes on this host hold its lockfile.
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     if target.generation == "cpu":
@@ -213,6 +239,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"[aot] lowered for {target.name}: mesh {dict(mesh.shape)}, arguments {placed / GIB:.2f} GiB "
               f"({placed:,} B) per device (state + batch; not compiled, so no temporaries)", flush=True)
         return 0
+    if args.plan:
+        return _plan(args, config, target, devices, cap)
     if not args.sweep:
         try:
             report = fit_check.compile_train_step(config, devices, cap)
@@ -262,6 +290,103 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     best = min(fitting, key=lambda r: (r.flops, r.peak_bytes))
     print(f"[aot] {len(fitting)}/{len(rows)} fit; least compute per step: mesh {best.layout} remat={best.remat}")
+    return 0
+
+
+def _plan(args: Any, config: ml_collections.ConfigDict, target: Target, devices: list, cap: float | None) -> int:
+    """--plan: one `plan.largest_fitting` search per remat policy, then one table and the answer."""
+    from atomo_jax import fit_check
+    from atomo_jax.models.unet import REMAT_POLICIES
+    from atomo_jax.parallel.mesh import mesh_shape
+
+    policies = [p for p in args.plan_remat.split(",") if p] or [str(config.model.unet.remat)]
+    unknown = [p for p in policies if p not in REMAT_POLICIES]
+    if unknown:
+        print(f"[aot] error: --plan_remat: unknown policy {unknown}; expected some of {list(REMAT_POLICIES)}",
+              file=sys.stderr)
+        return 2
+    if cap is None:
+        print(f"[aot] error: --plan needs a memory capacity; {target.name} has none: pass --hbm_gib", file=sys.stderr)
+        return 2
+    chip = target.chip
+    peak = args.peak_tflops * 1e12 if args.peak_tflops else (chip.peak_flops if chip else None)
+    bandwidth = args.hbm_gbps * 1e9 if args.hbm_gbps else (chip.hbm_bytes_per_s if chip else None)
+    try:
+        data, fsdp, tensor = mesh_shape(config.mesh, len(devices))
+    except ValueError as e:
+        print(f"[aot] error: {e}", file=sys.stderr)
+        return 2
+    shards, accum = data * fsdp, int(config.train.grad_accum)
+    chips = target.chips * target.num_slices
+    steps = int(config.train.num_steps)
+    print(f"[plan] {target.name}: mesh data={data} fsdp={fsdp} tensor={tensor} ({shards} batch shards), grad_accum="
+          f"{accum}; capacity {cap / GIB:.2f} GiB per device", flush=True)
+
+    results = []
+    for remat in policies:
+        def measure(b: int, remat: str = remat):
+            c = config.copy_and_resolve_references()
+            with c.unlocked():
+                c.train.batch_size = b * shards * accum
+                c.model.unet.remat = remat
+            try:
+                return fit_check.compile_train_step(c, devices, cap)
+            except fit_check.CompilerOutOfMemory:
+                return None
+
+        print(f"[plan] remat={remat}", flush=True)
+        try:
+            search = plan.largest_fitting(measure, cap, max_batch=args.max_clips,
+                                          log=lambda line: print(line, flush=True))
+        except ValueError as e:  # a config the trainer would refuse (e.g. a batch the mesh cannot split)
+            print(f"[aot] error: {e}", file=sys.stderr)
+            return 2
+        results.append((remat, search))
+
+    gib = lambda x: f"{x / GIB:.2f}"
+    head = ["layout", "remat", "clips/chip", "global batch", "HBM/chip GiB: args / temps / out = peak (of usable)",
+            "TFLOP/step/chip", "est. step s", "clips/hour", f"chip-hours ({steps} steps)"]
+    if args.price_per_chip_hour:
+        head.append("est. cost")
+    head.append("compiles")
+    print("| " + " | ".join(head) + " |\n|" + "---|" * len(head), flush=True)
+    best_row = None
+    for remat, search in results:
+        layout = f"data {data} fsdp {fsdp} tensor {tensor}"
+        if not search.best:
+            cells = [layout, remat, "0 (1 does not fit)"] + ["-"] * (len(head) - 4) + [str(len(search.tried))]
+            print("| " + " | ".join(cells) + " |")
+            continue
+        r = search.report
+        batch = search.best * shards * accum
+        cells = [layout, remat, f"{search.best * shards / chips:g}", str(batch),
+                 f"{gib(r.argument_bytes)} / {gib(r.temp_bytes)} / {gib(r.output_bytes)} = {gib(r.peak_bytes)} "
+                 f"({gib(cap)})", f"{r.flops * accum / 1e12:.4g}"]
+        est = None
+        if peak and bandwidth:
+            est = plan.Estimate.of(r.flops, r.bytes_accessed, peak, bandwidth, micro_batches=accum)
+            chip_hours = est.chip_hours(steps, chips)
+            cells += [f"{est.step_s:.4g} ({est.bound})", f"{est.clips_per_hour(batch):,.0f}", f"{chip_hours:,.4g}"]
+            if args.price_per_chip_hour:
+                cells.append(f"{chip_hours * args.price_per_chip_hour:,.2f}")
+        else:
+            cells += ["-", "-", "-"] + (["-"] if args.price_per_chip_hour else [])
+        cells.append(str(len(search.tried)))
+        print("| " + " | ".join(cells) + " |", flush=True)
+        score = est.clips_per_hour(batch) if est else batch
+        if best_row is None or score > best_row[0]:
+            best_row = (score, remat, search.best, batch)
+    if peak and bandwidth:
+        print(f"[plan] step time is a roofline estimate, not a measurement: per micro-batch, max(FLOPs / "
+              f"{peak / 1e12:.0f} TFLOP/s, bytes accessed / {bandwidth / 1e9:.0f} GB/s) per chip; no communication, "
+              f"no kernel inefficiency (a lower bound on time)", flush=True)
+    if best_row is None:
+        print(f"[aot] DOES NOT FIT: not one clip per batch shard fits on {target.name} with remat "
+              f"{'/'.join(policies)}. {_advice(config)}", file=sys.stderr, flush=True)
+        return 1
+    _, remat, b, batch = best_row
+    print(f"[plan] answer for {target.name}: remat={remat}, {b} clips per batch shard, "
+          f"--config.train.batch_size={batch} --config.model.unet.remat={remat}", flush=True)
     return 0
 
 

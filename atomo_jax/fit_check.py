@@ -23,7 +23,7 @@ from atomo_jax.models.atomo import build_model
 from atomo_jax.parallel import axes
 from atomo_jax.parallel.mesh import make_mesh
 from atomo_jax.parallel.sharding import replicated
-from atomo_jax.training.metrics import compiled_flops
+from atomo_jax.training.metrics import compiled_cost
 from atomo_jax.training.packing import packer_from_config
 from atomo_jax.training.setup import abstract_train_state, state_shardings, validate
 from atomo_jax.training.state import merge
@@ -68,6 +68,7 @@ class Report:
     temp_bytes: int
     code_bytes: int
     flops: float  # per device, one step
+    bytes_accessed: float  # per device, one step (XLA's cost analysis: every operand read and result written)
     capacity_bytes: float | None
     compile_s: float
 
@@ -158,5 +159,6 @@ def compile_train_step(config: Any, devices: list, capacity_bytes: float | None 
     return Report(layout=dict(mesh.shape), remat=str(config.model.unet.remat), devices=len(devices),
                   argument_bytes=int(mem.argument_size_in_bytes), output_bytes=int(mem.output_size_in_bytes),
                   alias_bytes=int(mem.alias_size_in_bytes), temp_bytes=int(mem.temp_size_in_bytes),
-                  code_bytes=int(mem.generated_code_size_in_bytes), flops=compiled_flops(compiled) or 0.0,
+                  code_bytes=int(mem.generated_code_size_in_bytes), flops=compiled_cost(compiled) or 0.0,
+                  bytes_accessed=compiled_cost(compiled, "bytes accessed") or 0.0,
                   capacity_bytes=capacity_bytes, compile_s=time.perf_counter() - t0)

@@ -140,3 +140,72 @@ def test_tpu_compiler_refusal_becomes_compiler_out_of_memory(monkeypatch):
     monkeypatch.setattr(stages.Lowered, "compile", other)
     with pytest.raises(jax.errors.JaxRuntimeError, match="something else"):
         compile_train_step(config, jax.devices()[:1])
+
+
+class _Peak:
+    """A stand-in for fit_check.Report: what the planner reads of a compile."""
+
+    def __init__(self, peak: float, capacity: float):
+        self.peak_bytes, self.fits = peak, peak <= capacity
+
+
+def _search(memory, capacity: float, refused_from: int | None = None, **kw):
+    from atomo_jax.plan import largest_fitting
+    calls = []
+
+    def measure(b):
+        calls.append(b)
+        return None if refused_from and b >= refused_from else _Peak(memory(b), capacity)
+
+    return largest_fitting(measure, capacity, log=lambda line: None, **kw), calls
+
+
+def test_plan_search_fits_a_line_and_steps_down_where_it_overshoots_or_is_refused():
+    # Memory linear in the batch: compile at 1 and 2, predict, confirm: 3 compiles, the exact answer.
+    search, calls = _search(lambda b: 10 + 3 * b, 40)
+    assert (search.best, calls) == (10, [1, 2, 10])
+    assert search.report.peak_bytes == 40
+    # Memory growing faster than the line (activations plus a quadratic term): the first guess (11) does not fit,
+    # the search steps down across the boundary and lands on the true largest, 7.
+    memory = lambda b: 10 + 3 * b + 0.5 * b * b
+    search, calls = _search(memory, 60)
+    assert search.best == max(b for b in range(1, 100) if memory(b) <= 60) == 7
+    assert calls[:3] == [1, 2, 11] and len(calls) <= 6 and all(memory(b) > 60 for b in calls if b > 7)
+    # The compiler refuses from 50 on (no peak to fit): bisection, every answer confirmed, within the budget.
+    search, calls = _search(lambda b: 10 + 3 * b, 400, refused_from=50, max_compiles=10)
+    assert search.best == 49 and len(calls) <= 10 and search.tried[50] is None
+    # Not even one clip: one compile, answer 0.
+    search, calls = _search(lambda b: 10 + 3 * b, 12)
+    assert (search.best, calls, search.report) == (0, [1], None)
+    # The batch cap holds when memory does not bound it.
+    search, _ = _search(lambda b: 10.0, 40, max_batch=16)
+    assert search.best == 16
+
+
+def test_roofline_estimate_takes_the_binding_limit():
+    from atomo_jax.plan import Estimate
+    compute = Estimate.of(flops=4e12, bytes_accessed=1e9, peak_flops=1e12, hbm_bytes_per_s=1e12, micro_batches=2)
+    assert (compute.step_s, compute.bound) == (8.0, "compute")  # 4 s per micro-batch, two of them
+    memory = Estimate.of(flops=1e12, bytes_accessed=3e12, peak_flops=1e12, hbm_bytes_per_s=1e12)
+    assert (memory.step_s, memory.bound) == (3.0, "memory")
+    assert memory.clips_per_hour(6) == 6 / 3.0 * 3600 and memory.chip_hours(steps=1200, chips=16) == 3.0 * 1200 * 16 / 3600
+
+
+def test_plan_finds_the_largest_batch_per_device_on_fake_devices():
+    """`--plan` as a user runs it, on 2 fake CPU devices with a made-up capacity: the search's compiles, one table
+    row per remat policy asked for, the roofline columns from the assumed peaks, and the answer as flags."""
+    proc = _aot(*TINY_DEMO, "--topology=cpu-2", "--config.mesh.data=2", "--plan", "--hbm_gib=0.05",
+                "--peak_tflops=1", "--hbm_gbps=50", "--price_per_chip_hour=2.5", timeout=1500)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    tried = [(int(b), float(gib), ok == "fits") for b, gib, ok in
+             re.findall(r"micro-batch (\d+) per shard: ([\d.]+) GiB per device, (fits|does not fit)", proc.stdout)]
+    assert [b for b, _, _ in tried[:2]] == [1, 2] and len(tried) <= 5, proc.stdout
+    best = int(re.search(r"answer for cpu-2: remat=none, (\d+) clips per batch shard", proc.stdout).group(1))
+    assert best >= 3 and (best, True) in [(b, ok) for b, _, ok in tried], proc.stdout  # confirmed by a compile
+    assert all(not ok for b, _, ok in tried if b > best)
+    assert f"--config.train.batch_size={2 * best} --config.model.unet.remat=none" in proc.stdout
+    row = next(line for line in proc.stdout.splitlines() if line.startswith("| data 2 fsdp 1 tensor 1 | none"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[2] == str(best) and cells[3] == str(2 * best)  # clips per chip (2 chips, 2 shards), global batch
+    assert re.fullmatch(r"[\d.]+ \((compute|memory)\)", cells[6]) and float(cells[9]) > 0, row  # estimate, cost
+    assert "roofline estimate, not a measurement" in proc.stdout

@@ -237,7 +237,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, explicit
                                           auto_state_layouts=auto_layouts, packer=packer)
                 shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
                 step_jit = step_jit.lower(shapes, device_batch).compile()
-                flops_per_step = metrics_lib.compiled_flops(step_jit) or 0.0
+                flops_per_step = metrics_lib.compiled_cost(step_jit) or 0.0
                 if auto_layouts:
                     state = jax.device_put(state, step_jit.input_formats[0][0])
             state, m = step_jit(state, device_batch)

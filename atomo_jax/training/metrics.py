@@ -29,15 +29,16 @@ def peak_flops_per_device(configured: float = 0.0) -> float | None:
     return None
 
 
-def compiled_flops(compiled: Any) -> float | None:
-    """FLOPs of one execution from XLA's cost analysis (per device for SPMD programs)."""
+def compiled_cost(compiled: Any, key: str = "flops") -> float | None:
+    """One figure of XLA's cost analysis of one execution (per device for SPMD programs): "flops" or
+    "bytes accessed"; None where the backend does not report it."""
     try:
         cost = compiled.cost_analysis()
     except Exception:  # some backends do not implement it
         return None
     if isinstance(cost, (list, tuple)):
         cost = cost[0] if cost else None
-    return float(cost["flops"]) if cost and "flops" in cost else None
+    return float(cost[key]) if cost and key in cost else None
 
 
 def format_duration(seconds: float) -> str:
