@@ -197,8 +197,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="--plan: HBM GB/s per chip assumed by the estimate (default: the chip's published "
                              "figure; needed for cpu-N)")
     parser.add_argument("--compile_cache", default="",
-                        help="directory of JAX's persistent compilation cache: a repeated plan, sweep or check "
-                             "loads each program it compiled before instead of compiling it again")
+                        help="directory of JAX's persistent compilation cache: a repeated plan, sweep or check for "
+                             "cpu-N loads each program it compiled before (TPU-topology compiles are not served "
+                             "from it with jax 0.10.2 / libtpu 0.0.42.1: docs/scaling.md)")
     parser.add_argument("--hbm_gib", type=float, help="override the per-chip memory capacity (GiB)")
     parser.add_argument("--usable_fraction", type=float, default=0.95,
                         help="fraction of the capacity a program may use (the runtime keeps the rest)")
