@@ -209,6 +209,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         target = parse_target(args.topology, args.num_slices)
     except ValueError as e:
         parser.error(str(e))
+    if args.plan and (args.sweep or args.lower_only):
+        parser.error("--plan compiles its own batch sizes: use it without --sweep / --lower_only")
+    if args.max_clips < 1:
+        parser.error(f"--max_clips={args.max_clips}: must be at least 1")
     if args.compile_cache:
         os.environ["JAX_COMPILATION_CACHE_DIR"] = os.path.abspath(args.compile_cache)
     # Compiling touches no chip: let libtpu load while other jax processes on this host hold its lockfile.

@@ -53,6 +53,7 @@ def largest_fitting(measure: Callable[[int], Any | None], capacity: float, max_b
 
     def fits(b: int) -> bool:
         if b not in tried:
+            log(f"[plan] compiling micro-batch {b} per shard (compile {len(tried) + 1}, at most {max_compiles})")
             report = measure(b)
             tried[b] = report
             peak = "refused by the compiler" if report is None else f"{report.peak_bytes / 2 ** 30:.2f} GiB"

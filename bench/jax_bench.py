@@ -295,8 +295,8 @@ def run_sample(args: argparse.Namespace) -> dict:
     run = lambda: compiled(params, jax.random.key(1), cond)
     jax.block_until_ready(run())
     times = timed(run, args.iters)
-    return {"kind": "sample", "impl": "jax" + flag_tag(args), "frames": args.frames, "latent": lat, "steps": args.steps, "guidance_batch": 3,
-            "s_per_video": statistics.median(times), "times": times, "compile_s": compile_s, "peak_gib": peak_gib(),
+    return {"kind": "sample", "impl": "jax" + flag_tag(args), "frames": args.frames, "latent": lat,
+            "steps": args.steps, "guidance_batch": 3, "s_per_video": statistics.median(times), "times": times, "compile_s": compile_s, "peak_gib": peak_gib(),
             "device": jax.devices()[0].device_kind}
 
 
@@ -342,13 +342,11 @@ def main() -> None:
                         "the result's impl is tagged with it")
     p.add_argument("--out", required=True)
     args = p.parse_args()
-    for flag in args.xla_flag:  # read when the backend starts, which is after this point
+    flags = args.xla_flag + ([f"--xla_dump_to={args.dump_hlo}", "--xla_dump_hlo_as_text"] if args.dump_hlo else [])
+    for flag in flags:  # XLA_FLAGS is read when the backend starts, which is after this point
         name = flag.split("=")[0]
         kept = [f for f in os.environ.get("XLA_FLAGS", "").split() if f.split("=")[0] != name]
         os.environ["XLA_FLAGS"] = " ".join(kept + [flag])
-    if args.dump_hlo:  # read when the backend starts, which is after this point
-        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --xla_dump_to={args.dump_hlo}"
-                                   " --xla_dump_hlo_as_text")
     import faulthandler
     faulthandler.dump_traceback_later(45, repeat=True)  # where a slow phase spends its time, in the log
     result = {"train": run_train, "sample": run_sample, "matmul": run_matmul, "flops": run_flops}[args.what](args)

@@ -164,8 +164,9 @@ def encode_record(arrays: dict[str, np.ndarray | str | int | float]) -> bytes:
 
 # numpy parses each array's npy header with ast.literal_eval, and CPython 3.11's AST construction is not safe in
 # several threads at once (python/cpython#106905: "SystemError: AST constructor recursion depth mismatch"), which
-# grain's read threads do: it killed a 2-process training run. Decoding is a few memcpys, so one at a time costs
-# nothing measurable.
+# grain's read threads do: it killed a 2-process training run. Serialised, a record of paper-size latents (24 x 64 x
+# 64 x 4, 1.6 MB) still decodes at ~550 per second per process with 4 threads on 2 cores (1.8 ms each, 0.97 ms
+# unlocked): far more than a train step consumes.
 _DECODE_LOCK = threading.Lock()
 
 

@@ -209,3 +209,9 @@ def test_plan_finds_the_largest_batch_per_device_on_fake_devices():
     assert cells[2] == str(best) and cells[3] == str(2 * best)  # clips per chip (2 chips, 2 shards), global batch
     assert re.fullmatch(r"[\d.]+ \((compute|memory)\)", cells[6]) and float(cells[9]) > 0, row  # estimate, cost
     assert "roofline estimate, not a measurement" in proc.stdout
+
+
+def test_plan_refuses_flags_it_cannot_honour_in_one_line():
+    for extra, message in ((["--sweep"], "--plan compiles its own batch sizes"), (["--max_clips=0"], "--max_clips=0")):
+        proc = _aot(*TINY_DEMO, "--topology=cpu-2", "--plan", "--hbm_gib=1", *extra, timeout=300)
+        assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
