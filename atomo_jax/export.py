@@ -1,13 +1,16 @@
 """Export a trained checkpoint to PyTorch: safetensors + JSON configs under diffusers / transformers names.
 
   python -m atomo_jax.export --checkpoint /tmp/atomo_demo --out /tmp/atomo_demo_torch [--weights ema|raw] \
-      [--dtype fp32|bf16|fp16]
+      [--dtype fp32|bf16|fp16] [--lora merge|separate] [--lora_format peft|kohya]
 
 `--checkpoint` is a training workdir (its latest checkpoint), its `checkpoints/` folder or one step folder.
 The export folder holds, wherever diffusers or transformers has the part, a folder its `from_pretrained` loads:
   unet/                      UNet2DConditionModel: the spatial SD 1.5 layers with the 9-channel conv_in
   motion_adapter/            MotionAdapter: the temporal attention (AnimateDiff motion modules)
   temporal_convs.safetensors the temporal convolutions, in UNet3DConditionModel names (down_blocks.0.temp_convs.0...)
+  lora/                      with --lora=separate, a LoRA run's LoRA alone (the folders above then hold the base):
+                             pytorch_lora_weights.safetensors (PEFT/diffusers naming, `pipe.load_lora_weights`) or
+                             lora_kohya.safetensors (--lora_format=kohya); by default the LoRA is merged instead
   ip_adapter.safetensors     IP-Adapter, original layout (image_proj.*, ip_adapter.{1,3,...}.to_{k,v}_ip.weight),
                              as diffusers' `load_ip_adapter` reads it
   vae/                       AutoencoderKL (an SD VAE), or only config.json for the demo's weightless pixel autoencoder
@@ -34,9 +37,11 @@ import numpy as np
 
 from atomo_jax.convert import clip as cc
 from atomo_jax.convert import ip_adapter as ip
+from atomo_jax.convert import lora as cl
 from atomo_jax.convert import torch_io
 from atomo_jax.convert import unet as cu
 from atomo_jax.convert import vae as cv
+from atomo_jax.models import lora
 from atomo_jax.models.embeddings import sinusoidal_positions
 from atomo_jax.models.pixel_autoencoder import PixelAutoencoder
 from atomo_jax.training import checkpoint as ckpt
@@ -49,6 +54,9 @@ IMAGE_ENCODER_DIR, TEXT_ENCODER_DIR, SCHEDULER_DIR = "image_encoder", "text_enco
 TEMPORAL_CONVS_FILE, IP_ADAPTER_FILE, ATOMO_CONFIG = "temporal_convs.safetensors", "ip_adapter.safetensors", \
     "atomo_config.json"
 DIFFUSERS_WEIGHTS, TRANSFORMERS_WEIGHTS = "diffusion_pytorch_model.safetensors", "model.safetensors"
+LORA_MODES, LORA_DIR = ("merge", "separate"), "lora"
+# diffusers' default LoRA weight name, so `pipe.load_lora_weights(EXPORT/lora)` finds the PEFT file.
+LORA_FILES = {cl.PEFT: "pytorch_lora_weights.safetensors", cl.KOHYA: "lora_kohya.safetensors"}
 
 
 def _log(message: str) -> None:
@@ -355,9 +363,27 @@ def export_encoders(model: Any, params: Mapping[str, Any], out: Path, *, dtype: 
     return files
 
 
+def export_lora(unet: Any, scale: float, out: Path, *, fmt: str = cl.PEFT, dtype: str = "fp32",
+                progress: Callable[[str], None] = _log) -> str:
+    """The LoRA factors of a UNet params tree (unmerged) -> LORA_DIR/<the format's file> under `out`; returns the
+    file's path relative to `out`."""
+    pairs = lora.factors(unet)
+    tensors = cl.to_state_dict(pairs, scale, unet, fmt)
+    name = f"{LORA_DIR}/{LORA_FILES[fmt]}"
+    rank = int(next(iter(pairs.values()))[0].shape[1])
+    progress(f"  LoRA: {len(pairs)} layers, rank {rank} -> {name} ({fmt} naming)")
+    _save_safetensors(tensors, out / name, dtype)
+    return name
+
+
 def export_checkpoint(checkpoint: str | Path, out: str | Path, *, weights: str = "ema", dtype: str = "fp32",
-                      overwrite: bool = False, progress: Callable[[str], None] = _log) -> Path:
-    """A training checkpoint -> an export folder (see the module docstring). Returns the folder."""
+                      lora_mode: str = "merge", lora_format: str = cl.PEFT, overwrite: bool = False,
+                      progress: Callable[[str], None] = _log) -> Path:
+    """A training checkpoint -> an export folder (see the module docstring). Returns the folder. A LoRA run's
+    factors are folded into the weights (`lora_mode="merge"`), or (`"separate"`) the folders hold the base weights
+    and LORA_DIR the LoRA alone, in `lora_format` naming."""
+    if lora_mode not in LORA_MODES:
+        raise ValueError(f"lora_mode={lora_mode!r}: expected one of {LORA_MODES}")
     if weights not in WEIGHTS:
         raise ValueError(f"weights={weights!r}: expected one of {WEIGHTS}")
     if dtype not in DTYPES:
@@ -373,13 +399,22 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, weights: str =
 
     progress(f"[1/4] loading {checkpoint} ({weights} weights)")
     step_dir = ckpt._resolve_step_dir(str(checkpoint))
-    config, model, params = ckpt.load_inference(str(step_dir), use_ema=(weights == "ema"))
+    config, model, params = ckpt.load_inference(str(step_dir), use_ema=(weights == "ema"),
+                                                merge_lora=lora_mode == "merge")
     factor = _vae_factor(model)
     sample_size = int(config.data.resolution) // factor
     out.mkdir(parents=True, exist_ok=True)
     progress(f"[2/4] UNet -> {out} ({dtype})")
-    files = export_unet(params["unet"], model.unet_config, out, dtype=dtype, sample_size=sample_size,
-                        progress=progress)
+    unet, lora_file = params["unet"], None
+    if lora_mode == "separate":
+        if not lora.has_factors(unet):
+            raise ValueError(f"--lora=separate: checkpoint {step_dir} was not trained with LoRA "
+                             f"(config.train.lora.rank=0)")
+        lora_file = export_lora(unet, lora.LoraSpec.from_config(config.train.lora).scale, out, fmt=lora_format,
+                                dtype=dtype, progress=progress)
+        unet = lora.without_factors(unet)
+    files = export_unet(unet, model.unet_config, out, dtype=dtype, sample_size=sample_size, progress=progress)
+    files["lora"] = lora_file
     progress("[3/4] autoencoder and encoders")
     files.update(export_encoders(model, params, out, dtype=dtype, sample_size=int(config.data.resolution),
                                  progress=progress))
@@ -423,10 +458,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="export folder to create")
     parser.add_argument("--weights", choices=WEIGHTS, default="ema", help="EMA (default) or raw trained weights")
     parser.add_argument("--dtype", choices=DTYPES, default="fp32", help="dtype of the written tensors")
+    parser.add_argument("--lora", choices=LORA_MODES, default="merge",
+                        help="a LoRA run: fold the LoRA into the exported weights (merge, default), or export the base "
+                             f"weights and the LoRA alone under {LORA_DIR}/ (separate)")
+    parser.add_argument("--lora_format", choices=cl.FORMATS, default=cl.PEFT,
+                        help="naming of the separate LoRA file: peft (diffusers' load_lora_weights / "
+                             "load_lora_adapter, spatial and temporal) or kohya (lora_unet_*, spatial only)")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
     args = parser.parse_args(argv)
     try:
-        export_checkpoint(args.checkpoint, args.out, weights=args.weights, dtype=args.dtype, overwrite=args.overwrite)
+        export_checkpoint(args.checkpoint, args.out, weights=args.weights, dtype=args.dtype, lora_mode=args.lora,
+                          lora_format=args.lora_format, overwrite=args.overwrite)
     except (FileNotFoundError, FileExistsError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

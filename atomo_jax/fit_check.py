@@ -26,7 +26,7 @@ from atomo_jax.parallel.sharding import replicated
 from atomo_jax.training.metrics import compiled_cost
 from atomo_jax.training.packing import packer_from_config
 from atomo_jax.training.setup import abstract_train_state, state_shardings, validate
-from atomo_jax.training.state import merge
+from atomo_jax.training.state import model_params
 from atomo_jax.training.train_step import batch_shardings, jit_train_step
 
 
@@ -127,7 +127,7 @@ def lower_train_step(config: Any, devices: list) -> tuple[Any, Any, Any]:
     # Shapes and shardings are worked out on the host (abstract TPU devices cannot run eager ops).
     state_sh = state_shardings(config, model, mesh, rules)
     abstract = abstract_train_state(config, model)
-    params = {**abstract.frozen, "unet": merge(abstract.trainable, abstract.frozen["unet"])}
+    params = model_params(abstract, ema=False)
     batch = abstract_batch(config, model, params)
     batch_sh = batch_shardings(batch, mesh, rules)
     packer, state_sh = packer_from_config(config, abstract, state_sh, replicated(mesh))  # as the trainer runs it

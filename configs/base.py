@@ -159,6 +159,17 @@ def get_config() -> ml_collections.ConfigDict:
         grad_accum=1,  # micro-batches per step (strided over the batch, so each stays on every device)
         # Regexes over '/'-joined parameter paths of the UNet; the paper trains the temporal layers + input conv.
         trainable=("temp_convs", "motion_modules", "^conv_in/"),
+        # LoRA (atomo_jax/models/lora.py): low-rank factors on the dense kernels the targets match, trained beside
+        # (and combinable with) the fully trainable set above, which may then be empty: --config.train.trainable='()'.
+        # The base kernels stay frozen. Sampling, eval and export fold the factors into the kernels.
+        lora=ml_collections.ConfigDict(dict(
+            rank=0,  # factor rank r; 0: no LoRA
+            alpha=0.0,  # the update is scaled by alpha / r (PEFT's lora_alpha); 0: alpha = r
+            dropout=0.0,  # dropout on the LoRA branch's input in training (PEFT's lora_dropout)
+            # Regexes over '/'-joined dense-kernel paths of the UNet. Default: the spatial attention q/k/v/out
+            # projections (diffusers' usual SD LoRA targets); "motion_modules.*/to_(q|k|v|out_0)/kernel$" adds the
+            # temporal attention.
+            targets=(r"attentions_\d+/transformer_blocks_\d+/attn[12]/to_(q|k|v|out_0)/kernel$",))),
         ema_decay=0.9999,  # EMA of the trainable weights (sampling and export use it)
         nonfinite="skip",  # a step with a non-finite loss or gradient: skip it | stop the run
         log_every=10,  # steps per log line / TensorBoard point

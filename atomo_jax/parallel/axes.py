@@ -17,6 +17,7 @@ CONV_OUT = "conv_out"  # conv kernel output channels
 KERNEL = ("kernel_0", "kernel_1", "kernel_2")  # extents of a conv kernel, one name per dim (never sharded)
 NORM = "norm"  # scale / bias of a normalisation layer
 VOCAB = "vocab"  # token / position embedding tables
+LORA_RANK = "lora_rank"  # the inner (rank) side of a LoRA factor pair: a few values, never worth splitting
 
 # Activation axes. The model pins its activations to these at every change of layout (frames folded into the batch
 # and back, pixels into tokens and back) with `nn.with_logical_constraint`, so the compiler never has to guess how a
@@ -49,6 +50,7 @@ DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     *((k, None) for k in KERNEL),
     (NORM, None),
     (VOCAB, None),
+    (LORA_RANK, None),
 )
 
 

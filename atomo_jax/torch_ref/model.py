@@ -124,7 +124,32 @@ class AtomoUNet(nn.Module):
         left = [name for name, t in model.state_dict(keep_vars=True).items() if t.is_meta]
         if left:
             raise RuntimeError(f"{folder}: tensors not set by the export: {left[:10]}")
+        if files.get("lora"):
+            model.load_lora(folder / files["lora"])
         return model.to(device=device, dtype=dtype).eval()
+
+    def load_lora(self, path: str | Path, adapter_name: str = "atomo") -> None:
+        """A PEFT-naming LoRA file (`atomo_jax.export --lora=separate`, or any diffusers LoRA of these layers): the
+        spatial part through diffusers' own loader (`UNet2DConditionModel.load_lora_adapter`); the temporal part
+        (motion modules) through PEFT into the MotionAdapter, under the names UNetMotionModel's loader uses."""
+        state = load_file(str(path))
+        temporal = {k: v for k, v in state.items() if ".motion_modules." in k}
+        spatial = {k: v for k, v in state.items() if k not in temporal}
+        if spatial:
+            self.unet.load_lora_adapter(spatial, prefix=UNET_PREFIX.rstrip("."), adapter_name=adapter_name)
+        if temporal:
+            if self.motion_adapter is None:
+                raise ValueError(f"{path}: LoRA of motion modules, but this UNet has none")
+            from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
+
+            temporal = {k.removeprefix(UNET_PREFIX): v for k, v in temporal.items()}
+            modules = sorted({k.rsplit(".lora_", 1)[0] for k in temporal})
+            rank = int(next(v for k, v in temporal.items() if k.endswith("lora_A.weight")).shape[0])
+            inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=rank, target_modules=modules),
+                                    self.motion_adapter, adapter_name=adapter_name)
+            result = set_peft_model_state_dict(self.motion_adapter, temporal, adapter_name=adapter_name)
+            if result.unexpected_keys:
+                raise ValueError(f"{path}: LoRA keys the MotionAdapter has no place for: {result.unexpected_keys[:5]}")
 
     def load_parts(self, parts: Mapping[str, Mapping[str, torch.Tensor]], *, source: str = "export") -> None:
         """Strict load of the export's files, {"unet", "motion_adapter", "temporal_convs", "ip_adapter"} -> tensors

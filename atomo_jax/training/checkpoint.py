@@ -23,8 +23,9 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 from atomo_jax.configuration import ConfigError, adopt_architecture, config_from_saved, saved_architecture
-from atomo_jax.training.state import TrainState, merge
+from atomo_jax.models import lora
 from atomo_jax.models.atomo import build_model
+from atomo_jax.training.state import TrainState, model_params
 from atomo_jax.training.setup import abstract_train_state
 
 
@@ -164,10 +165,11 @@ def adopt_init_architecture(config: ml_collections.ConfigDict, explicit: frozens
     return adopt_architecture(config, saved_architecture(model, str(saved)), explicit)
 
 
-def load_inference(path: str, use_ema: bool = True,
-                   config: ml_collections.ConfigDict | None = None) -> tuple[ml_collections.ConfigDict, Any, dict]:
+def load_inference(path: str, use_ema: bool = True, config: ml_collections.ConfigDict | None = None,
+                   merge_lora: bool = True) -> tuple[ml_collections.ConfigDict, Any, dict]:
     """(config, AtomoVideo, params) from a training or composed checkpoint; a training checkpoint gives the EMA
-    weights when `use_ema` (a composed one has only one set)."""
+    weights when `use_ema` (a composed one has only one set), LoRA factors folded into their kernels unless
+    `merge_lora` is False."""
 
     step_dir = _resolve_step_dir(path)
     config = config or load_config(str(step_dir))
@@ -186,5 +188,5 @@ def load_inference(path: str, use_ema: bool = True,
         state = ocp.StandardCheckpointer().restore(step_dir / "state", abstract)
     except (ValueError, KeyError) as e:
         raise ValueError(f"checkpoint {step_dir} does not match its model config: {e}") from None
-    unet = merge(state.ema if use_ema else state.trainable, state.frozen["unet"])
-    return config, model, {**state.frozen, "unet": unet}
+    scale = lora.LoraSpec.from_config(config.train.lora).scale if merge_lora else None
+    return config, model, model_params(state, ema=use_ema, lora_scale=scale)

@@ -21,6 +21,7 @@ from absl import logging
 import orbax.checkpoint as ocp
 
 from atomo_jax.eval import heldout
+from atomo_jax.models import lora
 from atomo_jax.models.atomo import build_model
 from atomo_jax.models.tokenizer import caption_tokenizer
 from atomo_jax.parallel import axes, distributed
@@ -33,7 +34,7 @@ from atomo_jax.training.preemption import Preemption
 from atomo_jax.training.optimizer import learning_rate_schedule
 from atomo_jax.training.packing import packer_from_config
 from atomo_jax.training.setup import abstract_train_state, init_train_state, state_shardings, validate
-from atomo_jax.training.state import all_finite, count_params, merge
+from atomo_jax.training.state import all_finite, count_params, model_params
 from atomo_jax.training.train_step import batch_shardings, canonical_formats, jit_train_step
 from data_pipelines.loader import make_loader
 
@@ -171,8 +172,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, explicit
         else:
             latest, init_params = None, None
             if config.init.checkpoint:
-                params_abstract = {**abstract.frozen, "unet": merge(abstract.trainable, abstract.frozen["unet"])}
-                params_sh = {**shardings.frozen, "unet": merge(shardings.trainable, shardings.frozen["unet"])}
+                # The base model's params (LoRA factors, when configured, are added to them after loading).
+                base = lambda tree: {**tree, "unet": lora.without_factors(tree["unet"])}
+                params_abstract = base(model_params(abstract, ema=False))
+                params_sh = base(model_params(shardings, ema=False))
                 init_params = _load_init_params(config.init.checkpoint, params_abstract, params_sh)
             state = init_train_state(config, model, shardings, init_params)
         n_train, n_frozen = count_params(state.trainable), count_params(state.frozen)
@@ -302,7 +305,7 @@ def _heldout(model: Any, state: Any, config: ml_collections.ConfigDict, workdir:
     the clips' own length, the in-training sampler and seed) and scores them against the true clips; process 0
     writes WORKDIR/heldout/metrics.json, a PNG strip per clip (true frames, then generated) and the means to
     TensorBoard. Returns the means."""
-    params = {**state.frozen, "unet": merge(state.ema, state.frozen["unet"])}
+    params = model_params(state, lora_scale=lora.LoraSpec.from_config(config.train.lora).scale)
     true = heldout.heldout_videos(config.data, int(config.seed), int(config.sample.heldout_clips))
     sampler, guidance = i2v.configs_from(config)
     images = jnp.asarray(true[:, 0].astype(np.float32) / 127.5 - 1.0)
@@ -334,7 +337,7 @@ def _sample(model: Any, state: Any, config: ml_collections.ConfigDict, image: np
             writer: metrics_lib.MetricWriter) -> dict[str, str] | None:
     """A sample from the EMA weights, on every process (the weights stay sharded as in training); process 0
     writes it."""
-    params = {**state.frozen, "unet": merge(state.ema, state.frozen["unet"])}
+    params = model_params(state, lora_scale=lora.LoraSpec.from_config(config.train.lora).scale)
     paths = write_sample(model, params, config, image, os.path.join(workdir, "samples"), step, writer,
                          write=jax.process_index() == 0)
     if paths:

@@ -10,9 +10,11 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
+from flax import traverse_util
 from jax.sharding import Mesh
 
 from atomo_jax.configuration import ConfigError
+from atomo_jax.models import lora
 from atomo_jax.parallel import sharding as shd
 from atomo_jax.training.optimizer import make_optimizer
 from atomo_jax.training.state import TrainState, split_trainable
@@ -27,9 +29,29 @@ def boxed_abstract_params(model: Any) -> dict:
     return jax.eval_shape(model.init, jax.random.key(0))
 
 
+_LORA_INIT_SALT = 0x10AA  # the LoRA factors' init key, folded from the state key (no other draw changes)
+
+
+def split_unet(unet: Any, config: ml_collections.ConfigDict) -> tuple[dict, dict]:
+    """(trainable, frozen) UNet leaves: config.train.trainable, plus every LoRA factor when LoRA is on. A kernel both
+    fully trainable and LoRA-adapted is refused: its factors would only duplicate its own update."""
+    patterns = tuple(config.train.trainable)
+    pairs = lora.factors(unet) if int(config.train.lora.rank) > 0 else {}
+    trainable, frozen = split_trainable(unet, patterns + ((lora.FACTOR_PATTERN,) if pairs else ()))
+    both = sorted(set(pairs) & set(traverse_util.flatten_dict(trainable, sep="/")))
+    if both:
+        raise ConfigError(f"config.train.trainable={patterns} makes LoRA-adapted kernels fully trainable "
+                          f"({both[:3]}{' ...' if len(both) > 3 else ''}); leave them to config.train.lora or "
+                          f"drop them from config.train.lora.targets")
+    return trainable, frozen
+
+
 def _state_from_params(params: dict, config: ml_collections.ConfigDict, tx: optax.GradientTransformation,
                        rng: jax.Array) -> TrainState:
-    trainable, frozen_unet = split_trainable(params["unet"], config.train.trainable)
+    """`params`: the base model's params (random init or a composed checkpoint); LoRA factors are added here."""
+    unet = lora.add_factors(params["unet"], lora.LoraSpec.from_config(config.train.lora),
+                            jax.random.fold_in(rng, _LORA_INIT_SALT))
+    trainable, frozen_unet = split_unet(unet, config)
     return TrainState(step=jnp.zeros((), jnp.int32), trainable=trainable, frozen={**params, "unet": frozen_unet},
                       opt_state=tx.init(trainable), ema=jax.tree.map(jnp.copy, trainable),
                       rng=jax.random.key_data(rng), skipped_steps=jnp.zeros((), jnp.int32))
@@ -43,8 +65,10 @@ def abstract_train_state(config: ml_collections.ConfigDict, model: Any) -> Train
 
 def state_shardings(config: ml_collections.ConfigDict, model: Any, mesh: Mesh, rules) -> TrainState:
     tx = make_optimizer(config.train)
-    param_sh = shd.param_shardings(boxed_abstract_params(model), mesh, rules)
-    trainable_sh, frozen_unet_sh = split_trainable(param_sh["unet"], config.train.trainable)
+    boxed = boxed_abstract_params(model)
+    boxed = {**boxed, "unet": lora.add_factors(boxed["unet"], lora.LoraSpec.from_config(config.train.lora), None)}
+    param_sh = shd.param_shardings(boxed, mesh, rules)
+    trainable_sh, frozen_unet_sh = split_unet(param_sh["unet"], config)
     abstract = abstract_train_state(config, model)
     rep = shd.replicated(mesh)
     opt_sh = optax.tree_map_params(tx, lambda _, s: s, abstract.opt_state, trainable_sh,
@@ -118,6 +142,9 @@ def validate(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
           f"per micro-batch ({b // max(accum, 1)}) divisible by the data x fsdp mesh size {shards}")
     check(b % jax.process_count() == 0, "train.batch_size", f"divisible by the process count {jax.process_count()}")
     check(config.train.nonfinite in ("skip", "stop"), "train.nonfinite", "'skip' or 'stop'")
+    check(int(config.train.lora.rank) >= 0, "train.lora.rank", ">= 0 (0: no LoRA)")
+    check(float(config.train.lora.alpha) >= 0, "train.lora.alpha", ">= 0 (0: alpha = rank)")
+    check(0.0 <= float(config.train.lora.dropout) < 1.0, "train.lora.dropout", "in [0, 1)")
     check(int(config.checkpoint.every_steps) >= 0, "checkpoint.every_steps", ">= 0")
     check(int(config.sample.every_steps) >= 0, "sample.every_steps", ">= 0")
     check(int(config.sample.num_steps) >= 1, "sample.num_steps", ">= 1")

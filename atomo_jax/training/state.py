@@ -14,6 +14,8 @@ import jax
 import jax.numpy as jnp
 from flax import traverse_util
 
+from atomo_jax.models import lora
+
 
 @flax.struct.dataclass
 class TrainState:
@@ -48,6 +50,16 @@ def split_trainable(unet_params: Any, patterns: Sequence[str]) -> tuple[dict, di
 def merge(a: Any, b: Any) -> dict:
     """Union of two disjoint nested dicts (the inverse of `split_trainable`)."""
     return _unflat({**_flat(a), **_flat(b)})
+
+
+def model_params(state: TrainState, *, ema: bool = True, lora_scale: float | None = None) -> dict:
+    """The params the model runs: every part, the UNet's trainable leaves (or their EMA) merged back in. With
+    `lora_scale` (`LoraSpec.scale`) LoRA factors are folded into their kernels; without, they stay as leaves (for
+    `lora.applied` or an export of the LoRA alone)."""
+    unet = merge(state.ema if ema else state.trainable, state.frozen["unet"])
+    if lora_scale is not None and lora.has_factors(unet):
+        unet = jax.jit(lora.merged, static_argnums=1)(unet, lora_scale)  # one program, on sharded arrays too
+    return {**state.frozen, "unet": unet}
 
 
 def count_params(tree: Any) -> int:

@@ -16,6 +16,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from atomo_jax.diffusion import schedule
 from atomo_jax.diffusion.loss import diffusion_loss
+from atomo_jax.models import lora
 from atomo_jax.parallel import axes
 from atomo_jax.parallel import sharding as shd
 from atomo_jax.training.optimizer import make_optimizer
@@ -84,10 +85,12 @@ def train_step(state: TrainState, batch: dict, *, model: Any, tx: optax.Gradient
     trainable_tree = packer.unpack(state.trainable) if packer else state.trainable
 
     rules = axes.rules_from_config(config.mesh.rules)
+    lora_spec = lora.LoraSpec.from_config(config.train.lora)
 
     def loss_fn(trainable, micro, k):
         params = {**state.frozen, "unet": merge(trainable, state.frozen["unet"])}
-        with shd.activation_layout(mesh, rules):
+        # LoRA factors (if any) are applied on the fly: the frozen kernels' weight gradients are never formed.
+        with shd.activation_layout(mesh, rules), lora.applied(lora_spec, keys=k):
             return diffusion_loss(model, params, micro, k, alphas_cumprod, config.diffusion, config.cond_drop,
                                   null_tokens)
 
