@@ -98,7 +98,8 @@ def add_factors(params: Any, spec: LoraSpec, rng: jax.Array | None) -> dict:
             b = jnp.zeros(shapes[1], jnp.float32)
         if isinstance(kernel, nn.Partitioned):
             outer_in, outer_out = kernel.names
-            a, b = nn.Partitioned(a, (outer_in, ax.LORA_RANK)), nn.Partitioned(b, (ax.LORA_RANK, outer_out))
+            a = dataclasses.replace(kernel, value=a, names=(outer_in, ax.LORA_RANK))  # the kernel's box type
+            b = dataclasses.replace(kernel, value=b, names=(ax.LORA_RANK, outer_out))
         module = path[: -len("kernel")]
         flat[module + "lora_a"], flat[module + "lora_b"] = a, b
     return _unflat(flat)
