@@ -55,7 +55,9 @@ def bench_config(args: argparse.Namespace):
     c.data.num_frames = args.frames
     c.data.resolution = args.latent * 8
     c.train.batch_size = args.batch * args.devices  # --batch is per device: scaling runs keep it fixed
-    c.train.trainable = (".*",) if args.trainable == "all" else ("temp_convs", "motion_modules", "^conv_in/")
+    c.train.trainable = {"all": (".*",), "paper": ("temp_convs", "motion_modules", "^conv_in/"), "none": ()}[
+        args.trainable]
+    c.train.lora.rank = args.lora_rank  # LoRA on the spatial attention projections (configs/base.py's targets)
     c.train.ema_decay = 0.9999
     c.train.auto_layouts = not args.row_major
     if args.pack_small is not None:
@@ -208,7 +210,8 @@ def run_train(args: argparse.Namespace) -> dict:
         if auto_layouts:  # into the layouts the compiled step chose for its (donated) state
             state = jax.device_put(state, compiled.input_formats[0][0])
         jax.block_until_ready(state)
-        log(f"state initialised ({sum(x.size for x in jax.tree.leaves(state.trainable)) / 1e9:.2f} B trainable)")
+        trainable_params = int(sum(x.size for x in jax.tree.leaves(state.trainable)))
+        log(f"state initialised ({trainable_params / 1e9:.3f} B trainable)")
         holder = {"s": state}
 
         def one(i=[0]):
@@ -231,12 +234,14 @@ def run_train(args: argparse.Namespace) -> dict:
     med = statistics.median(times)
     impl = ("jax" + ("_conv3d" if args.conv3d else "")
             + ("_rowmajor" if args.row_major else "") + ("_unpacked" if args.pack_small == 0 else "")
-            + flag_tag(args))
+            + (f"_lora{args.lora_rank}" if args.lora_rank else "") + flag_tag(args))
     return {"kind": "train", "impl": impl, "batch": args.batch, "frames": args.frames,
             "devices": args.devices, "layout": args.layout, "latent": args.latent, "trainable": args.trainable,
             "remat": args.remat, "attention": args.attention, "dtype": args.dtype, "s_per_step": med,
             "s_per_step_sync": statistics.median(times_sync), "times": times, "times_sync": times_sync,
             "compile_s": compile_s, "temp_gib": mem.temp_size_in_bytes / 2 ** 30,
+            "state_gib": mem.argument_size_in_bytes / 2 ** 30, "lora_rank": args.lora_rank,
+            "trainable_params": trainable_params,
             "model_flops": flops, "tflops": flops / med / 1e12 / args.devices if flops else None,
             "peak_gib": peak_gib(), "first_loss": first_loss, "loss": losses[-1],
             "xla_flags": os.environ.get("XLA_FLAGS", ""), "device": jax.devices()[0].device_kind}
@@ -317,7 +322,9 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--frames", type=int, default=16)
     p.add_argument("--latent", type=int, default=32)
-    p.add_argument("--trainable", choices=["all", "paper"], default="all")
+    p.add_argument("--trainable", choices=["all", "paper", "none"], default="all",
+                   help="fully trained set: all, the paper's (temporal layers + conv_in), none (with --lora_rank)")
+    p.add_argument("--lora_rank", type=int, default=0, help="LoRA of this rank on the spatial attention (0: none)")
     p.add_argument("--remat", default="none")
     p.add_argument("--attention", default="cudnn")
     p.add_argument("--dtype", default="bfloat16")

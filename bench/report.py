@@ -94,8 +94,8 @@ def main(path: str) -> None:
     peak = max((r["tflops"] for k, r in rows.items() if k[0] == "matmul"), default=None)
     print(f"bf16 matmul peak measured: {peak and round(peak)} TFLOP/s")
     print("| kind | impl | batch x latent | GPUs | trainable | s/step or s/video | each step waited for | TFLOP/s/GPU "
-          "| MFU | peak GiB | step-1 loss |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          "| MFU | peak GiB | state GiB | step-1 loss |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for k, r in sorted(rows.items(), key=lambda kv: str(kv[0])):
         if k[0] == "matmul":
             continue
@@ -107,7 +107,7 @@ def main(path: str) -> None:
         print(f"| {k[0]} | {k[1]} | {size(k)} | {k[5]} {k[6]} | {k[4] or '-'} | {t:.3f} | "
               f"{'-' if sync is None else f'{sync:.3f}'} | {tf and round(tf, 1)} | "
               f"{mfu and round(mfu, 3)} | {r.get('peak_gib') and round(r['peak_gib'], 1)} | "
-              f"{loss and round(loss, 5)} |")
+              f"{r.get('state_gib') and round(r['state_gib'], 1)} | {loss and round(loss, 5)} |")
     for line in speedups(rows) + scaling(rows) + headlines(rows, peak):
         print(line)
 
