@@ -9,7 +9,8 @@
 #           needs 2 GPUs), ab_layout / ab_pack (b4 A/B against the default of row-major state layouts / of
 #           updating every leaf on its own, both profiled, the HLO of the default, beside the peer), ab_flags /
 #           ab_flags_sample (the paper-shape trainable-set pair / the sampling pair, plus ours once per XLA flag in
-#           AB_FLAGS), lora (LoRA r16 at the paper's shape beside the full fine-tune and the paper's set).
+#           AB_FLAGS), lora / lora_full (LoRA r16 at the paper's shape beside the paper's set / beside the full
+#           fine-tune, both with remat=dots, and with the paper's set).
 #           JAX_ARGS adds flags to every run of ours (e.g. --profile=DIR).
 # The processes of a group start together: their compiles overlap, then they time one at a time (bench/gate.py).
 # The peer's b4 run uses diffusers' regional compilation (as measured in bench/RESULTS.md); TORCH_B4=--compile=full
@@ -93,10 +94,14 @@ specs() {  # the processes of one group, "name:script:args", in timing order (th
     ab_pack) ab_specs unpacked --pack_small=0 ;;
     # LoRA (rank 16 on the spatial attention) at the paper's shape beside the full fine-tune and the paper's set:
     # step time, state and peak memory per GPU (ours only; no PyTorch LoRA peer in this harness).
-    lora) printf '%s\n' "jax_p24_all:jax_bench:train $p24 --trainable=all --model_flops=$p24_flops_all $ja" \
-               "jax_p24_paper:jax_bench:train $p24 --trainable=paper --model_flops=$p24_flops_paper $ja" \
-               "jax_p24_lora16:jax_bench:train $p24 --trainable=none --lora_rank=16 $ja" \
-               "jax_p24_paper_lora16:jax_bench:train $p24 --trainable=paper --lora_rank=16 $ja" ;;
+    lora) printf '%s\n' "jax_p24_paper:jax_bench:train $p24 --trainable=paper --model_flops=$p24_flops_paper $ja" \
+               "jax_p24_lora16:jax_bench:train $p24 --trainable=none --lora_rank=16 $ja" ;;
+    # The full fine-tune needs 79 GiB without remat (call 26): on an 80 GB H100 both sides remat the dots. Each of
+    # these is its own group on an H100: a process keeps the memory its compile's autotuning took until it exits,
+    # so three compiling at once left too little for the one timing (calls 29-30).
+    lora_full) printf '%s\n' "jax_p24_all_dots:jax_bench:train $p24 --trainable=all --remat=dots $ja" ;;
+    lora_dots) printf '%s\n' "jax_p24_lora16_dots:jax_bench:train $p24 --trainable=none --lora_rank=16 --remat=dots $ja" ;;
+    lora_paper) printf '%s\n' "jax_p24_paper_lora16:jax_bench:train $p24 --trainable=paper --lora_rank=16 $ja" ;;
     # XLA flag A/Bs (AB_FLAGS="--xla_x=1 --xla_y=2"): the paper-shape trainable-set pair / the sampling pair, plus
     # ours once per flag (jax_bench.py --xla_flag replaces the inherited value for that process alone).
     ab_flags) printf '%s\n' "torch_p24_paper:torch_peer:train $p24 --trainable=paper --compile=regional --count_flops" \
