@@ -24,6 +24,7 @@ import ml_collections
 from absl import logging
 
 from atomo_jax.configuration import add_log_level, cli_parser, parse_cli
+from atomo_jax.convert import lora as lora_files
 from atomo_jax.models import tokenizer as tok
 from atomo_jax.training import checkpoint
 from atomo_jax.pipelines import i2v, long_video, personalize, t2v, video_io
@@ -39,6 +40,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="a training checkpoint's EMA (default) or raw trained weights")
     src.add_argument("--base", help="a personalised SD 1.5 fine-tune (diffusers folder with unet/, a UNet folder or a "
                                     ".safetensors file) whose spatial weights replace ours")
+    src.add_argument("--lora", action="append", metavar="FILE[:STRENGTH]",
+                     help="a LoRA file (PEFT/diffusers or kohya naming, e.g. an SD 1.5 community LoRA, or our "
+                          "export --lora=separate) merged into the UNet, times STRENGTH (default 1); repeatable, "
+                          "applied after --base")
     what = p.add_argument_group("what to sample")
     what.add_argument("--mode", choices=("i2v", "t2v", "long"), default="i2v", help="what to sample (default i2v)")
     what.add_argument("--image", help="conditioning image (i2v, long)")
@@ -126,6 +131,7 @@ def sample(args: argparse.Namespace, override: ml_collections.ConfigDict | None)
         base = personalize.load_base_unet(args.base, model.unet_config)
         params = {**params, "unet": personalize.swap_spatial_weights(params["unet"], base)}
         logging.info("swapped in the spatial weights of %s", args.base)
+    params = {**params, "unet": lora_files.merge_specs(params["unet"], args.lora, print)}
     sampler, guidance = i2v.configs_from(config, sampler=args.sampler, num_steps=args.steps, eta=args.eta,
                                          image_scale=args.image_scale, text_scale=args.text_scale,
                                          rescale=args.rescale)

@@ -16,6 +16,7 @@ import numpy as np
 import peft
 import pytest
 import torch
+from PIL import Image
 from diffusers import MotionAdapter, StableDiffusionPipeline, UNet2DConditionModel, UNetMotionModel
 from safetensors.numpy import load_file, save_file
 
@@ -271,3 +272,20 @@ def test_lora_export_separate_loads_in_torch_and_matches_the_merged_export(lora_
 
     assert rel_err(torch_out(separate_dir), want) < 1e-4  # base folders + the LoRA through diffusers' loader
     assert rel_err(torch_out(merged_dir), want) < 1e-4
+
+    # Our importer reads the exported file back: merged at strength -1 into the merged weights it gives the base.
+    lora_file = separate_dir / "lora" / "pytorch_lora_weights.safetensors"
+    _, _, raw = load_inference(str(lora_run), merge_lora=False)
+    undone, updates = cl.merge_file(params["unet"], lora_file, -1.0)
+    base_flat, undone_flat = cl._flat(lora.without_factors(raw["unet"])), cl._flat(undone)
+    assert set(undone_flat) == set(base_flat) and len(updates.deltas) == len(lora.factors(raw["unet"]))
+    for p in base_flat:
+        np.testing.assert_allclose(undone_flat[p], base_flat[p], rtol=0, atol=2e-6, err_msg=p)
+
+    # The sample CLI applies LoRA files the same way (--lora FILE[:STRENGTH]).
+    image = tmp_path / "image.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(image)
+    out = run("atomo_jax.sample", f"--checkpoint={lora_run}", f"--image={image}", "--steps=2", "--num_frames=4",
+              f"--lora={lora_file}:0.5", f"--out={tmp_path / 'v.mp4'}")
+    assert f"LoRA {lora_file} (peft naming, strength 0.5): {len(updates.deltas)} layers merged" in out
+    assert (tmp_path / "v.mp4").stat().st_size > 0

@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from atomo_jax.configuration import adopt_architecture, load_config, parse_cli
 from atomo_jax.convert import architecture, clip, compose, ip_adapter, motion, torch_io, unet, vae
+from atomo_jax.convert import lora as lora_files
 from atomo_jax.models.atomo import build_model
 
 OUT_FORMATS = (".safetensors", ".msgpack")
@@ -123,6 +124,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     c.add_argument("--motion", help="AnimateDiff motion modules: MotionAdapter folder or mm_sd_v15_v2-style file")
     c.add_argument("--ip_adapter", help="IP-Adapter SD 1.5 weights (.bin or .safetensors, original or diffusers)")
     c.add_argument("--image_encoder", help="transformers CLIPVisionModelWithProjection folder")
+    c.add_argument("--lora", action="append", metavar="FILE[:STRENGTH]",
+                   help="a LoRA file (PEFT/diffusers or kohya naming, e.g. an SD 1.5 community LoRA) merged into the "
+                        "composed UNet, times STRENGTH (default 1): a personalised base to train from; repeatable")
     c.add_argument("--out", required=True, help="output directory (orbax checkpoint of the params dict)")
     c.add_argument("--config", help="config file whose config.model is built (default configs/base.py)")
     c.add_argument("--seed", type=int, default=0, help="seed of the newly initialised layers")
@@ -163,6 +167,7 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
             progress("architecture")
             config, notes = compose.configure(args.config_value, sources, args.explicit)
             params, reports = compose.compose(config, sources, seed=args.seed, progress=progress)
+            params["unet"] = lora_files.merge_specs(params["unet"], args.lora, print)
             progress("writing checkpoint")
             path = compose.save_params(params, out, config, force=args.force)
         for report in reports:

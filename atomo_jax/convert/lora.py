@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 from flax import traverse_util
@@ -139,3 +139,24 @@ def merge_file(unet_params: Any, path: str | Path, strength: float = 1.0) -> tup
         flat[p] = (kernel + np.float32(strength) * cu.to_flax_array(updates.transforms[p], delta)).astype(
             np.asarray(flat[p]).dtype)
     return traverse_util.unflatten_dict(flat, sep="/"), updates
+
+
+def parse_spec(spec: str) -> tuple[str, float]:
+    """'FILE' or 'FILE:STRENGTH' (the command-line form of --lora) -> (path, strength)."""
+    path, sep, tail = spec.rpartition(":")
+    if sep:
+        try:
+            return path, float(tail)
+        except ValueError:
+            pass
+    return spec, 1.0
+
+
+def merge_specs(unet_params: Any, specs: list[str] | None, log: Callable[[str], None]) -> Any:
+    """Every --lora FILE[:STRENGTH] merged into `unet_params` in order, one log line each."""
+    for spec in specs or ():
+        path, strength = parse_spec(spec)
+        unet_params, updates = merge_file(unet_params, path, strength)
+        skipped = f"; {len(updates.ignored)} modules of other parts skipped" if updates.ignored else ""
+        log(f"LoRA {path} ({updates.fmt} naming, strength {strength:g}): {len(updates.deltas)} layers merged{skipped}")
+    return unet_params
