@@ -160,8 +160,9 @@ def get_config() -> ml_collections.ConfigDict:
         # Regexes over '/'-joined parameter paths of the UNet; the paper trains the temporal layers + input conv.
         trainable=("temp_convs", "motion_modules", "^conv_in/"),
         # LoRA (atomo_jax/models/lora.py): low-rank factors on the dense kernels the targets match, trained beside
-        # (and combinable with) the fully trainable set above, which may then be empty: --config.train.trainable='()'.
-        # The base kernels stay frozen. Sampling, eval and export fold the factors into the kernels.
+        # (and combinable with) the fully trainable set above, which may then be empty (LoRA alone:
+        # --config.train.trainable='()' ). The base kernels stay frozen. Sampling, eval and export fold the factors
+        # into the kernels.
         lora=ml_collections.ConfigDict(dict(
             rank=0,  # factor rank r; 0: no LoRA
             alpha=0.0,  # the update is scaled by alpha / r (PEFT's lora_alpha); 0: alpha = r

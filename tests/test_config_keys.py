@@ -5,6 +5,7 @@ base.py, and demo.py only changes values."""
 from __future__ import annotations
 
 import re
+import shlex
 from pathlib import Path
 
 import pytest
@@ -45,6 +46,7 @@ def test_docs_show_overrides():
 def test_every_documented_override_is_accepted(config):
     path = ROOT / "configs" / f"{config}.py"
     for flag in documented_overrides():
+        flag = shlex.split(flag)[0]  # what the shell hands the program: quotes removed, as a user types it
         key, value = flag[len("--config."):].split("=", 1)
         got = load_config(path, [flag])
         for part in key.split("."):
