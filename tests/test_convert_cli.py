@@ -104,11 +104,29 @@ def test_help():
 def test_compose_loads_reports_and_restores(parts, tmp_path, capsys):
     """Non-standard sizes composed with no --config at all: every size, head count and norm comes from the files."""
     out = tmp_path / "init"
+    # A kohya-named community LoRA (a dense layer, a LoCon 1x1 conv and a text-encoder key, which we skip) merged
+    # into the composed base at strength 0.5.
+    torch_unet = load_file(str(parts["sd"] / "unet" / "diffusion_pytorch_model.safetensors"))
+    q, proj = "mid_block.attentions.0.transformer_blocks.0.attn1.to_q", "mid_block.attentions.0.proj_in"
+    rng = np.random.default_rng(0)
+    community = {}
+    for module in (q, proj):
+        out_dim, in_dim = torch_unet[f"{module}.weight"].shape[:2]
+        name = "lora_unet_" + module.replace(".", "_")
+        community[f"{name}.lora_down.weight"] = rng.standard_normal((2, in_dim) + ((1, 1) if module == proj else ()))
+        community[f"{name}.lora_up.weight"] = rng.standard_normal((out_dim, 2) + ((1, 1) if module == proj else ()))
+        community[f"{name}.alpha"] = np.array(1.0)
+    community["lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight"] = np.ones((2, 4))
+    community["lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight"] = np.ones((4, 2))
+    lora_file = tmp_path / "community.safetensors"
+    save_file({k: v.astype(np.float32) for k, v in community.items()}, str(lora_file))
     code = main(["compose", "--sd", str(parts["sd"]), "--motion", str(parts["motion"]), "--ip_adapter",
-                 str(parts["ip"]), "--image_encoder", str(parts["image_encoder"]), "--out", str(out)])
+                 str(parts["ip"]), "--image_encoder", str(parts["image_encoder"]), "--lora", f"{lora_file}:0.5",
+                 "--out", str(out)])
     captured = capsys.readouterr()
     text = captured.out
     assert code == 0, captured.err
+    assert "(kohya naming, strength 0.5): 2 layers merged; 1 modules of other parts skipped" in text
     for part in ("[unet]", "[vae]", "[text_encoder]", "[image_encoder]"):
         assert part in text
     unet_block = text.split("[unet]")[1].split("[vae]")[0]
@@ -128,8 +146,15 @@ def test_compose_loads_reports_and_restores(parts, tmp_path, capsys):
                                                     jax.random.key(0)))
     restored = compose.restore_params(out, abstract)
     unet = flat(restored["unet"])
-    torch_unet = load_file(str(parts["sd"] / "unet" / "diffusion_pytorch_model.safetensors"))
     conv_in = np.asarray(unet["conv_in/kernel"])
+    for module, path in ((q, "mid_block/attentions_0/transformer_blocks_0/attn1/to_q/kernel"),
+                         (proj, "mid_block/attentions_0/proj_in/kernel")):
+        name = "lora_unet_" + module.replace(".", "_")
+        up, down = community[f"{name}.lora_up.weight"], community[f"{name}.lora_down.weight"]
+        delta = 0.5 * 0.5 * (up.reshape(up.shape[0], 2) @ down.reshape(2, -1))  # strength x alpha / rank
+        want = torch_unet[f"{module}.weight"].reshape(delta.shape) + delta
+        got = np.asarray(unet[path]).reshape(-1, delta.shape[0]).T  # (in, out) or (1, 1, in, out) -> (out, in)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, err_msg=module)
     np.testing.assert_array_equal(conv_in[..., :4, :], torch_unet["conv_in.weight"].transpose(2, 3, 1, 0))
     assert not conv_in[..., 4:, :].any()
     torch_motion = load_file(str(parts["motion"] / "diffusion_pytorch_model.safetensors"))
