@@ -22,12 +22,13 @@ from safetensors.numpy import load_file, save_file
 
 from atomo_jax import export
 from atomo_jax.convert import lora as cl
+from atomo_jax.convert import torch_io
 from atomo_jax.models import lora
 from atomo_jax.models.unet import SpatioTemporalUNet
-from atomo_jax.torch_ref.model import AtomoUNet
+from atomo_jax.torch_ref.model import AtomoUNet, read_atomo_config
 from atomo_jax.training.checkpoint import load_inference
 from tests.conftest import TINY_DEMO, cli_env, losses, run
-from tests.test_export import B, CONFIG, F, H, L, random_params, rel_err
+from tests.test_export import B, CONFIG, F, H, L, rel_err, small  # noqa: F401 (small: a fixture)
 
 SPATIAL = r"attentions_\d+/transformer_blocks_\d+/attn[12]/to_(q|k|v|out_0)/kernel$"
 TEMPORAL = r"motion_modules_\d+/transformer_blocks_\d+/attn[12]/to_(q|k|v|out_0)/kernel$"
@@ -69,19 +70,17 @@ def torch_forward(model: AtomoUNet) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    """Random base weights, exported (no LoRA) to a folder AtomoUNet loads; and the same base with factors."""
-    params = random_params(CONFIG)
-    out = tmp_path_factory.mktemp("lora_base")
-    files = export.export_unet(params, CONFIG, out, dtype="fp32", sample_size=H, progress=lambda _: None)
-    export.write_atomo_config(out, files=files, unet_config=CONFIG)
-    return out, files, with_factors(params, SPEC)
+def base(small):
+    """tests/test_export.py's random base weights exported with no LoRA (a folder AtomoUNet loads), its files, and the
+    same weights with factors."""
+    params, out = small
+    return out, read_atomo_config(out)["files"], with_factors(params, SPEC)
 
 
 def test_on_the_fly_lora_matches_peft_and_the_merged_weights(base):
     folder, _, params = base
     pairs = lora.factors(params)
-    projections = [p for p in cl._flat(params) if re.search(r"attn[12]/to_(q|k|v|out_0)/kernel$", p)]
+    projections = [p for p in torch_io.flatten_shapes(params) if re.search(r"attn[12]/to_(q|k|v|out_0)/kernel$", p)]
     assert sorted(pairs) == sorted(projections) and any("motion_modules" in p for p in pairs)
     fly = ours(params, SPEC)
     assert rel_err(ours(params, SPEC, merged=True), fly) < 1e-5
@@ -185,6 +184,12 @@ def test_bad_lora_input_gives_clear_errors(base, tmp_path):
                "text_encoder.layers.0.q_proj.lora_A.weight": np.zeros((4, 8), np.float32)}, str(wrong))
     with pytest.raises(ValueError, match=r"2 modules do not fit.*update \(32, 7\).*down_blocks\.9\.attn1\.to_q: no such"):
         cl.read_file(wrong, unet)
+    unpaired = tmp_path / "unpaired.safetensors"
+    save_file({"lora_unet_mid_block_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight": np.zeros((4, 64), np.float32),
+               "lora_unet_mid_block_attentions_0_transformer_blocks_0_attn1_to_q.lora_up.weight": np.zeros((64, 3), np.float32)},
+              str(unpaired))
+    with pytest.raises(ValueError, match=r"lora_up.weight \(64, 3\) does not pair with lora_down.weight \(4, 64\)"):
+        cl.read_file(unpaired, unet)
     empty = tmp_path / "empty.safetensors"
     save_file({"text_encoder.q.lora_A.weight": np.zeros((4, 8), np.float32)}, str(empty))
     with pytest.raises(ValueError, match="no UNet LoRA modules"):
@@ -214,7 +219,7 @@ def lora_run(tmp_path_factory):
 def test_lora_training_changes_only_the_lora_and_the_trainable_set(lora_run):
     _, _, at2 = load_inference(str(lora_run / "checkpoints" / "2"), use_ema=False, merge_lora=False)
     _, _, at4 = load_inference(str(lora_run / "checkpoints" / "4"), use_ema=False, merge_lora=False)
-    before, after = cl._flat(at2["unet"]), cl._flat(at4["unet"])
+    before, after = torch_io.flatten_shapes(at2["unet"]), torch_io.flatten_shapes(at4["unet"])
     assert set(before) == set(after)
     changed = sorted(p for p in before if not np.array_equal(before[p], after[p]))
     factors = [p for p in before if p.endswith(("/lora_a", "/lora_b"))]
@@ -277,7 +282,7 @@ def test_lora_export_separate_loads_in_torch_and_matches_the_merged_export(lora_
     lora_file = separate_dir / "lora" / "pytorch_lora_weights.safetensors"
     _, _, raw = load_inference(str(lora_run), merge_lora=False)
     undone, updates = cl.merge_file(params["unet"], lora_file, -1.0)
-    base_flat, undone_flat = cl._flat(lora.without_factors(raw["unet"])), cl._flat(undone)
+    base_flat, undone_flat = torch_io.flatten_shapes(lora.without_factors(raw["unet"])), torch_io.flatten_shapes(undone)
     assert set(undone_flat) == set(base_flat) and len(updates.deltas) == len(lora.factors(raw["unet"]))
     for p in base_flat:
         np.testing.assert_allclose(undone_flat[p], base_flat[p], rtol=0, atol=2e-6, err_msg=p)

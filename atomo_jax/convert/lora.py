@@ -32,10 +32,6 @@ FORMATS = (PEFT, KOHYA)
 PEFT_PREFIX, KOHYA_PREFIX = "unet.", "lora_unet_"
 
 
-def _flat(tree: Any) -> dict[str, Any]:
-    return traverse_util.flatten_dict(dict(tree), sep="/") if tree else {}
-
-
 def _module_table(unet_params: Any) -> dict[str, tuple[str, str]]:
     """{diffusers module name: (our kernel path, layout transform)} for every kernel of a UNet params tree."""
     flat = torch_io.flatten_shapes(unet_params)
@@ -111,6 +107,9 @@ def read_file(path: str | Path, unet_params: Any) -> LoraUpdates:
             continue
         down, up = state[key], state[name + up_suffix]
         rank = down.shape[0]
+        if up.ndim < 2 or up.shape[1] != rank or up.size != up.shape[0] * rank:
+            problems.append(f"{name}: {up_suffix[1:]} {up.shape} does not pair with {down_suffix[1:]} {down.shape}")
+            continue
         alpha = float(state[name + ".alpha"]) if name + ".alpha" in state else float(rank)
         delta = (up.reshape(up.shape[0], rank) @ down.reshape(rank, -1)).reshape((up.shape[0],) + down.shape[1:])
         kernel, transform = table[modules[name]]
@@ -133,7 +132,7 @@ def read_file(path: str | Path, unet_params: Any) -> LoraUpdates:
 def merge_file(unet_params: Any, path: str | Path, strength: float = 1.0) -> tuple[dict, LoraUpdates]:
     """`unet_params` (numpy or jax leaves) with a LoRA file's updates, times `strength`, added to their kernels."""
     updates = read_file(path, unet_params)
-    flat = _flat(unet_params)
+    flat = torch_io.flatten_shapes(unet_params)
     for p, delta in updates.deltas.items():
         kernel = np.asarray(flat[p], np.float32)
         flat[p] = (kernel + np.float32(strength) * cu.to_flax_array(updates.transforms[p], delta)).astype(
