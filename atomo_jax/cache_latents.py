@@ -7,7 +7,8 @@
 Uses the model's `encode_video` / `encode_image` (AtomoVideo interface) from `--checkpoint` (a composed checkpoint,
 a training workdir or one of its step dirs); the data comes from `--config`'s `data` (default: the checkpoint's).
 Multi-host: run it on every host (jax.distributed starts as for training, e.g. from the ATOMO_* variables).
-Clips are cut deterministically (first frames, centre crop). Shard k holds source records [k*R, (k+1)*R); process p of P writes shards k with k % P == p, and
+Clips are cut deterministically (first frames, centre crop), each at its bucket's shape with
+config.data.buckets (clips that fill no bucket are skipped and counted; the sidecar lists each record's bucket). Shard k holds source records [k*R, (k+1)*R); process p of P writes shards k with k % P == p, and
 within a process each batch is split over the local devices. A shard is written to a temporary name and renamed
 when complete, so a killed run resumes by skipping finished shards. Bad videos are skipped and listed in the
 shard's `.json` sidecar and counted. Train on the result with data.kind="latents", data.latents_dir=OUTPUT_DIR;
@@ -34,31 +35,14 @@ from tqdm import tqdm
 from atomo_jax.configuration import add_log_level, cli_parser, parse_cli
 from atomo_jax.parallel import distributed
 from atomo_jax.training.checkpoint import load_inference
-from data_pipelines.loader import clip_spec, make_source
+from data_pipelines.loader import clip_spec, load_clip, plan_buckets
 from data_pipelines.sources import encode_record
 from data_pipelines.transforms import to_unit_range
-from data_pipelines.video_decode import BadVideo, call_with_timeout, decode_clip
+from data_pipelines.video_decode import BadVideo
 
 
 def shard_name(shard: int, num_shards: int) -> str:
     return f"latents-{shard:05d}-of-{num_shards:05d}.array_record"
-
-
-def _load(source, index: int, spec, timeout_s: float | None) -> tuple[np.ndarray, str]:
-    """Decoded uint8 clip + caption of one record; raises BadVideo."""
-    record = source[index]
-    name = record.get("path") or f"record {record.get('key', index)}"
-    caption = record.get("caption")
-    if not caption:
-        raise BadVideo(name, "missing caption")
-    if "video" in record:  # synthetic: already pixels
-        video = record["video"][: spec.num_frames]
-        if video.shape[0] < spec.num_frames:
-            raise BadVideo(name, f"too short: {video.shape[0]} frames, need {spec.num_frames}")
-        return video, caption
-    src = record.get("video_bytes", record.get("path"))
-    rng = np.random.default_rng(index)  # unused by a deterministic spec, but decode_clip takes one
-    return call_with_timeout(lambda: decode_clip(src, spec, rng, path=name), timeout_s, name), caption
 
 
 def make_encoder(model: Any, params: dict, devices: list) -> Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]:
@@ -99,8 +83,10 @@ def cache_latents(
 ) -> dict[str, int]:
     """Writes this process's shards; returns {"written", "skipped", "shards_done", "shards_skipped_existing"}."""
     os.makedirs(output_dir, exist_ok=True)
-    source = make_source(data_config)
-    spec = clip_spec(data_config, training=False)
+    plan = plan_buckets(data_config)
+    source = plan.source
+    specs = [clip_spec(data_config, False, b) for b in plan.buckets]
+    record_buckets = plan.record_buckets if plan.record_buckets is not None else np.zeros(len(source), np.int32)
     timeout_s = float(data_config.decode_timeout_s) or None
     num_shards = math.ceil(len(source) / records_per_shard)
     mine = [s for s in range(num_shards) if s % process_count == process_index]
@@ -116,34 +102,45 @@ def cache_latents(
             tmp = final + f".tmp-{process_index}"
             writer = ArrayRecordWriter(tmp, "group_size:1")
             skipped: list[str] = []
+            written_buckets: list[list[int]] = []  # the pixel bucket of each record, in write order
 
-            def flush(batch: list[tuple[int, np.ndarray, str]]) -> None:
+            def flush(bucket: int, batch: list[tuple[int, np.ndarray, str]]) -> None:
                 video = to_unit_range(np.stack([clip for _, clip, _ in batch]))
                 latents, embeds = encode(video)
                 for (index, _, caption), lat, emb in zip(batch, latents, embeds):
                     record = {"latents": lat.astype(latent_dtype), "image_embeds": emb.astype(np.float32),
                               "caption": caption, "key": str(index)}
                     writer.write(encode_record(record))
+                    b = plan.buckets[bucket]
+                    written_buckets.append([b.frames, b.height, b.width])
                 stats["written"] += len(batch)
 
-            pending: list[tuple[int, np.ndarray, str]] = []
-            futures = {i: pool.submit(_load, source, i, spec, timeout_s) for i in indices}
+            def load(index: int) -> tuple[np.ndarray, str]:
+                if record_buckets[index] < 0:
+                    raise BadVideo(source[index].get("path") or f"record {index}", "fills no bucket")
+                # the spec is deterministic (first frames, centre crop): the rng is never drawn from
+                return load_clip(source[index], specs[record_buckets[index]], np.random.default_rng(index),
+                                 timeout_s)
+
+            pending: dict[int, list[tuple[int, np.ndarray, str]]] = {}  # a batch being gathered per bucket
+            futures = {i: pool.submit(load, i) for i in indices}
             for index in indices:
                 try:
                     clip, caption = futures.pop(index).result()
-                    pending.append((index, clip, caption))
+                    batch = pending.setdefault(int(record_buckets[index]), [])
+                    batch.append((index, clip, caption))
+                    if len(batch) == batch_size:
+                        flush(int(record_buckets[index]), pending.pop(int(record_buckets[index])))
                 except BadVideo as e:
                     skipped.append(str(e))
                     logging.warning("cache_latents: skipping %s", e)
-                if len(pending) == batch_size:
-                    flush(pending)
-                    pending = []
                 bar.update(1)
-            if pending:
-                flush(pending)
+            for bucket, batch in sorted(pending.items()):
+                flush(bucket, batch)
             writer.close()
             with open(final + ".json", "w") as f:
-                json.dump({"shard": shard, "records": len(indices) - len(skipped), "skipped": skipped}, f)
+                json.dump({"shard": shard, "records": len(indices) - len(skipped), "skipped": skipped,
+                           "buckets": written_buckets}, f)
             os.replace(tmp, final)  # atomic: a shard file exists only when complete
             stats["skipped"] += len(skipped)
             stats["shards_done"] += 1

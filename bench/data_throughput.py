@@ -67,7 +67,7 @@ class ListSource:
 
 def time_pixels(paths: list[str], resolution: int, clips: int) -> dict:
     source = ListSource([{"path": p, "caption": "bench", "key": str(i)} for i, p in enumerate(paths)])
-    transform = MakeExample(source, ClipSpec(NUM_FRAMES, resolution, stride=STRIDE), decode_timeout_s=None)
+    transform = MakeExample(source, [ClipSpec(NUM_FRAMES, resolution, stride=STRIDE)], decode_timeout_s=None)
     transform.random_map(source[0], np.random.default_rng(0))  # warm-up (codec init, page cache)
     cpu0, wall0 = time.process_time(), time.perf_counter()
     for i in range(clips):
@@ -89,7 +89,7 @@ def time_latents(tmp: str, latent_size: int, records: int) -> dict:
             "caption": "bench", "key": str(i)}))
     writer.close()
     source = LatentShardsSource([path])
-    transform = LatentToExample(NUM_FRAMES)
+    transform = LatentToExample([NUM_FRAMES])
     cpu0, wall0 = time.process_time(), time.perf_counter()
     for i in range(records):
         example = transform.random_map(source[i], np.random.default_rng(i))

@@ -95,6 +95,12 @@ def get_config() -> ml_collections.ConfigDict:
         kind="video_folder",  # synthetic | video_folder | tfds | latents
         num_frames=24,  # frames per training clip
         resolution=512,  # square crop size in pixels
+        # Shape buckets: (frames, height, width) triples in pixels, e.g. ((24, 320, 512), (24, 512, 320), (24, 384,
+        # 384)). Each clip trains in the bucket nearest its aspect ratio (then the most frames it can fill), resized
+        # to cover it and cropped; every global batch is one bucket's; one compiled step per bucket. Empty: every clip
+        # is num_frames x resolution x resolution. Latent sizes (pixels / VAE factor) must divide by the UNet's
+        # down-sampling (8 for SD 1.5: pixel sizes multiples of 64).
+        buckets=(),
         frame_prediction_prob=0.2,  # fraction of clips trained as frame prediction (first frames given)
         num_given_frames=8,  # frames given in a frame-prediction clip (paper: L=8 of T=24)
         shuffle=True,  # global shuffle by seed (False: file order, for tests)

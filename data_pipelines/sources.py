@@ -17,6 +17,10 @@ import grain.python as grain
 import numpy as np
 
 from data_pipelines.errors import DataError
+from data_pipelines.video_decode import VideoInfo, probe
+
+# Optional caption-file columns with each video's header facts, so bucketed runs need not open every file first.
+HEADER_COLUMNS = ("width", "height", "num_frames", "fps")
 
 
 class VideoFolderSource(grain.RandomAccessDataSource):
@@ -24,7 +28,9 @@ class VideoFolderSource(grain.RandomAccessDataSource):
 
     The video path of a row is `path_format.format(**row)`, relative to `video_dir` unless absolute; e.g. WebVid
     downloads use `path_format="{page_dir}/{videoid}.mp4"`, `caption_column="name"`. Missing files or captions are
-    not checked here (that would stat millions of files up front): the loader skips and counts them.
+    not checked here (that would stat millions of files up front): the loader skips and counts them. Bucketed runs
+    need each video's size and length: from the optional columns HEADER_COLUMNS where a row has them, else from
+    the file's header.
     """
 
     def __init__(
@@ -56,6 +62,7 @@ class VideoFolderSource(grain.RandomAccessDataSource):
                             f"columns are {sorted(rows[0][1])}")
         self._paths = np.asarray([p if os.path.isabs(p) else os.path.join(video_dir, p) for p in paths])
         self._captions = np.asarray([_clean_caption(row.get(caption_column)) for _, row in rows])
+        self._headers = np.asarray([[_number(row.get(c)) for c in HEADER_COLUMNS] for _, row in rows], np.float64)
 
     def __len__(self) -> int:
         return len(self._paths)
@@ -69,6 +76,22 @@ class VideoFolderSource(grain.RandomAccessDataSource):
     def __getitem__(self, index: int) -> dict:
         caption = str(self._captions[index])
         return {"path": str(self._paths[index]), "caption": caption or None, "key": str(index)}
+
+    def header(self, index: int) -> VideoInfo:
+        """Size, length and rate of video `index`: from the row's HEADER_COLUMNS, else the file (BadVideo if it
+        cannot be read)."""
+        width, height, frames, fps = self._headers[index]
+        if np.isnan([width, height, frames]).any():
+            return probe(str(self._paths[index]))
+        return VideoInfo(int(width), int(height), int(frames), 0.0 if np.isnan(fps) else float(fps))
+
+
+def _number(value) -> float:
+    """A numeric caption-file field, NaN when absent or empty."""
+    try:
+        return float(value) if value not in (None, "") else float("nan")
+    except (TypeError, ValueError):
+        return float("nan")
 
 
 def _clean_caption(value) -> str:
@@ -143,6 +166,13 @@ class TfdsVideoSource(grain.RandomAccessDataSource):
             "key": _as_str(record.get("key")) or str(index),
         }
 
+    def header(self, index: int) -> VideoInfo:
+        """From the record's stored header fields (datasets built by tfds_builder), else the encoded bytes."""
+        record = self._source[index]
+        if all(k in record for k in HEADER_COLUMNS):
+            return VideoInfo(*(int(record[k]) for k in HEADER_COLUMNS[:3]), float(record["fps"]))
+        return probe(bytes(record["video_bytes"]), path=f"{self.name}[{index}]")
+
 
 def _as_str(value) -> str:
     if value is None:
@@ -200,3 +230,26 @@ class LatentShardsSource(grain.RandomAccessDataSource):
 
     def __getitem__(self, index: int) -> dict:
         return decode_record(self._source[index])
+
+    def record_buckets(self, buckets: Sequence) -> np.ndarray:
+        """Each record's index in `buckets` (data_pipelines.buckets.Bucket), from the pixel bucket each shard's
+        `.json` sidecar lists per record (cache_latents writes it); a bucket not in `buckets` is an error."""
+        index = {(b.frames, b.height, b.width): i for i, b in enumerate(buckets)}
+        out = []
+        for path in self.paths:
+            try:
+                with open(path + ".json") as f:
+                    listed = json.load(f).get("buckets")
+            except (OSError, json.JSONDecodeError) as e:
+                raise DataError(f"{path}.json: cannot read the shard's sidecar ({e})") from None
+            if listed is None:
+                raise DataError(f"{path}.json: lists no per-record buckets (cached without config.data.buckets); "
+                                f"re-run cache_latents with the buckets to train with them")
+            for shape in listed:
+                if tuple(shape) not in index:
+                    raise DataError(f"{path}: holds latents of bucket {'x'.join(map(str, shape))}, which "
+                                    f"config.data.buckets does not list ({', '.join(map(str, buckets))})")
+                out.append(index[tuple(shape)])
+        if len(out) != len(self):
+            raise DataError(f"{self.paths[0]}...: the sidecars list {len(out)} records, the shards hold {len(self)}")
+        return np.asarray(out, np.int32)

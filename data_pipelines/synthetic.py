@@ -9,8 +9,12 @@ directions leave the future ambiguous and take far longer to learn. Everything i
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import numpy as np
 import grain.python as grain
+
+from data_pipelines.video_decode import VideoInfo
 
 SHAPES = ("circle", "square", "triangle")
 # Initial direction per shape for motion="by_shape", in radians (image y grows downwards): right, down, up-left.
@@ -56,8 +60,11 @@ class MovingShapesSource(grain.RandomAccessDataSource):
 
     def __init__(self, num_videos: int = 4096, num_frames: int = 8, resolution: int = 32, seed: int = 0, *,
                  radius: tuple[float, float] = (0.1, 0.22), speed: tuple[float, float] = (0.04, 0.12),
-                 motion: str = "random", gradient_prob: float = 0.5, background: str = "random"):
-        """`radius` (half-size) and `speed` (per frame) are ranges in fractions of the frame size."""
+                 motion: str = "random", gradient_prob: float = 0.5, background: str = "random",
+                 sizes: Sequence[tuple[int, int, int]] = ()):
+        """`radius` (half-size) and `speed` (per frame) are ranges in fractions of the frame's short side. `sizes`:
+        (frames, height, width) of clip i is sizes[i % len(sizes)] (clips of several shapes, for bucketed runs);
+        empty: every clip is num_frames x resolution x resolution."""
         if num_videos <= 0 or num_frames <= 0 or resolution < 8:
             raise ValueError(
                 f"MovingShapesSource: need num_videos > 0, num_frames > 0, resolution >= 8; got "
@@ -87,6 +94,9 @@ class MovingShapesSource(grain.RandomAccessDataSource):
         self.motion = motion
         self.gradient_prob = float(gradient_prob)
         self.background = background
+        self.sizes = tuple((int(f), int(h), int(w)) for f, h, w in sizes) or ((num_frames, resolution, resolution),)
+        if any(min(size) < 1 or min(size[1:]) < 8 for size in self.sizes):
+            raise ValueError(f"MovingShapesSource: sizes={self.sizes} need frames >= 1 and height, width >= 8")
 
     def __len__(self) -> int:
         return self.num_videos
@@ -95,19 +105,25 @@ class MovingShapesSource(grain.RandomAccessDataSource):
         return (
             f"MovingShapesSource(num_videos={self.num_videos}, num_frames={self.num_frames}, "
             f"resolution={self.resolution}, seed={self.seed}, radius={self.radius}, speed={self.speed}, "
-            f"motion={self.motion!r}, gradient_prob={self.gradient_prob}, background={self.background!r})"
+            f"motion={self.motion!r}, gradient_prob={self.gradient_prob}, background={self.background!r}, "
+            f"sizes={self.sizes})"
         )
 
-    def _background(self, rng: np.random.Generator) -> np.ndarray:
-        size = self.resolution
+    def header(self, index: int) -> VideoInfo:
+        """The clip's size and length without drawing it."""
+        frames, height, width = self.sizes[int(index) % len(self.sizes)]
+        return VideoInfo(width=width, height=height, frames=frames, fps=0.0)
+
+    def _background(self, rng: np.random.Generator, height: int, width: int) -> np.ndarray:
         c0 = rng.integers(0, 256, size=3).astype(np.float32)
         if self.background == "black":
-            return np.zeros((size, size, 3), np.float32)
+            return np.zeros((height, width, 3), np.float32)
         if rng.random() < 1.0 - self.gradient_prob:  # plain background
-            return np.broadcast_to(c0, (size, size, 3)).copy()
+            return np.broadcast_to(c0, (height, width, 3)).copy()
         c1 = rng.integers(0, 256, size=3).astype(np.float32)
         angle = rng.uniform(0, 2 * np.pi)
-        ys, xs = np.mgrid[0:size, 0:size].astype(np.float32) / max(size - 1, 1)
+        ys, xs = np.mgrid[0:height, 0:width].astype(np.float32)
+        ys, xs = ys / max(height - 1, 1), xs / max(width - 1, 1)
         t = (np.cos(angle) * xs + np.sin(angle) * ys)
         t = (t - t.min()) / max(float(t.max() - t.min()), 1e-6)
         return c0 + (c1 - c0) * t[..., None]
@@ -117,13 +133,14 @@ class MovingShapesSource(grain.RandomAccessDataSource):
         if not 0 <= index < self.num_videos:
             raise IndexError(f"MovingShapesSource: index {index} out of range [0, {self.num_videos})")
         rng = np.random.default_rng((self.seed, index))
-        size, frames = self.resolution, self.num_frames
+        frames, height, width = self.sizes[index % len(self.sizes)]
+        size = min(height, width)
         shape = SHAPES[rng.integers(len(SHAPES))]
         names = [n for n in COLOURS if not (self.background == "black" and n == "black")]  # never invisible
         colour_name = names[rng.integers(len(names))]
         colour = np.asarray(COLOURS[colour_name], np.float32)
         r = rng.uniform(*self.radius) * size
-        cx, cy = rng.uniform(r, size - r, size=2)
+        cx, cy = rng.uniform(r, np.array([width - r, height - r]))
         speed = rng.uniform(*self.speed) * size
         angle = rng.uniform(0, 2 * np.pi)
         if self.motion == "by_shape":
@@ -134,19 +151,19 @@ class MovingShapesSource(grain.RandomAccessDataSource):
         article = "an" if colour_name[0] in "aeiou" else "a"
         caption = f"{article} {colour_name} {shape} moving {_direction_word(vx, vy)}"
 
-        background = self._background(rng)
-        ys, xs = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
-        video = np.empty((frames, size, size, 3), np.uint8)
+        background = self._background(rng, height, width)
+        ys, xs = np.mgrid[0:height, 0:width].astype(np.float32) + 0.5
+        video = np.empty((frames, height, width, 3), np.uint8)
         for f in range(frames):
             mask = _shape_mask(shape, cx, cy, r, ys, xs)
             frame = np.where(mask[..., None], colour, background)
             video[f] = np.clip(np.rint(frame), 0, 255).astype(np.uint8)
-            # Bounce: reflect the centre back inside [r, size - r] and flip the velocity.
+            # Bounce: reflect the centre back inside [r, width - r] x [r, height - r] and flip the velocity.
             cx, cy = cx + vx, cy + vy
-            if cx < r or cx > size - r:
+            if cx < r or cx > width - r:
                 vx = -vx
-                cx = np.clip(2 * np.clip(cx, r, size - r) - cx, r, size - r)
-            if cy < r or cy > size - r:
+                cx = np.clip(2 * np.clip(cx, r, width - r) - cx, r, width - r)
+            if cy < r or cy > height - r:
                 vy = -vy
-                cy = np.clip(2 * np.clip(cy, r, size - r) - cy, r, size - r)
+                cy = np.clip(2 * np.clip(cy, r, height - r) - cy, r, height - r)
         return {"video": video, "caption": caption}

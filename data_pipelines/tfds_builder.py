@@ -1,6 +1,6 @@
 """TFDS builder: a local video folder + CSV/JSONL captions -> an ArrayRecord TFDS dataset (no TensorFlow needed).
 
-Each example stores the encoded video file bytes, its caption and a key; training reads it with
+Each example stores the encoded video file bytes, its caption, a key and its header facts; training reads it with
 `tfds.data_source(name, data_dir=...)` (data_config.kind="tfds") and decodes clips in the loader like a folder.
 
     python -m data_pipelines.tfds_builder --video_dir=videos/ --captions_file=captions.csv \
@@ -10,6 +10,7 @@ Each example stores the encoded video file bytes, its caption and a key; trainin
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import sys
@@ -20,13 +21,15 @@ import tensorflow_datasets as tfds
 
 from data_pipelines.errors import DataError
 from data_pipelines.sources import VideoFolderSource
+from data_pipelines.video_decode import BadVideo
 
 
 class VideoFolderBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
-    """One "train" split with features video_bytes (encoded file), caption, key."""
+    """One "train" split with features video_bytes (encoded file), caption, key and the header facts width, height,
+    num_frames, fps (0 for a file whose header cannot be read), which bucketed runs assign buckets from."""
 
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "Encoded video files + captions."}
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES = {"1.0.0": "Encoded video files + captions.", "1.1.0": "Header fields for shape buckets."}
 
     def __init__(self, *, source: VideoFolderSource | None = None, **kwargs):
         self._video_source = source
@@ -41,6 +44,10 @@ class VideoFolderBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True
                     "video_bytes": tfds.features.Scalar(dtype=np.object_),
                     "caption": tfds.features.Text(),
                     "key": tfds.features.Text(),
+                    "width": tfds.features.Scalar(dtype=np.int32),
+                    "height": tfds.features.Scalar(dtype=np.int32),
+                    "num_frames": tfds.features.Scalar(dtype=np.int32),
+                    "fps": tfds.features.Scalar(dtype=np.float32),
                 }
             ),
         )
@@ -62,8 +69,14 @@ class VideoFolderBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True
                 reason = "missing caption" if not caption else "missing or zero-length file"
                 logging.warning("tfds_builder: skipping %s (%s)", path, reason)
                 continue
+            try:
+                header = dataclasses.asdict(source.header(i))
+            except BadVideo:
+                header = {"width": 0, "height": 0, "frames": 0, "fps": 0.0}
             with open(path, "rb") as f:
-                yield record["key"], {"video_bytes": f.read(), "caption": caption, "key": record["key"]}
+                yield record["key"], {"video_bytes": f.read(), "caption": caption, "key": record["key"],
+                                      "width": header["width"], "height": header["height"],
+                                      "num_frames": header["frames"], "fps": header["fps"]}
         if skipped:
             logging.warning("tfds_builder: skipped %d of %d rows", skipped, len(source))
 

@@ -36,26 +36,19 @@ def to_uint8(image: np.ndarray) -> np.ndarray:
     return np.clip(np.rint((np.asarray(image, np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
 
 
-def resize_short_side(frames: np.ndarray, short_side: int) -> np.ndarray:
-    """uint8 (..., H, W, 3) -> short side `short_side`, aspect kept; bilinear (PIL), per frame."""
-
+def resize(frames: np.ndarray, height: int, width: int) -> np.ndarray:
+    """uint8 (..., H, W, 3) -> (..., height, width, 3); bilinear (PIL), per frame."""
     h, w = frames.shape[-3:-1]
-    if min(h, w) == short_side:
+    if (h, w) == (height, width):
         return frames
-    scale = short_side / min(h, w)
-    nh, nw = max(short_side, round(h * scale)), max(short_side, round(w * scale))
     flat = frames.reshape(-1, h, w, 3)
-    out = np.stack([np.asarray(Image.fromarray(f).resize((nw, nh), Image.BILINEAR)) for f in flat])
-    return out.reshape(*frames.shape[:-3], nh, nw, 3)
+    out = np.stack([np.asarray(Image.fromarray(f).resize((width, height), Image.BILINEAR)) for f in flat])
+    return out.reshape(*frames.shape[:-3], height, width, 3)
 
 
-def crop(frames: np.ndarray, size: int, rng: np.random.Generator | None) -> np.ndarray:
-    """size x size crop of (..., H, W, C): uniform random position given an rng, centred without one."""
+def crop(frames: np.ndarray, top: int, left: int, height: int, width: int) -> np.ndarray:
+    """The height x width window of (..., H, W, C) at (top, left)."""
     h, w = frames.shape[-3:-1]
-    if h < size or w < size:
-        raise ValueError(f"crop: frames of {h}x{w} are smaller than the crop size {size}")
-    if rng is None:
-        top, left = (h - size) // 2, (w - size) // 2
-    else:
-        top, left = int(rng.integers(0, h - size + 1)), int(rng.integers(0, w - size + 1))
-    return frames[..., top : top + size, left : left + size, :]
+    if top < 0 or left < 0 or top + height > h or left + width > w:
+        raise ValueError(f"crop: a {height}x{width} window at ({top}, {left}) does not fit frames of {h}x{w}")
+    return frames[..., top : top + height, left : left + width, :]

@@ -28,7 +28,7 @@ from data_pipelines.loader import make_loader
 from data_pipelines.errors import DataBroken, DataError
 from data_pipelines.sources import VideoFolderSource, decode_record, encode_record
 from data_pipelines.synthetic import COLOUR_DIRECTIONS, DIRECTIONS, MovingShapesSource
-from data_pipelines.video_decode import BadVideo, ClipSpec, call_with_timeout, decode_clip
+from data_pipelines.video_decode import BadVideo, ClipSpec, call_with_timeout, crop_offsets, decode_clip, resized_size
 
 NUM_GOOD = 6
 FRAMES_PER_VIDEO = 40
@@ -215,9 +215,13 @@ def test_decode_timeout_gives_up():
 
 def test_resize_crop_and_mask():
     frames = np.random.default_rng(0).integers(0, 256, (2, 40, 80, 3), dtype=np.uint8)
-    resized = transforms.resize_short_side(frames, 20)
+    spec = ClipSpec(2, 20, random_crop=False)
+    assert resized_size(40, 80, spec) == (20, 40)  # covers the square crop, aspect kept
+    assert resized_size(40, 80, ClipSpec(2, 20, 60)) == (30, 60)  # a wide crop: the width binds
+    assert resized_size(40, 80, ClipSpec(2, 20, short_side=24)) == (24, 48)
+    resized = transforms.resize(frames, 20, 40)
     assert resized.shape == (2, 20, 40, 3)
-    centre = transforms.crop(resized, 20, None)
+    centre = transforms.crop(resized, *crop_offsets(20, 40, spec, None), 20, 20)
     np.testing.assert_array_equal(centre, resized[:, :, 10:30])
     rng = np.random.default_rng(0)
     masks = np.stack([transforms.frame_mask(8, rng, frame_prediction_prob=0.5, num_given_frames=3)

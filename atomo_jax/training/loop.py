@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
 import orbax.checkpoint as ocp
 
 from atomo_jax.eval import heldout
@@ -36,7 +37,9 @@ from atomo_jax.training.packing import packer_from_config
 from atomo_jax.training.setup import abstract_train_state, init_train_state, state_shardings, validate
 from atomo_jax.training.state import all_finite, count_params, model_params
 from atomo_jax.training.train_step import batch_shardings, canonical_formats, jit_train_step
-from data_pipelines.loader import make_loader
+from data_pipelines import buckets as buckets_lib
+from data_pipelines.errors import DataError
+from data_pipelines.loader import make_loader, plan_buckets
 
 DEVICE_KEYS = ("video", "cond_image", "mask", "latents", "image_embeds", "tokens", "context")
 
@@ -156,9 +159,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, explicit
         abstract = abstract_train_state(config, model)
         checkpointer = Checkpointer(workdir, config.checkpoint)
 
+        plan = plan_buckets(config.data)
+        if plan.record_buckets is not None:
+            _check_same_plan(plan.record_buckets)
+            print(f"[train] buckets: {plan.summary()}", flush=True)
         loader = make_loader(config.data, global_batch_size=int(config.train.batch_size), seed=int(config.seed),
                              shard_index=jax.process_index(), shard_count=jax.process_count(),
-                             tokenize=caption_tokenizer(config.model.text_encoder))
+                             tokenize=caption_tokenizer(config.model.text_encoder), plan=plan)
         data_iter = iter(loader)
 
         target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
@@ -193,8 +200,30 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, explicit
                 s = jax.device_put(s, canonical_formats(s))
             return packer.unpack_state(s) if packer else s
 
-        step_jit = None  # built at the first batch, whose keys fix the batch shardings
+        # One compiled step per batch shape (bucket), compiled ahead at its first batch: the executable gives the
+        # FLOPs and runs every step of that shape. Steps after the first take the state layouts the first chose.
+        steps: dict[tuple, tuple[Any, float]] = {}  # batch shapes -> (compiled step, its FLOPs per device)
         finite_jit = jax.jit(all_finite)
+
+        def compiled_step(device_batch: dict) -> tuple[Any, float]:
+            nonlocal state
+            key = tuple(sorted((k, v.shape) for k, v in device_batch.items()))
+            if key in steps:
+                return steps[key]
+            t_compile = time.perf_counter()
+            formats = next(iter(steps.values()))[0].input_formats[0][0] if steps and auto_layouts else None
+            fn = jit_train_step(config, model, mesh, step_sh, batch_shardings(device_batch, mesh, rules),
+                                null_tokens=empty_prompt_tokens(config), auto_state_layouts=auto_layouts,
+                                packer=packer, state_formats=formats)
+            shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+            compiled = fn.lower(shapes, device_batch).compile()
+            if auto_layouts and formats is None:
+                state = jax.device_put(state, compiled.input_formats[0][0])
+            steps[key] = compiled, metrics_lib.compiled_cost(compiled) or 0.0
+            print(f"[train] compiled the train step for {_shape_name(device_batch)} in "
+                  f"{time.perf_counter() - t_compile:.1f} s ({steps[key][1] / 1e9:.1f} GFLOP per device; "
+                  f"{len(steps)} compiled)", flush=True)
+            return steps[key]
 
         def to_device(batch: dict) -> dict:
             out = {}
@@ -210,7 +239,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, explicit
         num_steps = int(config.train.num_steps)
         log_every = max(1, int(config.train.log_every))
         step = int(jax.device_get(state.step))
-        flops_per_step, peak = None, metrics_lib.peak_flops_per_device(float(config.train.peak_flops))
+        flops_since = 0.0  # FLOPs per device of the steps since the last log line
+        peak = metrics_lib.peak_flops_per_device(float(config.train.peak_flops))
         skipped_samples, last = int(counters["skipped_samples"]), {}
         sample_cond = None  # the conditioning frame of every sample of this run, fixed at the first batch
         sampled = (None, None)  # (step, paths on process 0) of the latest sample
@@ -233,17 +263,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, explicit
             device_batch = to_device(batch)
             if sample_cond is None:
                 sample_cond = sample_image(config, model, state.frozen, device_batch)
-            if step_jit is None:
-                # Compiled once ahead of time: the executable gives the FLOPs and runs every step.
-                step_jit = jit_train_step(config, model, mesh, step_sh, batch_shardings(device_batch, mesh, rules),
-                                          null_tokens=empty_prompt_tokens(config),
-                                          auto_state_layouts=auto_layouts, packer=packer)
-                shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
-                step_jit = step_jit.lower(shapes, device_batch).compile()
-                flops_per_step = metrics_lib.compiled_cost(step_jit) or 0.0
-                if auto_layouts:
-                    state = jax.device_put(state, step_jit.input_formats[0][0])
-            state, m = step_jit(state, device_batch)
+            step_fn, step_flops = compiled_step(device_batch)
+            state, m = step_fn(state, device_batch)
+            flops_since += step_flops
             step += 1
             loss_log.add(step, m["loss"])
             loss_sum = m["loss"] if steps_since == 0 else loss_sum + m["loss"]  # stays on device: no sync per step
@@ -262,14 +284,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, explicit
                         "examples_per_s": sps * int(config.train.batch_size),
                         "data_wait_s": wait_since / steps_since, "skipped_samples": float(skipped_samples),
                         "skipped_steps": float(jax.device_get(state.skipped_steps))}
-                if flops_per_step:
-                    last["tflops_per_device"] = flops_per_step * sps / 1e12
+                if flops_since:
+                    last["tflops_per_device"] = flops_since / dt / 1e12
                     if peak:
-                        last["mfu"] = flops_per_step * sps / peak
+                        last["mfu"] = flops_since / dt / peak
                 writer.scalars(step, last)
                 writer.progress(step, num_steps, last)
                 loss_log.flush()
-                t_log, steps_since, wait_since = time.perf_counter(), 0, 0.0
+                t_log, steps_since, wait_since, flops_since = time.perf_counter(), 0, 0.0, 0.0
             if checkpointer.should_save(step):
                 save(step)
             if int(config.sample.every_steps) > 0 and step % int(config.sample.every_steps) == 0:
@@ -297,6 +319,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, explicit
             result["heldout"] = _heldout(model, canonical(state), config, workdir, step, writer)
         writer.close()
         return result
+
+
+def _shape_name(device_batch: dict) -> str:
+    """The bucket of a batch as frames x height x width (of pixels, or of latents when cached)."""
+    if "video" in device_batch:
+        return "x".join(map(str, device_batch["video"].shape[1:4]))
+    return "x".join(map(str, device_batch["latents"].shape[1:4])) + " latents"
+
+
+def _check_same_plan(record_buckets: np.ndarray) -> None:
+    """Every process must cut the same bucketed batches (each computes the plan from its own view of the data): a
+    file that one host reads and another cannot, or a differently listed folder, would put different shapes into
+    one global batch. Stops with the processes that disagree."""
+    if jax.process_count() == 1:
+        return
+    digest = np.frombuffer(bytes.fromhex(buckets_lib.digest(record_buckets)), np.int64)
+    every = np.asarray(multihost_utils.process_allgather(digest)).reshape(-1)
+    if len(set(every.tolist())) > 1:
+        raise DataError(f"data: the processes assigned the clips to buckets differently (process 0 vs "
+                        f"{[i for i, d in enumerate(every) if d != every[0]]}); each must see the same files and "
+                        f"caption file")
 
 
 def _heldout(model: Any, state: Any, config: ml_collections.ConfigDict, workdir: str, step: int,

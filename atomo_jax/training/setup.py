@@ -18,6 +18,8 @@ from atomo_jax.models import lora
 from atomo_jax.parallel import sharding as shd
 from atomo_jax.training.optimizer import make_optimizer
 from atomo_jax.training.state import TrainState, split_trainable
+from data_pipelines.buckets import parse_buckets
+from data_pipelines.errors import DataError
 
 
 @functools.lru_cache(maxsize=4)
@@ -116,6 +118,18 @@ def validate(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
     multiple = factor * 2 ** (len(config.model.unet.block_out_channels) - 1)
     check(int(config.data.resolution) >= multiple and int(config.data.resolution) % multiple == 0, "data.resolution",
           f"a multiple of {multiple} (autoencoder factor {factor} x 2^UNet down-samplings)")
+    try:
+        buckets = parse_buckets(config.data.buckets, frames, int(config.data.resolution)) if config.data.buckets else ()
+    except DataError as e:
+        problems.append(str(e))
+        buckets = ()
+    for bucket in buckets:
+        check(1 <= bucket.frames <= limit and bucket.frames >= int(config.data.num_given_frames), "data.buckets",
+              f"bucket {bucket}: frames in {max(1, int(config.data.num_given_frames))}..{limit} (num_given_frames .. "
+              f"the temporal position table, config.model.unet.motion_max_seq_length)")
+        check(bucket.height % multiple == 0 and bucket.width % multiple == 0, "data.buckets",
+              f"bucket {bucket}: height and width multiples of {multiple} (autoencoder factor {factor} x "
+              f"2^UNet down-samplings)")
     for key in ("data.frame_prediction_prob", "cond_drop.text", "cond_drop.image", "cond_drop.both"):
         section, name = key.split(".")
         check(0.0 <= float(config[section][name]) <= 1.0, key, "a probability in [0, 1]")

@@ -144,14 +144,16 @@ def alphas_cumprod_from(config: ml_collections.ConfigDict) -> jax.Array:
 
 def jit_train_step(config: ml_collections.ConfigDict, model: Any, mesh: Mesh, state_sh: TrainState,
                    batch_sh: dict, null_tokens: jax.Array | None = None, auto_state_layouts: bool = False,
-                   packer: LeafPacker | None = None):
+                   packer: LeafPacker | None = None, state_formats: Any = None):
     """`train_step` under jit with explicit in/out shardings; the incoming state is donated (updated in place).
 
     `auto_state_layouts`: the compiler picks the state's memory layouts (the same on the way in and out, so the
     donation holds), e.g. the layouts cuDNN/cuBLAS give weight gradients, instead of transposing the state to and
     from row-major every step. Such a step must be compiled ahead (`.lower(...).compile()`) and the state placed
     with `jax.device_put(state, compiled.input_formats[0][0])`, as the trainer does (`config.train.auto_layouts`).
-    `packer`: the state (and `state_sh`) are in packed form (training/packing.py).
+    `packer`: the state (and `state_sh`) are in packed form (training/packing.py). `state_formats`: the state's
+    formats as another compiled step chose them (`compiled.input_formats[0][0]`), so steps of several batch shapes
+    (buckets) share one state layout.
     """
     batch_spec = P(next(iter(batch_sh.values())).spec[0])  # the leading (batch) axis's mesh axes
     fn = functools.partial(train_step, model=model, tx=make_optimizer(config.train),
@@ -159,7 +161,9 @@ def jit_train_step(config: ml_collections.ConfigDict, model: Any, mesh: Mesh, st
                            grad_shardings=state_sh.trainable, batch_spec=batch_spec, null_tokens=null_tokens,
                            packer=packer)
     state_in = state_sh
-    if auto_state_layouts:
+    if state_formats is not None:
+        state_in = state_formats
+    elif auto_state_layouts:
         state_in = jax.tree.map(lambda s: Format(Layout.AUTO, s), state_sh,
                                 is_leaf=lambda s: isinstance(s, jax.sharding.Sharding))
     return jax.jit(fn, in_shardings=(state_in, batch_sh), out_shardings=(state_in, shd.replicated(mesh)),
