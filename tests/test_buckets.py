@@ -1,0 +1,171 @@
+"""Shape buckets: assignment from real MP4 headers and caption columns, bucket-homogeneous batches that follow the
+schedule through grain's workers, exact resume over a bucket change, and bucketed training through the CLI on one
+and two processes."""
+
+from __future__ import annotations
+
+import shutil
+
+import ml_collections
+import numpy as np
+import pytest
+
+from configs import base
+from data_pipelines.buckets import Bucket, BucketSchedule, assign
+from data_pipelines.errors import DataError
+from data_pipelines.loader import make_loader, plan_buckets
+from data_pipelines.transforms import to_unit_range
+from tests.conftest import TINY_DEMO, losses, run, start_processes, wait_all
+from tests.test_data_pipeline import red_index, write_mp4
+
+FOLDER_BUCKETS = ((4, 32, 56), (4, 56, 32), (4, 32, 32), (8, 32, 32))
+
+
+def folder_config(root, captions: str, **overrides) -> ml_collections.ConfigDict:
+    d = base.get_config().data
+    d.update(dict(kind="video_folder", root=str(root), captions=captions, buckets=FOLDER_BUCKETS, frame_stride=1,
+                  worker_count=0, read_threads=2, shuffle=False, random_start=False, random_crop=False,
+                  frame_prediction_prob=0.0, num_given_frames=1), **overrides)
+    return d
+
+
+def test_assign_nearest_aspect_then_most_frames():
+    buckets = [Bucket(*b) for b in FOLDER_BUCKETS]
+    fits = lambda frames: [frames >= b.frames for b in buckets]
+    assert assign(1920, 1080, fits(100), buckets) == 0  # 16:9
+    assert assign(1080, 1920, fits(100), buckets) == 1  # 9:16
+    assert assign(512, 512, fits(100), buckets) == 3  # 1:1, long enough for 8 frames
+    assert assign(512, 512, fits(5), buckets) == 2  # 1:1, only 4
+    assert assign(640, 480, fits(100), buckets) == 0  # 4:3 is nearer 16:9 (log 0.27) than 1:1 (0.29)
+    assert assign(512, 512, fits(3), buckets) == -1  # shorter than every bucket
+
+
+def test_folder_clips_go_to_their_buckets_and_batches_are_cut_there(tmp_path):
+    write_mp4(str(tmp_path / "wide.mp4"), 6, video_id=1, height=36, width=64)
+    write_mp4(str(tmp_path / "tall.mp4"), 6, video_id=2, height=64, width=36)
+    write_mp4(str(tmp_path / "square_long.mp4"), 10, video_id=3, height=48, width=48)
+    write_mp4(str(tmp_path / "square_short.mp4"), 5, video_id=4, height=48, width=48)
+    write_mp4(str(tmp_path / "four_three.mp4"), 6, video_id=5, height=48, width=64)
+    write_mp4(str(tmp_path / "tiny.mp4"), 2, height=48, width=48)
+    (tmp_path / "corrupt.mp4").write_bytes(np.random.default_rng(0).bytes(4000))
+    # A row with its header facts in columns is assigned without opening the file (missing here: at load time
+    # it is replaced by another clip of its bucket and counted).
+    rows = ["wide.mp4,a,,,,", "tall.mp4,b,,,,", "square_long.mp4,c,,,,", "square_short.mp4,d,,,,",
+            "four_three.mp4,e,,,,", "tiny.mp4,f,,,,", "corrupt.mp4,g,,,,", "listed.mp4,h,640,360,100,25"]
+    (tmp_path / "captions.csv").write_text("path,caption,width,height,num_frames,fps\n" + "\n".join(rows) + "\n")
+    d = folder_config(tmp_path, str(tmp_path / "captions.csv"))
+
+    plan = plan_buckets(d)
+    assert plan.record_buckets.tolist() == [0, 1, 3, 2, 0, -1, -1, 0]
+    assert plan.left_out == {"too short for every bucket": 1, "unreadable": 1}
+    assert "4x32x56: 3 clips" in plan.summary() and "2 left out" in plan.summary()
+
+    loader = make_loader(d, global_batch_size=1, seed=0, shard_index=0, shard_count=1, training=False, plan=plan)
+    it = iter(loader)
+    seen = {}
+    for _ in range(6):  # one epoch: 6 assigned clips, one a batch, in file order (shuffle off)
+        batch = next(it)
+        seen.setdefault(batch["caption"][0], []).append(batch)
+    shapes = {c: b[0]["video"].shape[1:4] for c, b in seen.items()}
+    assert shapes["a"] == (4, 32, 56) and shapes["b"] == (4, 56, 32) and shapes["c"] == (8, 32, 32)
+    assert shapes["d"] == (4, 32, 32) and shapes["e"] == (4, 32, 56)
+    # the missing file's slot was filled by another 16:9-bucket clip, and counted
+    replaced = [b for b in seen.get("a", []) + seen.get("e", []) if b["skipped"][0] == 1]
+    assert len(replaced) == 1, {c: [int(b["skipped"][0]) for b in bs] for c, bs in seen.items()}
+    # frames 0.. in order, of the right video (green = 40 * id), resized to cover and centre-cropped
+    wide = ((seen["a"][0]["video"][0] + 1) * 127.5).round().astype(np.uint8)
+    assert red_index(wide).tolist() == [0, 1, 2, 3] and abs(wide[..., 1].mean() - 40) < 3
+
+    with pytest.raises(DataError, match="no bucket holds a whole global batch of 4"):
+        make_loader(d, global_batch_size=4, seed=0, shard_index=0, shard_count=1, plan=plan)
+    with pytest.raises(DataError, match=r"\(4, 32\) is not a \(frames, height, width\) triple"):
+        plan_buckets(folder_config(tmp_path, str(tmp_path / "captions.csv"), buckets=((4, 32),)))
+
+
+def synthetic_config(**overrides) -> ml_collections.ConfigDict:
+    d = base.get_config().data
+    d.update(dict(kind="synthetic", num_videos=40, num_frames=4, resolution=16, buckets=((4, 16, 16), (4, 16, 24)),
+                  frame_prediction_prob=0.0, num_given_frames=1, worker_count=0, prefetch=2, read_threads=2),
+             **overrides)
+    return d
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_each_process_gets_its_rows_of_the_scheduled_bucket(workers):
+    """grain batches what each worker reads; the sampler must make every batch the schedule's, on every shard."""
+    d = synthetic_config(worker_count=workers)
+    plan = plan_buckets(d)
+    schedule = BucketSchedule(plan.record_buckets, 2, 4, seed=3, shuffle=True)
+    assert schedule.batches_per_epoch == 10
+    for shard in range(2):
+        it = iter(make_loader(d, global_batch_size=4, seed=3, shard_index=shard, shard_count=2, training=False,
+                              plan=plan))
+        for j in range(12):  # into the second epoch
+            batch = next(it)
+            bucket, members = schedule.batch(j)
+            want = np.stack([to_unit_range(plan.source[int(m)]["video"][:4]) for m in members[2 * shard:2 * shard + 2]])
+            assert batch["video"].shape[2:4] == (16, (16, 24)[bucket]), (j, bucket)
+            np.testing.assert_array_equal(batch["video"], want)
+
+
+def test_schedule_is_seeded_uses_each_clip_once_per_epoch_and_mixes_buckets():
+    record_buckets = np.array([0, 1, -1] * 30)
+    a = BucketSchedule(record_buckets, 2, 4, seed=0, shuffle=True)
+    epoch = [a.batch(j) for j in range(a.batches_per_epoch)]
+    used = np.concatenate([m for _, m in epoch])
+    assert len(used) == len(set(used.tolist())) == 7 * 4 * 2  # 30 per bucket -> 7 batches each, 2 dropped
+    assert all(np.all(record_buckets[m] == b) for b, m in epoch)
+    assert 0 < sum(b != c for (b, _), (c, _) in zip(epoch, epoch[1:]))  # buckets interleave
+    again = BucketSchedule(record_buckets, 2, 4, seed=0, shuffle=True)
+    other = BucketSchedule(record_buckets, 2, 4, seed=1, shuffle=True)
+    assert all(np.array_equal(again.batch(j)[1], m) for j, (_, m) in enumerate(epoch))
+    assert any(not np.array_equal(other.batch(j)[1], m) for j, (_, m) in enumerate(epoch))
+    assert not np.array_equal(a.batch(14)[1], epoch[0][1])  # the next epoch is shuffled anew
+
+
+def test_bucketed_loader_resumes_exactly_over_a_bucket_change():
+    d = synthetic_config(frame_prediction_prob=0.5, num_given_frames=2)  # random masks: the rng must resume too
+    plan = plan_buckets(d)
+    schedule = BucketSchedule(plan.record_buckets, 2, 2, seed=5, shuffle=True)
+    k = next(j for j in range(1, 40) if schedule.batch(j)[0] != schedule.batch(j - 1)[0])
+    make = lambda: iter(make_loader(d, global_batch_size=2, seed=5, shard_index=0, shard_count=1, plan=plan))
+    it = make()
+    before = [next(it) for _ in range(k)][-1]
+    state = it.get_state()
+    want = [next(it) for _ in range(3)]
+    assert before["video"].shape != want[0]["video"].shape  # the state sits at a bucket change
+    resumed = make()
+    resumed.set_state(state)
+    got = [next(resumed) for _ in range(3)]
+    for w, g in zip(want, got):
+        for key in ("video", "mask"):
+            np.testing.assert_array_equal(w[key], g[key])
+
+
+def test_bucketed_training_cli_one_and_two_processes(tmp_path):
+    """The tiny demo with a square and a 1:2 bucket: each bucket's step compiled once, resume bitwise over the
+    buckets, and 2 processes (each its rows of every global batch) train like 1."""
+    flags = [*TINY_DEMO, "--config.data.buckets=((4,16,16),(4,16,32))", "--config.train.num_steps=6",
+             "--config.train.log_every=1", "--config.checkpoint.every_steps=3", "--config.sample.at_end=false",
+             "--config.data.num_videos=16"]
+    one = tmp_path / "one"
+    out = run("atomo_jax.train", f"--workdir={one}", *flags)
+    assert "[train] buckets: 4x16x16: 8 clips, 4x16x32: 8 clips" in out, out[-3000:]
+    for bucket in ("4x16x16", "4x16x32"):
+        assert out.count(f"compiled the train step for {bucket} in") == 1, out[-3000:]
+    want = losses(one)
+    assert sorted(want) == list(range(1, 7))
+
+    shutil.rmtree(one / "checkpoints" / "6")
+    out = run("atomo_jax.train", f"--workdir={one}", *flags)
+    assert "resumed from checkpoint at step 3" in out, out[-3000:]
+    got = losses(one)
+    assert [got[s] for s in (4, 5, 6)] == [want[s] for s in (4, 5, 6)]  # bitwise
+
+    two = tmp_path / "two"
+    outs = wait_all(start_processes("atomo_jax.train", f"--workdir={two}", *flags, num_processes=2,
+                                    devices_per_process=1))
+    compiled = [[line.split(" in ")[0] for line in o.splitlines() if "compiled the train step" in line] for o in outs]
+    assert compiled[0] == compiled[1] and len(compiled[0]) == 2, compiled
+    two_losses = losses(two)
+    np.testing.assert_allclose([two_losses[s] for s in range(1, 7)], [want[s] for s in range(1, 7)], rtol=2e-5)
