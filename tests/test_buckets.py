@@ -10,13 +10,14 @@ import ml_collections
 import numpy as np
 import pytest
 
+from atomo_jax.cache_latents import cache_latents
 from configs import base
 from data_pipelines.buckets import Bucket, BucketSchedule, assign
 from data_pipelines.errors import DataError
 from data_pipelines.loader import make_loader, plan_buckets
 from data_pipelines.transforms import to_unit_range
 from tests.conftest import TINY_DEMO, losses, run, start_processes, wait_all
-from tests.test_data_pipeline import red_index, write_mp4
+from tests.test_data_pipeline import PoolingModel, red_index, write_mp4
 
 FOLDER_BUCKETS = ((4, 32, 56), (4, 56, 32), (4, 32, 32), (8, 32, 32))
 
@@ -40,7 +41,10 @@ def test_assign_nearest_aspect_then_most_frames():
     assert assign(512, 512, fits(3), buckets) == -1  # shorter than every bucket
 
 
-def test_folder_clips_go_to_their_buckets_and_batches_are_cut_there(tmp_path):
+@pytest.fixture(scope="module")
+def bucket_folder(tmp_path_factory):
+    """Real MP4s of several shapes and lengths, a corrupt file and a row known only by its caption columns."""
+    tmp_path = tmp_path_factory.mktemp("bucket_videos")
     write_mp4(str(tmp_path / "wide.mp4"), 6, video_id=1, height=36, width=64)
     write_mp4(str(tmp_path / "tall.mp4"), 6, video_id=2, height=64, width=36)
     write_mp4(str(tmp_path / "square_long.mp4"), 10, video_id=3, height=48, width=48)
@@ -53,10 +57,18 @@ def test_folder_clips_go_to_their_buckets_and_batches_are_cut_there(tmp_path):
     rows = ["wide.mp4,a,,,,", "tall.mp4,b,,,,", "square_long.mp4,c,,,,", "square_short.mp4,d,,,,",
             "four_three.mp4,e,,,,", "tiny.mp4,f,,,,", "corrupt.mp4,g,,,,", "listed.mp4,h,640,360,100,25"]
     (tmp_path / "captions.csv").write_text("path,caption,width,height,num_frames,fps\n" + "\n".join(rows) + "\n")
+    return tmp_path
+
+
+FOLDER_ASSIGNMENT = [0, 1, 3, 2, 0, -1, -1, 0]  # wide, tall, square long/short, 4:3, tiny, corrupt, listed
+
+
+def test_folder_clips_go_to_their_buckets_and_batches_are_cut_there(bucket_folder):
+    tmp_path = bucket_folder
     d = folder_config(tmp_path, str(tmp_path / "captions.csv"))
 
     plan = plan_buckets(d)
-    assert plan.record_buckets.tolist() == [0, 1, 3, 2, 0, -1, -1, 0]
+    assert plan.record_buckets.tolist() == FOLDER_ASSIGNMENT
     assert plan.left_out == {"too short for every bucket": 1, "unreadable": 1}
     assert "4x32x56: 3 clips" in plan.summary() and "2 left out" in plan.summary()
 
@@ -80,6 +92,33 @@ def test_folder_clips_go_to_their_buckets_and_batches_are_cut_there(tmp_path):
         make_loader(d, global_batch_size=4, seed=0, shard_index=0, shard_count=1, plan=plan)
     with pytest.raises(DataError, match=r"\(4, 32\) is not a \(frames, height, width\) triple"):
         plan_buckets(folder_config(tmp_path, str(tmp_path / "captions.csv"), buckets=((4, 32),)))
+
+
+def test_latent_cache_and_tfds_keep_each_clip_in_its_bucket(bucket_folder, tmp_path):
+    """cache_latents encodes each clip at its bucket's shape and lists the bucket in the shard sidecar, which the
+    latent loader assigns from; a TFDS dataset built from the folder carries the header facts."""
+    from data_pipelines.tfds_builder import build_tfds
+
+    d = folder_config(bucket_folder, str(bucket_folder / "captions.csv"))
+    stats = cache_latents(PoolingModel(), {"scale": np.float32(1.0)}, d, str(tmp_path / "latents"),
+                          records_per_shard=4, batch_size=2, progress=False)
+    assert stats["written"] == 5 and stats["skipped"] == 3  # tiny, corrupt, and the listed file that is not there
+    lat = folder_config(bucket_folder, "", kind="latents", latents_dir=str(tmp_path / "latents"))
+    plan = plan_buckets(lat)
+    assert sorted(plan.record_buckets.tolist()) == [0, 0, 1, 2, 3]
+    for batch in make_loader(lat, global_batch_size=1, seed=0, shard_index=0, shard_count=1, num_epochs=1,
+                             plan=plan):
+        bucket = FOLDER_BUCKETS[FOLDER_ASSIGNMENT["abcdefgh".index(str(batch["caption"][0]))]]  # caption = row
+        assert batch["latents"].shape == (1, bucket[0], bucket[1] // 4, bucket[2] // 4, 4), batch["caption"]
+    with pytest.raises(DataError, match="which config.data.buckets does not list"):
+        plan_buckets(folder_config(bucket_folder, "", kind="latents", latents_dir=str(tmp_path / "latents"),
+                                   buckets=((4, 32, 56), (4, 56, 32), (4, 32, 32))))
+
+    build_tfds(str(bucket_folder), str(bucket_folder / "captions.csv"), str(tmp_path / "tfds"), name="bucket_videos")
+    tfds_plan = plan_buckets(folder_config(bucket_folder, "", kind="tfds", tfds_name="bucket_videos",
+                                           tfds_data_dir=str(tmp_path / "tfds")))
+    by_row = {int(tfds_plan.source[i]["key"]): b for i, b in enumerate(tfds_plan.record_buckets.tolist())}
+    assert by_row == dict(enumerate(FOLDER_ASSIGNMENT[:-1]))  # the missing file is dropped at build
 
 
 def synthetic_config(**overrides) -> ml_collections.ConfigDict:
