@@ -55,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--num_frames", type=int, help="frames per video (per window for --mode=long); default "
                                                      "config.sample.num_frames")
     what.add_argument("--resolution", type=int, help="square output size in pixels; default config.data.resolution")
+    what.add_argument("--height", type=int, help="output height in pixels (non-square, e.g. a training bucket's); "
+                                                 "default --resolution")
+    what.add_argument("--width", type=int, help="output width in pixels; default --resolution")
     what.add_argument("--windows", type=int, default=2, help="windows of a long video (--mode=long)")
     what.add_argument("--given_frames", type=int, help="frames carried into the next window (--mode=long); default "
                                                        "config.data.num_given_frames")
@@ -137,6 +140,7 @@ def sample(args: argparse.Namespace, override: ml_collections.ConfigDict | None)
                                          rescale=args.rescale)
     num_frames = args.num_frames or int(config.sample.num_frames)
     size = args.resolution or int(config.data.resolution)
+    height, width = args.height or size, args.width or size
     fps = args.fps or float(config.sample.fps)
     prompt_tokens, empty_tokens = _tokens(args, model, config, args.prompt)
     common = dict(sampler=sampler, guidance=guidance, prompt_tokens=prompt_tokens, empty_tokens=empty_tokens,
@@ -147,10 +151,10 @@ def sample(args: argparse.Namespace, override: ml_collections.ConfigDict | None)
     if args.mode == "t2v":
         if model.text_encoder is not None and not args.prompt:
             raise ValueError("--mode=t2v needs --prompt")
-        video, _ = t2v.text_to_video(model, params, rng, batch=1, height=size, width=size, num_frames=num_frames,
+        video, _ = t2v.text_to_video(model, params, rng, batch=1, height=height, width=width, num_frames=num_frames,
                                      image_guidance_scale=args.t2i_scale, **common)
     else:
-        image = jnp.asarray(video_io.load_image(args.image, size, size, args.image_background))
+        image = jnp.asarray(video_io.load_image(args.image, height, width, args.image_background))
         if args.mode == "i2v":
             video = i2v.image_to_video(model, params, image, rng, num_frames=num_frames, **common)
         else:

@@ -70,8 +70,8 @@ def test_sample_cli_i2v_t2v_long(workdir, image, sample, tmp_path):
     sample(*common, "--mode=long", f"--image={image}", "--windows=3", "--given_frames=1", "--sampler=dpmpp2m",
            f"--out={tmp_path / 'long.mp4'}")
     assert video_io.read_video(str(tmp_path / "long.gif")).shape == (4 + 2 * 3, SIZE, SIZE, 3)
-    sample(*common, "--mode=t2v", f"--out={tmp_path / 't2v.mp4'}")
-    assert video_io.read_video(str(tmp_path / "t2v.gif")).shape == (4, SIZE, SIZE, 3)
+    sample(*common, "--mode=t2v", f"--width={2 * SIZE}", f"--out={tmp_path / 't2v.mp4'}")  # a 1:2 bucket's shape
+    assert video_io.read_video(str(tmp_path / "t2v.gif")).shape == (4, SIZE, 2 * SIZE, 3)
 
 
 def test_sample_cli_errors(workdir, image, sample, tmp_path):
@@ -81,6 +81,10 @@ def test_sample_cli_errors(workdir, image, sample, tmp_path):
     proc = sample(*common, "--mode=i2v", f"--image={image}", "--resolution=18", check=False)
     assert proc.returncode != 0 and "image size 18x18: the autoencoder cannot encode it" in proc.stderr, \
         proc.stderr[-2000:]
+    proc = sample(f"--workdir={workdir}", "--steps=1", "--num_frames=40", f"--out={tmp_path / 'x.mp4'}",
+                  "--mode=t2v", check=False)
+    assert proc.returncode != 0 and "num_frames=40: the temporal attention position table of this model holds " \
+        "1..16 frames" in proc.stderr, proc.stderr[-2000:]  # the demo's table
     other = tmp_path / "other.py"
     other.write_text("from configs import demo\n\ndef get_config():\n    c = demo.get_config()\n"
                      "    c.model.unet.block_out_channels = (16, 32)\n    return c\n")
