@@ -244,24 +244,44 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"[aot] lowered for {target.name}: mesh {dict(mesh.shape)}, arguments {placed / GIB:.2f} GiB "
               f"({placed:,} B) per device (state + batch; not compiled, so no temporaries)", flush=True)
         return 0
+    # Every bucket is its own compiled step (the trainer's): each is checked, the one needing most memory named.
+    buckets = fit_check.per_bucket(config)
     if args.plan:
-        return _plan(args, config, target, devices, cap)
+        answers = []
+        for bucket, c in buckets:
+            if len(buckets) > 1:
+                print(f"[plan] bucket {bucket}", flush=True)
+            rc, answer = _plan(args, c, target, devices, cap)
+            if rc:
+                return rc
+            answers.append((answer, bucket))
+        if len(buckets) > 1:  # one global batch for every bucket: the smallest answer
+            (batch, remat), bucket = min(answers)
+            print(f"[plan] answer for every bucket: --config.train.batch_size={batch} "
+                  f"--config.model.unet.remat={remat} (bucket {bucket} binds)", flush=True)
+        return 0
     if not args.sweep:
-        try:
-            report = fit_check.compile_train_step(config, devices, cap)
-        except ValueError as e:  # bad mesh/batch combination: the config's own error
-            print(f"[aot] error: {e}", file=sys.stderr)
-            return 2
-        except fit_check.CompilerOutOfMemory as e:
-            data, fsdp, tensor = mesh_shape(config.mesh, len(devices))
-            print(f"[aot] DOES NOT FIT: the {target.generation} compiler needs {e.needed} of temporaries per device, "
-                  f"{e.available} available on {target.name} (mesh data={data} fsdp={fsdp} tensor={tensor}, "
-                  f"remat={config.model.unet.remat}). {_advice(config)}",
-                  file=sys.stderr, flush=True)
-            return 1
-        print(describe(report, target, args.usable_fraction), flush=True)
+        reports = []
+        for bucket, c in buckets:
+            try:
+                report = fit_check.compile_train_step(c, devices, cap)
+            except ValueError as e:  # bad mesh/batch combination: the config's own error
+                print(f"[aot] error: {e}", file=sys.stderr)
+                return 2
+            except fit_check.CompilerOutOfMemory as e:
+                data, fsdp, tensor = mesh_shape(config.mesh, len(devices))
+                print(f"[aot] DOES NOT FIT: bucket {bucket}: the {target.generation} compiler needs {e.needed} of "
+                      f"temporaries per device, {e.available} available on {target.name} (mesh data={data} "
+                      f"fsdp={fsdp} tensor={tensor}, remat={config.model.unet.remat}). {_advice(config)}",
+                      file=sys.stderr, flush=True)
+                return 1
+            print(f"[aot] bucket {bucket}: " + describe(report, target, args.usable_fraction), flush=True)
+            reports.append((report.peak_bytes, str(bucket), report))
+        _, worst, report = max(reports)
+        if len(reports) > 1:
+            print(f"[aot] most memory: bucket {worst}, {report.peak_bytes / GIB:.2f} GiB per device", flush=True)
         if not report.fits:
-            print(f"[aot] DOES NOT FIT: needs {report.peak_bytes / GIB:.2f} GiB per device, "
+            print(f"[aot] DOES NOT FIT: bucket {worst} needs {report.peak_bytes / GIB:.2f} GiB per device, "
                   f"{report.capacity_bytes / GIB:.2f} GiB usable on {target.name}. {_advice(config)}",
                   file=sys.stderr, flush=True)
             return 1
@@ -269,19 +289,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
 
     rows = []
+    # A row is the layout's bucket that needs most memory (all of them when there are no buckets: one).
     print(f"{'data':>5} {'fsdp':>5} {'tensor':>6} {'remat':>13} {'args GiB':>9} {'temp GiB':>9} {'peak GiB':>9} "
-          f"{'TFLOP/dev':>9} {'fits':>5}", flush=True)
+          f"{'TFLOP/dev':>9} {'fits':>5}{'  bucket' if len(buckets) > 1 else ''}", flush=True)
     for data, fsdp, tensor in sweep_layouts(config, len(devices)):
         for remat in REMAT_POLICIES:
-            c = config.copy_and_resolve_references()
-            with c.unlocked():
-                c.mesh.update(dict(data=data, fsdp=fsdp, tensor=tensor))
-                c.model.unet.remat = remat
             try:
-                r = fit_check.compile_train_step(c, devices, cap)
+                worst = None
+                for bucket, bc in buckets:
+                    c = bc.copy_and_resolve_references()
+                    with c.unlocked():
+                        c.mesh.update(dict(data=data, fsdp=fsdp, tensor=tensor))
+                        c.model.unet.remat = remat
+                    r = fit_check.compile_train_step(c, devices, cap)
+                    if worst is None or r.peak_bytes > worst[1].peak_bytes:
+                        worst = (bucket, r)
+                bucket, r = worst
                 row = (f"{data:>5} {fsdp:>5} {tensor:>6} {remat:>13} {r.argument_bytes / GIB:>9.2f} "
                        f"{r.temp_bytes / GIB:>9.2f} {r.peak_bytes / GIB:>9.2f} {r.flops / 1e12:>9.2f} "
-                       f"{'yes' if r.fits else 'no':>5}")
+                       f"{'yes' if r.fits else 'no':>5}{f'  {bucket}' if len(buckets) > 1 else ''}")
                 rows.append(r)
             except fit_check.CompilerOutOfMemory as e:
                 row = (f"{data:>5} {fsdp:>5} {tensor:>6} {remat:>13} {'-':>9} {e.needed:>9} {'-':>9} {'-':>9} "
@@ -298,8 +324,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def _plan(args: Any, config: ml_collections.ConfigDict, target: Target, devices: list, cap: float | None) -> int:
-    """--plan: one `plan.largest_fitting` search per remat policy, then one table and the answer."""
+def _plan(args: Any, config: ml_collections.ConfigDict, target: Target, devices: list,
+          cap: float | None) -> tuple[int, tuple[int, str] | None]:
+    """--plan: one `plan.largest_fitting` search per remat policy, then one table and the answer: (exit code,
+    (global batch, remat) of the answer)."""
     from atomo_jax import fit_check
     from atomo_jax.models.unet import REMAT_POLICIES
     from atomo_jax.parallel.mesh import mesh_shape
@@ -309,10 +337,10 @@ def _plan(args: Any, config: ml_collections.ConfigDict, target: Target, devices:
     if unknown:
         print(f"[aot] error: --plan_remat: unknown policy {unknown}; expected some of {list(REMAT_POLICIES)}",
               file=sys.stderr)
-        return 2
+        return 2, None
     if cap is None:
         print(f"[aot] error: --plan needs a memory capacity; {target.name} has none: pass --hbm_gib", file=sys.stderr)
-        return 2
+        return 2, None
     chip = target.chip
     peak = args.peak_tflops * 1e12 if args.peak_tflops else (chip.peak_flops if chip else None)
     bandwidth = args.hbm_gbps * 1e9 if args.hbm_gbps else (chip.hbm_bytes_per_s if chip else None)
@@ -320,7 +348,7 @@ def _plan(args: Any, config: ml_collections.ConfigDict, target: Target, devices:
         data, fsdp, tensor = mesh_shape(config.mesh, len(devices))
     except ValueError as e:
         print(f"[aot] error: {e}", file=sys.stderr)
-        return 2
+        return 2, None
     shards, accum = data * fsdp, int(config.train.grad_accum)
     chips = target.chips * target.num_slices
     steps = int(config.train.num_steps)
@@ -345,7 +373,7 @@ def _plan(args: Any, config: ml_collections.ConfigDict, target: Target, devices:
                                           log=lambda line: print(line, flush=True))
         except ValueError as e:  # a config the trainer would refuse (e.g. a batch the mesh cannot split)
             print(f"[aot] error: {e}", file=sys.stderr)
-            return 2
+            return 2, None
         results.append((remat, search))
 
     gib = lambda x: f"{x / GIB:.2f}"
@@ -388,11 +416,11 @@ def _plan(args: Any, config: ml_collections.ConfigDict, target: Target, devices:
     if best_row is None:
         print(f"[aot] DOES NOT FIT: not one clip per batch shard fits on {target.name} with remat "
               f"{'/'.join(policies)}. {_advice(config)}", file=sys.stderr, flush=True)
-        return 1
+        return 1, None
     _, remat, b, batch = best_row
     print(f"[plan] answer for {target.name}: remat={remat}, {b} clips per batch shard, "
           f"--config.train.batch_size={batch} --config.model.unet.remat={remat}", flush=True)
-    return 0
+    return 0, (batch, remat)
 
 
 def run() -> None:

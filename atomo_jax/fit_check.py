@@ -16,6 +16,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 from jax.experimental import topologies
 
@@ -28,6 +29,7 @@ from atomo_jax.training.packing import packer_from_config
 from atomo_jax.training.setup import abstract_train_state, state_shardings, validate
 from atomo_jax.training.state import model_params
 from atomo_jax.training.train_step import batch_shardings, jit_train_step
+from data_pipelines.buckets import Bucket, parse_buckets
 
 
 def target_devices(target: Any) -> list:
@@ -82,20 +84,38 @@ class Report:
         return self.capacity_bytes is None or self.peak_bytes <= self.capacity_bytes
 
 
+def per_bucket(config: ml_collections.ConfigDict) -> list[tuple[Bucket, ml_collections.ConfigDict]]:
+    """(bucket, the config with only that bucket) for each of `config.data.buckets` (the one square shape without
+    buckets): what the fit check, sweep and plan compile one at a time, as the trainer compiles one step each."""
+    d = config.data
+    if not d.buckets:
+        return [(parse_buckets((), d.num_frames, d.resolution)[0], config)]
+    out = []
+    for bucket in parse_buckets(d.buckets, d.num_frames, d.resolution):
+        c = config.copy_and_resolve_references()
+        with c.unlocked():
+            c.data.buckets = ((bucket.frames, bucket.height, bucket.width),)
+        out.append((bucket, c))
+    return out
+
+
 def abstract_batch(config: Any, model: Any, abstract_params: dict) -> dict:
-    """ShapeDtypeStructs of one global batch as the loader yields it for `config.data.kind`."""
-    b, f, r = int(config.train.batch_size), int(config.data.num_frames), int(config.data.resolution)
+    """ShapeDtypeStructs of one global batch as the loader yields it for `config.data.kind`, at the shape of
+    `config.data.buckets`' first bucket (see `per_bucket`), else num_frames x resolution x resolution."""
+    d = config.data
+    shape = parse_buckets(d.buckets, d.num_frames, d.resolution)[0]
+    b, f, h, w = int(config.train.batch_size), shape.frames, shape.height, shape.width
     f32 = jnp.float32
     batch = {"mask": jax.ShapeDtypeStruct((b, f), f32)}
     if config.data.kind == "latents":
-        video = jax.ShapeDtypeStruct((b, f, r, r, 3), f32)
+        video = jax.ShapeDtypeStruct((b, f, h, w, 3), f32)
         lat = jax.eval_shape(model.encode_video, abstract_params, video)
         emb = jax.eval_shape(lambda p, i: model.encode_image(p, i), abstract_params,
-                             jax.ShapeDtypeStruct((b, r, r, 3), f32))
+                             jax.ShapeDtypeStruct((b, h, w, 3), f32))
         batch.update(latents=jax.ShapeDtypeStruct(lat.shape, f32), image_embeds=jax.ShapeDtypeStruct(emb.shape, f32))
     else:
-        batch.update(video=jax.ShapeDtypeStruct((b, f, r, r, 3), f32),
-                     cond_image=jax.ShapeDtypeStruct((b, r, r, 3), f32))
+        batch.update(video=jax.ShapeDtypeStruct((b, f, h, w, 3), f32),
+                     cond_image=jax.ShapeDtypeStruct((b, h, w, 3), f32))
     if model.text_encoder is not None:
         batch["tokens"] = jax.ShapeDtypeStruct((b, model.text_length), jnp.int32)
     return batch

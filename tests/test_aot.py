@@ -60,10 +60,14 @@ def test_accelerator_names_map_to_topologies():
 
 
 def test_config_that_does_not_fit_is_refused_with_numbers():
-    demo = (*TINY_DEMO, "--topology=cpu-2", "--config.mesh.data=1", "--config.mesh.fsdp=2")
+    """Two shape buckets: each is compiled and reported, and the refusal names the one that needs most memory."""
+    demo = (*TINY_DEMO, "--topology=cpu-2", "--config.mesh.data=1", "--config.mesh.fsdp=2",
+            "--config.data.buckets=((4,16,16),(4,16,32))")
     proc = _aot(*demo, "--hbm_gib=0.001", timeout=900)
     assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-3000:]
-    assert "DOES NOT FIT" in proc.stderr and re.search(r"needs \d+\.\d+ GiB per device", proc.stderr)
+    assert "[aot] bucket 4x16x16:" in proc.stdout and "[aot] bucket 4x16x32:" in proc.stdout
+    assert "most memory: bucket 4x16x32" in proc.stdout
+    assert "DOES NOT FIT: bucket 4x16x32" in proc.stderr and re.search(r"needs \d+\.\d+ GiB per device", proc.stderr)
     assert "temporaries" in proc.stdout and "FLOPs/step" in proc.stdout
     assert "config.model.unet.remat=full" in proc.stderr  # the demo runs without remat: advised
     # --lower_only's bytes (from the shardings, no compile) are the compiled program's argument bytes, to the byte:
