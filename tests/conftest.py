@@ -59,10 +59,9 @@ def tiny_demo_config():
 # loadfile, xdist hands out whole files in collection order, re-sorted by test count unless told not to, so the long
 # one-test files went last and finished together at the end; longest first lets the short files fill in around them.
 SLOWEST_FIRST = ("test_journey.py", "test_multiprocess.py", "test_lora.py", "test_buckets.py", "test_sharding.py",
-                 "test_train_step.py",
-                 "test_slurm_real.py", "test_resume.py", "test_checkpoint_fallback.py", "test_convert_cli.py",
-                 "test_train_demo.py", "test_packing.py", "test_aot.py", "test_sample_cli.py", "test_install.py",
-                 "test_export.py", "test_worker_exit.py")
+                 "test_train_step.py", "test_slurm_real.py", "test_resume.py", "test_checkpoint_fallback.py",
+                 "test_convert_cli.py", "test_train_demo.py", "test_packing.py", "test_aot.py", "test_sample_cli.py",
+                 "test_install.py", "test_export.py", "test_worker_exit.py")
 
 
 def pytest_configure(config: pytest.Config) -> None:
