@@ -38,7 +38,12 @@ HELDOUT_SEED_OFFSET = 10_000  # held-out clips are drawn with config.seed + this
 
 def heldout_videos(data_config: ml_collections.ConfigDict, seed: int, count: int) -> np.ndarray:
     """The first `count` held-out synthetic clips, uint8 (N, F, H, W, 3). training.setup.validate checks beforehand
-    that the data is synthetic and drawn at the model's resolution."""
+    that the data is synthetic and drawn at the model's resolution. With buckets, all are drawn at the first
+    bucket's shape (one sampling batch holds one shape)."""
+    if data_config.buckets:
+        data_config = data_config.copy_and_resolve_references()
+        with data_config.unlocked():
+            data_config.buckets = (tuple(data_config.buckets[0]),)
     src = synthetic_source(data_config, num_videos=count, seed=seed + HELDOUT_SEED_OFFSET)
     return np.stack([src[i]["video"] for i in range(count)])
 
