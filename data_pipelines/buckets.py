@@ -82,7 +82,6 @@ class BucketSchedule:
         if not self.batches_per_epoch:
             raise DataError(f"data: no bucket holds a whole global batch of {global_batch} clips (clips per bucket: "
                             f"{counts.tolist()}); lower config.train.batch_size or use fewer buckets")
-        self.counts = counts
         self._epoch, self._buckets, self._members = -1, None, None
 
     def fingerprint(self) -> str:
@@ -112,10 +111,6 @@ class BucketSchedule:
         if epoch != self._epoch:
             self._cut(epoch)
         return int(self._buckets[within]), self._members[within]
-
-    def buckets_from(self, start: int, count: int) -> list[int]:
-        """The buckets of global batches start .. start + count - 1."""
-        return [self.batch(i)[0] for i in range(start, start + count)]
 
 
 class BucketSampler:
