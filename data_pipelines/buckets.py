@@ -44,7 +44,7 @@ def parse_buckets(value: Iterable[Sequence[int]], num_frames: int, resolution: i
     for item in value:
         if len(tuple(item)) != 3 or not all(isinstance(v, int) and v > 0 for v in item):
             raise DataError(f"config.data.buckets: {item!r} is not a (frames, height, width) triple of positive "
-                            f"integers; e.g. --config.data.buckets='((24, 320, 512), (24, 512, 320))'")
+                            f"integers; e.g. --config.data.buckets='((24,320,512),(24,512,320))'")
         out.append(Bucket(*(int(v) for v in item)))
     if len(set(out)) != len(out):
         raise DataError(f"config.data.buckets: {', '.join(map(str, out))} lists a bucket twice")
