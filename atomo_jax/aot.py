@@ -234,18 +234,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     devices = fit_check.target_devices(target)
     cap = capacity(target, len(devices), args.hbm_gib, args.usable_fraction)
 
-    if args.lower_only:
-        try:
-            _, mesh, inputs = fit_check.lower_train_step(config, devices)
-        except ValueError as e:
-            print(f"[aot] error: {e}", file=sys.stderr)
-            return 2
-        placed = fit_check.placed_bytes(inputs)
-        print(f"[aot] lowered for {target.name}: mesh {dict(mesh.shape)}, arguments {placed / GIB:.2f} GiB "
-              f"({placed:,} B) per device (state + batch; not compiled, so no temporaries)", flush=True)
-        return 0
     # Every bucket is its own compiled step (the trainer's): each is checked, the one needing most memory named.
     buckets = fit_check.per_bucket(config)
+    if args.lower_only:
+        for bucket, c in buckets:
+            try:
+                _, mesh, inputs = fit_check.lower_train_step(c, devices)
+            except ValueError as e:
+                print(f"[aot] error: {e}", file=sys.stderr)
+                return 2
+            placed = fit_check.placed_bytes(inputs)
+            print(f"[aot] lowered for {target.name}{f' (bucket {bucket})' if len(buckets) > 1 else ''}: mesh "
+                  f"{dict(mesh.shape)}, arguments {placed / GIB:.2f} GiB ({placed:,} B) per device (state + batch; "
+                  f"not compiled, so no temporaries)", flush=True)
+        return 0
     if args.plan:
         answers = []
         for bucket, c in buckets:

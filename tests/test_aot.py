@@ -74,6 +74,7 @@ def test_config_that_does_not_fit_is_refused_with_numbers():
     # what lets the full-size check below skip the compile.
     lowered = _aot(*demo, "--lower_only", timeout=900)
     assert lowered.returncode == 0, lowered.stdout[-2000:] + lowered.stderr[-3000:]
+    assert "(bucket 4x16x16)" in lowered.stdout and "(bucket 4x16x32)" in lowered.stdout
     compiled_bytes = re.search(r"arguments \d+\.\d+ GiB \(([\d,]+) B\)", proc.stdout).group(1)
     assert re.search(r"arguments \d+\.\d+ GiB \(([\d,]+) B\) per device", lowered.stdout).group(1) == compiled_bytes
 
