@@ -13,6 +13,7 @@ import dataclasses
 import hashlib
 import math
 import sys
+import threading
 from typing import Iterable, Sequence
 
 import grain.python as grain
@@ -82,13 +83,23 @@ class BucketSchedule:
         if not self.batches_per_epoch:
             raise DataError(f"data: no bucket holds a whole global batch of {global_batch} clips (clips per bucket: "
                             f"{counts.tolist()}); lower config.train.batch_size or use fewer buckets")
-        self._epoch, self._buckets, self._members = -1, None, None
+        # Cut epochs, newest two kept: grain's read threads ask for records concurrently and, near an epoch's end,
+        # from two epochs at once; each entry is written whole under the lock, so no thread sees half an epoch.
+        self._epochs: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self._lock = threading.Lock()
+
+    def __getstate__(self) -> dict:  # grain pickles the sampler into its worker processes; a lock does not pickle
+        return {**self.__dict__, "_epochs": {}, "_lock": None}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state, _lock=threading.Lock())
 
     def fingerprint(self) -> str:
-        """The same on every host that would cut the same batches (for a cross-host check and grain's state)."""
+        """The same on every host that would cut the same batches (grain checks it in a restored state)."""
         return f"{digest(self.record_buckets)}-{self.num_buckets}-{self.global_batch}-{self.seed}-{self.shuffle}"
 
-    def _cut(self, epoch: int) -> None:
+    def _cut(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """(bucket of each batch, its record indices) of one epoch, in batch order."""
         order = np.flatnonzero(self.record_buckets >= 0)
         if self.shuffle:
             order = np.random.default_rng((self.seed, epoch)).permutation(order)
@@ -101,16 +112,19 @@ class BucketSchedule:
             members += [order[c] for c in chunks]
             done_at += [int(c[-1]) for c in chunks]
         by_time = np.argsort(done_at, kind="stable")
-        self._epoch = epoch
-        self._buckets = np.asarray(buckets, np.int32)[by_time]
-        self._members = np.stack(members)[by_time]
+        return np.asarray(buckets, np.int32)[by_time], np.stack(members)[by_time]
 
     def batch(self, index: int) -> tuple[int, np.ndarray]:
-        """(bucket, record indices (global_batch,)) of global batch `index`."""
+        """(bucket, record indices (global_batch,)) of global batch `index`; safe to call from several threads."""
         epoch, within = divmod(index, self.batches_per_epoch)
-        if epoch != self._epoch:
-            self._cut(epoch)
-        return int(self._buckets[within]), self._members[within]
+        cut = self._epochs.get(epoch)
+        if cut is None:
+            with self._lock:
+                cut = self._epochs.get(epoch)
+                if cut is None:
+                    cut = self._cut(epoch)
+                    self._epochs = {e: c for e, c in self._epochs.items() if e >= epoch - 1} | {epoch: cut}
+        return int(cut[0][within]), cut[1][within]
 
 
 class BucketSampler:

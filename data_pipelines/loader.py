@@ -27,6 +27,7 @@ from typing import Callable, Sequence
 import grain.python as grain
 import ml_collections
 import numpy as np
+import tqdm
 
 from data_pipelines import transforms, worker_guard
 from data_pipelines.buckets import Bucket, BucketedSource, BucketSampler, BucketSchedule, assign, parse_buckets
@@ -285,8 +286,15 @@ def plan_buckets(data_config: ml_collections.ConfigDict) -> BucketPlan:
         needed = [s.num_frames if d.kind == "synthetic" else s.frames_needed(info.fps) for s in specs]
         return assign(info.width, info.height, [info.frames >= n for n in needed], buckets)
 
-    with concurrent.futures.ThreadPoolExecutor(max(1, int(d.read_threads))) as pool:
-        record_buckets = np.fromiter(pool.map(bucket_of, range(len(source))), np.int32, len(source))
+    # Files are opened one by one unless the caption file has the header columns: a bar for large folders.
+    with concurrent.futures.ThreadPoolExecutor(max(1, int(d.read_threads))) as pool, \
+            tqdm.tqdm(total=len(source), desc="data: reading clip sizes", unit="clip", mininterval=5,
+                      disable=d.kind == "synthetic" or len(source) < 1000) as bar:
+        def counted(index: int) -> int:
+            bar.update(1)
+            return bucket_of(index)
+
+        record_buckets = np.fromiter(pool.map(counted, range(len(source))), np.int32, len(source))
     left_out["too short for every bucket"] = int(np.sum(record_buckets == -1))
     left_out["unreadable"] = int(np.sum(record_buckets == -2))
     record_buckets[record_buckets < 0] = -1

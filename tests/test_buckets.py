@@ -4,7 +4,10 @@ and two processes."""
 
 from __future__ import annotations
 
+import pickle
 import shutil
+import sys
+import threading
 
 import ml_collections
 import numpy as np
@@ -160,6 +163,32 @@ def test_schedule_is_seeded_uses_each_clip_once_per_epoch_and_mixes_buckets():
     assert all(np.array_equal(again.batch(j)[1], m) for j, (_, m) in enumerate(epoch))
     assert any(not np.array_equal(other.batch(j)[1], m) for j, (_, m) in enumerate(epoch))
     assert not np.array_equal(a.batch(14)[1], epoch[0][1])  # the next epoch is shuffled anew
+
+
+def test_schedule_is_right_from_many_threads_across_epochs_and_pickles():
+    """grain's read threads ask for records of two epochs at once near an epoch's end; its workers get a pickled
+    copy. Every answer must be the one a lone caller gets."""
+    record_buckets = np.arange(400) % 3
+    want = BucketSchedule(record_buckets, 3, 4, seed=2, shuffle=True)
+    expected = [want.batch(j)[1] for j in range(400)]  # 99 batches per epoch: four epochs
+    shared = pickle.loads(pickle.dumps(BucketSchedule(record_buckets, 3, 4, seed=2, shuffle=True)))
+    wrong, interval = [], sys.getswitchinterval()
+
+    def ask(offset: int) -> None:
+        for j in range(offset, 400, 7):  # each thread strides through every epoch boundary
+            if not np.array_equal(shared.batch(j)[1], expected[j]):
+                wrong.append(j)
+
+    sys.setswitchinterval(1e-6)
+    try:
+        threads = [threading.Thread(target=ask, args=(k,)) for k in range(7)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert not wrong, wrong[:10]
 
 
 def test_bucketed_loader_resumes_exactly_over_a_bucket_change():
