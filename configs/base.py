@@ -216,4 +216,18 @@ def get_config() -> ml_collections.ConfigDict:
         # above, the clips' own length) and score them against the true clips (atomo_jax/eval/heldout.py):
         # WORKDIR/heldout/metrics.json and PNG strips. 0: never.
         heldout_clips=0))
+    # Validation during training (atomo_jax/training/validation.py): your own conditioning images animated with the
+    # EMA weights, the sampler of config.sample and the same noise each time, so a run can be watched learning to
+    # move them. Writes WORKDIR/validation/STEP.json (first-frame SSIM/MSE/PSNR, motion, CLIP scores), the videos
+    # beside it and TensorBoard animations.
+    c.validation = ml_collections.ConfigDict(dict(
+        images="",  # a folder of images (.png/.jpg/.jpeg/.webp/.bmp) or image paths separated by commas; "": none
+        prompts="",  # CSV or JSONL giving each image's prompt (columns image|file|name, prompt|caption|text); "": ""
+        every_steps=1000,  # validate every N steps (all processes take part) and at the end; 0: only at the end
+        num_frames=0,  # frames per video; 0: config.sample.num_frames
+        height=0,  # video height in pixels; 0: the first bucket's, else config.data.resolution
+        width=0,  # video width in pixels; 0: the first bucket's, else config.data.resolution
+        batch_size=4,  # images per sampling batch (the last batch padded): bounds the sampler's memory
+        seed=0,  # noise seed, the same at every validation: frames compare across steps
+        clip=""))  # a transformers CLIPModel folder for the CLIP image-video and text-video scores; "": none
     return c

@@ -1,9 +1,11 @@
 """Shape buckets: assignment from real MP4 headers and caption columns, bucket-homogeneous batches that follow the
-schedule through grain's workers, exact resume over a bucket change, and bucketed training through the CLI on one
-and two processes."""
+schedule through grain's workers, exact resume over a bucket change, and bucketed training with validation images
+through the CLI on one and two processes."""
 
 from __future__ import annotations
 
+import json
+import os
 import pickle
 import shutil
 import sys
@@ -12,6 +14,7 @@ import threading
 import ml_collections
 import numpy as np
 import pytest
+from PIL import Image
 
 from atomo_jax.cache_latents import cache_latents
 from configs import base
@@ -19,8 +22,10 @@ from data_pipelines.buckets import Bucket, BucketSchedule, assign
 from data_pipelines.errors import DataError
 from data_pipelines.loader import make_loader, plan_buckets
 from data_pipelines.transforms import to_unit_range
-from tests.conftest import TINY_DEMO, losses, run, start_processes, wait_all
+from atomo_jax.pipelines.video_io import read_video
+from tests.conftest import TINY_DEMO, losses, run, start_processes, tensorboard_values, wait_all
 from tests.test_data_pipeline import PoolingModel, red_index, write_mp4
+from tests.test_eval import clip_folders  # noqa: F401  (a fixture: a tiny transformers CLIPModel folder)
 
 FOLDER_BUCKETS = ((4, 32, 56), (4, 56, 32), (4, 32, 32), (8, 32, 32))
 
@@ -210,12 +215,35 @@ def test_bucketed_loader_resumes_exactly_over_a_bucket_change():
             np.testing.assert_array_equal(w[key], g[key])
 
 
-def test_bucketed_training_cli_one_and_two_processes(tmp_path):
-    """The tiny demo with a square and a 1:2 bucket: each bucket's step compiled once, resume bitwise over the
-    buckets, and 2 processes (each its rows of every global batch) train like 1."""
+@pytest.fixture(scope="module")
+def validation_images(tmp_path_factory):
+    """Three conditioning images of other sizes than the videos (resized and cropped on load), prompts for two."""
+    root = tmp_path_factory.mktemp("validation")
+    rng = np.random.default_rng(0)
+    for name, (h, w) in {"red_disc": (40, 60), "blue_square": (32, 32), "tall": (50, 20)}.items():
+        image = np.full((h, w, 3), 200, np.uint8)
+        image[h // 4:h // 2, w // 4:w // 2] = rng.integers(0, 255, 3)
+        Image.fromarray(image).save(root / f"{name}.png")
+    (root / "prompts.csv").write_text("image,prompt\nred_disc.png,a red disc moving right\nblue_square,a blue square\n"
+                                      "tall.png,\n")
+    return root
+
+
+def read_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def test_bucketed_training_with_validation_cli_one_and_two_processes(tmp_path, validation_images, clip_folders):
+    """The tiny demo with a square and a 1:2 bucket and validation images every 3 steps: each bucket's step compiled
+    once, resume bitwise over the buckets and to the same validation videos, and 2 processes (each its rows of every
+    global batch, both sampling) train like 1, with process 0 writing the validation."""
     flags = [*TINY_DEMO, "--config.data.buckets=((4,16,16),(4,16,32))", "--config.train.num_steps=6",
              "--config.train.log_every=1", "--config.checkpoint.every_steps=3", "--config.sample.at_end=false",
-             "--config.data.num_videos=16"]
+             "--config.data.num_videos=16", f"--config.validation.images={validation_images}",
+             f"--config.validation.prompts={validation_images / 'prompts.csv'}", "--config.validation.every_steps=3",
+             "--config.validation.width=32", "--config.validation.batch_size=2",
+             f"--config.validation.clip={clip_folders[1] / 'full'}"]
     one = tmp_path / "one"
     out = run("atomo_jax.train", f"--workdir={one}", *flags)
     assert "[train] buckets: 4x16x16: 8 clips, 4x16x32: 8 clips" in out, out[-3000:]
@@ -224,11 +252,34 @@ def test_bucketed_training_cli_one_and_two_processes(tmp_path):
     want = losses(one)
     assert sorted(want) == list(range(1, 7))
 
+    # Validation: at steps 3 and 6, every image at the configured shape, each scored, its files and animation written.
+    names = ["blue_square", "red_disc", "tall"]
+    for step in (3, 6):
+        assert f"[train] validation at step {step} (3 images, 4x16x32): SSIM first" in out, out[-3000:]
+        report = read_json(one / "validation" / f"{step:07d}.json")
+        assert (report["step"], report["frames"], report["height"], report["width"]) == (step, 4, 16, 32)
+        assert [r["name"] for r in report["images"]] == names
+        assert [r["prompt"] for r in report["images"]] == ["a blue square", "a red disc moving right", ""]
+        for row in report["images"]:
+            assert 0 < row["ssim_first"] <= 1 and row["psnr_first"] > 0 and row["motion"] >= 0
+            assert -1 <= row["clip_image_video"] <= 1 and (row["clip_text_video"] is None) == (row["prompt"] == "")
+            frames = read_video(row["files"]["mp4"])
+            assert frames.shape == (4, 16, 32, 3) and os.path.isfile(row["files"]["png"])
+        assert set(report["mean"]) >= {"ssim_first", "psnr_first", "motion", "clip_image_video", "clip_text_video"}
+        assert report["mean"]["clip_text_video"] == np.mean([r["clip_text_video"] for r in report["images"][:2]])
+    tb = one / "tensorboard"
+    assert sorted(tensorboard_values(tb, "validation/ssim_first")) == [3, 6]
+    gif, = tensorboard_values(tb, "validation/red_disc")[6]
+    assert gif[:6] == b"GIF89a" and gif == (one / "validation" / "0000006" / "red_disc.gif").read_bytes()
+    first = read_json(one / "validation" / "0000006.json")
+
     shutil.rmtree(one / "checkpoints" / "6")
     out = run("atomo_jax.train", f"--workdir={one}", *flags)
     assert "resumed from checkpoint at step 3" in out, out[-3000:]
     got = losses(one)
     assert [got[s] for s in (4, 5, 6)] == [want[s] for s in (4, 5, 6)]  # bitwise
+    again = read_json(one / "validation" / "0000006.json")
+    assert again["images"] == first["images"]  # the same weights and the same noise: the same videos and scores
 
     two = tmp_path / "two"
     outs = wait_all(start_processes("atomo_jax.train", f"--workdir={two}", *flags, num_processes=2,
@@ -237,3 +288,8 @@ def test_bucketed_training_cli_one_and_two_processes(tmp_path):
     assert compiled[0] == compiled[1] and len(compiled[0]) == 2, compiled
     two_losses = losses(two)
     np.testing.assert_allclose([two_losses[s] for s in range(1, 7)], [want[s] for s in range(1, 7)], rtol=2e-5)
+    assert "validation at step 6" in outs[0] and "validation at step" not in outs[1], outs[1][-3000:]
+    two_report = read_json(two / "validation" / "0000006.json")
+    for key in ("ssim_first", "psnr_first", "motion", "clip_image_video"):
+        np.testing.assert_allclose([r[key] for r in two_report["images"]], [r[key] for r in first["images"]],
+                                   rtol=0.02, err_msg=key)

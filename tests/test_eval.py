@@ -284,7 +284,7 @@ def test_collect_inputs_and_errors(video_folder, tmp_path):
     assert [(i.video.rsplit("/", 1)[1], i.image.rsplit("/", 1)[1], i.prompt) for i in inputs] == [
         ("moving.mp4", "moving.png", "a moving texture, left"), ("pan.mp4", "pan.jpg", "a panning shot")]
     (tmp_path / "p.jsonl").write_text('{"video": "moving", "prompt": "x"}\n')
-    with pytest.raises(ValueError, match="no prompt for video pan.mp4"):
+    with pytest.raises(ValueError, match="no prompt for pan.mp4"):
         evaluate.collect_inputs(str(video_folder / "videos"), prompts=str(tmp_path / "p.jsonl"))
     with pytest.raises(FileNotFoundError, match="no input image for video .*moving.mp4.*moving.png, moving.jpg"):
         evaluate.collect_inputs(str(video_folder / "videos"), images=str(tmp_path))

@@ -1,7 +1,7 @@
 """AIGCBench-style evaluation of generated videos: inputs, per-video metrics, JSON and markdown reports.
 
 Per video (uint8 frames, (F, H, W, 3)):
-- `ssim_first`, `mse_first`: first frame vs the input image (0..255 scale; see `metrics`).
+- `ssim_first`, `mse_first`, `psnr_first`: first frame vs the input image (0..255 scale; see `metrics`).
 - `clip_image_video`: mean over frames of cos(CLIP(image), CLIP(frame)).
 - `clip_adjacent`: mean over adjacent pairs of cos(CLIP(frame i), CLIP(frame i+1)) (AIGCBench's "GenVideo Clip").
 - `clip_text_video`: mean over frames of cos(CLIP text(prompt), CLIP(frame)).
@@ -29,9 +29,11 @@ from atomo_jax.pipelines import video_io
 
 VIDEO_SUFFIXES = (".mp4", ".gif")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-METRICS = ("ssim_first", "mse_first", "clip_image_video", "clip_adjacent", "clip_text_video", "motion")
+METRICS = ("ssim_first", "mse_first", "psnr_first", "clip_image_video", "clip_adjacent", "clip_text_video",
+           "motion")
 # (column title, number format) of the markdown table; arrows say which way is better.
 _COLUMNS = {"ssim_first": ("SSIM first ↑", ".4f"), "mse_first": ("MSE first ↓", ".2f"),
+            "psnr_first": ("PSNR first dB ↑", ".2f"),
             "clip_image_video": ("CLIP image-video ↑", ".4f"), "clip_adjacent": ("CLIP adjacent frames ↑", ".4f"),
             "clip_text_video": ("CLIP text-video ↑", ".4f"), "motion": ("motion px/frame", ".3f")}
 
@@ -83,11 +85,11 @@ def _match(video: str, source: str, suffixes: Sequence[str], what: str) -> str:
 
 def read_prompts(path: str) -> dict[str, str]:
     """A CSV (header with a `video` column and a `prompt` column) or JSONL ({"video": ..., "prompt": ...} per line)
-    -> {video file name or stem: prompt}. `path`/`file`/`name` are accepted for `video`, `caption`/`text` for
-    `prompt`."""
+    -> {video file name or stem: prompt}. `image`/`path`/`file`/`name` are accepted for `video` (the trainer's
+    validation images are named the same way), `caption`/`text` for `prompt`."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"prompts file not found: {path}")
-    video_keys, prompt_keys = ("video", "path", "file", "name"), ("prompt", "caption", "text")
+    video_keys, prompt_keys = ("video", "image", "path", "file", "name"), ("prompt", "caption", "text")
     if path.lower().endswith((".jsonl", ".json")):
         rows = []
         with open(path, encoding="utf-8") as f:
@@ -113,14 +115,15 @@ def read_prompts(path: str) -> dict[str, str]:
     return out
 
 
-def _prompt_for(video: str, prompts: Mapping[str, str], source: str) -> str:
-    name = os.path.basename(video)
+def prompt_for(path: str, prompts: Mapping[str, str], source: str) -> str:
+    """The prompt of a video or image file from `read_prompts`' table, by file name, then by name without suffix."""
+    name = os.path.basename(path)
     if name in prompts:
         return prompts[name]
     by_stem = {Path(k).stem: v for k, v in prompts.items()}
     if Path(name).stem in by_stem:
         return by_stem[Path(name).stem]
-    raise ValueError(f"no prompt for video {name} in {source} (looked up by file name, then by name without suffix)")
+    raise ValueError(f"no prompt for {name} in {source} (looked up by file name, then by name without suffix)")
 
 
 def collect_inputs(videos: str, *, images: str | None = None, references: str | None = None,
@@ -142,7 +145,7 @@ def collect_inputs(videos: str, *, images: str | None = None, references: str | 
             video=video,
             image=_match(video, images, IMAGE_SUFFIXES, "input image") if images else None,
             reference=_match(video, references, VIDEO_SUFFIXES, "reference video") if references else None,
-            prompt=_prompt_for(video, table, prompts) if table is not None else prompt or None))
+            prompt=prompt_for(video, table, prompts) if table is not None else prompt or None))
     return out
 
 
@@ -175,6 +178,7 @@ def score_video(frames: np.ndarray, image: np.ndarray | None = None, *, clip: An
                              "(fit_image)")
         result["ssim_first"] = metrics.ssim(frames[0], image, window=ssim_window)
         result["mse_first"] = metrics.mse(frames[0], image)
+        result["psnr_first"] = metrics.psnr(frames[0], image)
     if clip is not None:
         embeds = clip.image_embeds(frames if image is None else np.concatenate([image[None], frames]))
         image_embed, frame_embeds = (None, embeds) if image is None else (embeds[:1], embeds[1:])
@@ -221,14 +225,20 @@ def evaluate(inputs: Iterable[VideoInput], *, clip: Any = None, ssim_window: str
                                flow_backend=flow_backend))
         row["motion_flow"] = flow_backend.name
         rows.append(row)
-    mean = {}
-    for key in METRICS:
-        values = [r[key] for r in rows if r[key] is not None]
-        mean[key] = float(np.mean(values)) if values else None
+    mean = means(rows)
     settings = {"ssim_window": ssim_window, "max_frames": max_frames,
                 "flow": flow_backend.description, "motion_flow": flow_backend.name,
                 "mse_scale": "0..255"}
     return {"videos": rows, "mean": mean, "settings": settings}
+
+
+def means(rows: Sequence[Mapping[str, Any]]) -> dict[str, float | None]:
+    """Each metric's mean over the rows that have it (None where none has)."""
+    out = {}
+    for key in METRICS:
+        values = [r[key] for r in rows if r[key] is not None]
+        out[key] = float(np.mean(values)) if values else None
+    return out
 
 
 def markdown_table(results: Mapping[str, Any]) -> str:

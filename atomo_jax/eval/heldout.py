@@ -28,6 +28,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
+from atomo_jax.eval import metrics
 from data_pipelines.loader import synthetic_source
 from data_pipelines.synthetic import COLOURS
 
@@ -74,11 +75,6 @@ def _direction_ok(generated: np.ndarray, true: np.ndarray) -> bool:
     return bool(ng > 0.5 and nt > 0 and np.dot(g, t) / (ng * nt) >= np.cos(np.pi / 4))  # 0.5 px: it moved
 
 
-def _psnr(a: np.ndarray, b: np.ndarray) -> float:
-    err = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
-    return min(100.0, float(10 * np.log10(255.0 ** 2 / max(err, 1e-30))))  # capped: identical frames stay finite
-
-
 def score_clip(generated: np.ndarray, true: np.ndarray) -> dict[str, Any]:
     """One clip's row: generated and true uint8 (F, H, W, 3) of the same shape, frame 0 the conditioning image."""
     if generated.shape != true.shape or generated.ndim != 4 or generated.shape[-1] != 3:
@@ -99,7 +95,7 @@ def score_clip(generated: np.ndarray, true: np.ndarray) -> dict[str, Any]:
     return {"trajectory_error_px": err(gen_c), "frozen_baseline_px": err(frozen),
             "wrong_direction_baseline_px": err(wrong), "direction_ok": _direction_ok(gen_c, true_c),
             "colour_error": float(np.nanmean(colours)) if not np.all(np.isnan(colours)) else float("nan"),
-            "first_frame_psnr": _psnr(generated[0], true[0]), "empty_frames": int((~gen_masks.any((1, 2))).sum()),
+            "first_frame_psnr": metrics.psnr(generated[0], true[0]), "empty_frames": int((~gen_masks.any((1, 2))).sum()),
             "true_displacement_px": [round(float(v), 2) for v in true_c[-1] - true_c[0]],
             "generated_displacement_px": [round(float(v), 2) for v in gen_c[-1] - gen_c[0]]}
 

@@ -1,4 +1,5 @@
-"""Pixel metrics of AIGCBench's "control-video alignment": SSIM and MSE of a video's first frame to the input image.
+"""Pixel metrics of AIGCBench's "control-video alignment": SSIM and MSE (and PSNR, from the MSE) of a video's first
+frame to the input image.
 
 Both work on uint8-range values (0..255), as AIGCBench (skimage on uint8 arrays), in float64 numpy: SSIM subtracts
 products of local means, which loses digits in float32 at this scale.
@@ -39,6 +40,12 @@ def mse(a: np.ndarray, b: np.ndarray) -> float:
     """Mean squared error of two (H, W, 3) images on the 0..255 scale (skimage's `mean_squared_error` on uint8)."""
     a, b = _check_pair(a, b)
     return float(np.mean((a - b) ** 2))
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    """Peak signal-to-noise ratio in dB of two (H, W, 3) images on the 0..255 scale, capped at 100 (identical images
+    stay finite, so means over images stay numbers)."""
+    return min(100.0, float(10 * np.log10(DATA_RANGE ** 2 / max(mse(a, b), 1e-30))))
 
 
 def ssim_window(kind: str) -> np.ndarray:

@@ -30,6 +30,7 @@ from atomo_jax.parallel import sharding as shd
 from atomo_jax.parallel.mesh import make_mesh
 from atomo_jax.pipelines import i2v, video_io
 from atomo_jax.training import metrics as metrics_lib
+from atomo_jax.training import validation
 from atomo_jax.training.checkpoint import Checkpointer, adopt_init_architecture
 from atomo_jax.training.preemption import Preemption
 from atomo_jax.training.optimizer import learning_rate_schedule
@@ -121,16 +122,11 @@ def write_sample(model: Any, params: dict, config: ml_collections.ConfigDict, im
                                empty_tokens=empty_prompt_tokens(config), progress=False).video[0]
     if not write:
         return None
-    frames = video_io.to_uint8(np.asarray(video))
-    base = os.path.join(out_dir, f"sample_{step:07d}")
-    paths = {ext: video_io.write_video(f"{base}.{ext}", frames, fps=float(config.sample.fps)) for ext in ("mp4", "gif")}
-    cond = video_io.to_uint8(np.asarray(image[0]))[None]
-    paths["png"] = video_io.write_png_strip(f"{base}.png", np.concatenate([cond, frames]))
-    if writer is not None:  # the GIF as written, and the conditioning frame
-        height, width = frames.shape[1:3]
-        with open(paths["gif"], "rb") as f:
-            writer.image(step, "samples/i2v", f.read(), height, width)
-        writer.image(step, "samples/conditioning", video_io.encode_png(cond[0]), height, width)
+    frames, cond = video_io.to_uint8(np.asarray(video)), video_io.to_uint8(np.asarray(image[0]))
+    paths = validation.write_animation(os.path.join(out_dir, f"sample_{step:07d}"), cond, frames,
+                                       float(config.sample.fps), writer, step, "samples/i2v")
+    if writer is not None:
+        writer.image(step, "samples/conditioning", video_io.encode_png(cond), *frames.shape[1:3])
     return paths
 
 
@@ -163,9 +159,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, explicit
         if plan.record_buckets is not None:
             _check_same_plan(plan.record_buckets)
             print(f"[train] buckets: {plan.summary()}", flush=True)
+        tokenize = caption_tokenizer(config.model.text_encoder)
         loader = make_loader(config.data, global_batch_size=int(config.train.batch_size), seed=int(config.seed),
                              shard_index=jax.process_index(), shard_count=jax.process_count(),
-                             tokenize=caption_tokenizer(config.model.text_encoder), plan=plan)
+                             tokenize=tokenize, plan=plan)
+        vset = validation.load_validation_set(config, tokenize)  # read now: a bad file stops the run before step 1
         data_iter = iter(loader)
 
         target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
@@ -244,6 +242,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, explicit
         skipped_samples, last = int(counters["skipped_samples"]), {}
         sample_cond = None  # the conditioning frame of every sample of this run, fixed at the first batch
         sampled = (None, None)  # (step, paths on process 0) of the latest sample
+        validated: tuple[int | None, dict] = (None, {})  # (step, means) of the latest validation
+        validate_every = int(config.validation.every_steps) if vset else 0
         t_log, steps_since, wait_since = time.perf_counter(), 0, 0.0
         saved_step = latest
 
@@ -296,6 +296,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, explicit
                 save(step)
             if int(config.sample.every_steps) > 0 and step % int(config.sample.every_steps) == 0:
                 sampled = (step, _sample(model, canonical(state), config, sample_cond, workdir, step, writer))
+            if validate_every and step % validate_every == 0:
+                validated = (step, _validate(model, canonical(state), config, vset, workdir, step, writer))
             if step < num_steps and preemption.should_stop(step):  # at the end the run finishes (and samples)
                 if saved_step != step:  # the periodic save may have just written this step
                     save(step)
@@ -315,6 +317,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, explicit
             sampled = (step, _sample(model, canonical(state), config, sample_cond, workdir, step, writer))
         if sampled[1]:
             result["samples"] = sampled[1]
+        if vset and validated[0] != step:
+            validated = (step, _validate(model, canonical(state), config, vset, workdir, step, writer))
+        if vset:
+            result["validation"] = validated[1]
         if int(config.sample.heldout_clips) > 0:
             result["heldout"] = _heldout(model, canonical(state), config, workdir, step, writer)
         writer.close()
@@ -374,6 +380,14 @@ def _heldout(model: Any, state: Any, config: ml_collections.ConfigDict, workdir:
               f"(threshold {means['colour_threshold']:.1f}), first-frame PSNR {means['first_frame_psnr']:.1f} dB: "
               f"{out_dir}/metrics.json", flush=True)
     return means
+
+
+def _validate(model: Any, state: Any, config: ml_collections.ConfigDict, vset: validation.ValidationSet,
+              workdir: str, step: int, writer: metrics_lib.MetricWriter) -> dict[str, float]:
+    """`config.validation` at `step` from the EMA weights, on every process; process 0 writes it. The means."""
+    params = model_params(state, lora_scale=lora.LoraSpec.from_config(config.train.lora).scale)
+    return validation.run_validation(model, params, config, vset, workdir, step, writer, empty_prompt_tokens(config),
+                                     write=jax.process_index() == 0)["mean"]
 
 
 def _sample(model: Any, state: Any, config: ml_collections.ConfigDict, image: np.ndarray, workdir: str, step: int,

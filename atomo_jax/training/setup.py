@@ -130,6 +130,14 @@ def validate(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
         check(bucket.height % multiple == 0 and bucket.width % multiple == 0, "data.buckets",
               f"bucket {bucket}: height and width multiples of {multiple} (autoencoder factor {factor} x "
               f"2^UNet down-samplings)")
+    v = config.validation
+    check(int(v.every_steps) >= 0, "validation.every_steps", ">= 0 (0: only at the end)")
+    check(int(v.batch_size) >= 1, "validation.batch_size", ">= 1")
+    check(0 <= int(v.num_frames) <= limit, "validation.num_frames", f"0..{limit} (0: config.sample.num_frames)")
+    for key in ("validation.height", "validation.width"):
+        size = int(v[key.split(".")[1]])
+        check(size == 0 or (size > 0 and size % multiple == 0), key, f"0 or a multiple of {multiple} (autoencoder "
+              f"factor {factor} x 2^UNet down-samplings)")
     for key in ("data.frame_prediction_prob", "cond_drop.text", "cond_drop.image", "cond_drop.both"):
         section, name = key.split(".")
         check(0.0 <= float(config[section][name]) <= 1.0, key, "a probability in [0, 1]")
