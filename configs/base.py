@@ -186,7 +186,10 @@ def get_config() -> ml_collections.ConfigDict:
         pack_small_leaves=16384,
         # The compiler picks the train state's memory layouts (no per-step transposes of params, moments and EMA;
         # 3% of an H200 step). The state goes back to row-major for each checkpoint and sample.
-        auto_layouts=True))
+        auto_layouts=True,
+        # JAX's persistent compilation cache, so that a restart loads every compiled step (one per bucket) instead of
+        # compiling it again: "auto": $JAX_COMPILATION_CACHE_DIR when set, else WORKDIR/jax_cache; a folder; "none".
+        compile_cache="auto"))
 
     c.checkpoint = ml_collections.ConfigDict(dict(
         every_steps=1000,  # save every N steps (and at the end and on SIGTERM); 0: only then

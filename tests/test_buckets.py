@@ -23,7 +23,7 @@ from data_pipelines.errors import DataError
 from data_pipelines.loader import make_loader, plan_buckets
 from data_pipelines.transforms import to_unit_range
 from atomo_jax.pipelines.video_io import read_video
-from tests.conftest import TINY_DEMO, losses, run, start_processes, tensorboard_values, wait_all
+from tests.conftest import TINY_DEMO, cli_env, losses, run, start_processes, tensorboard_values, wait_all
 from tests.test_data_pipeline import PoolingModel, red_index, write_mp4
 from tests.test_eval import clip_folders  # noqa: F401  (a fixture: a tiny transformers CLIPModel folder)
 
@@ -245,7 +245,9 @@ def test_bucketed_training_with_validation_cli_one_and_two_processes(tmp_path, v
              "--config.validation.width=32", "--config.validation.batch_size=2",
              f"--config.validation.clip={clip_folders[1] / 'full'}"]
     one = tmp_path / "one"
-    out = run("atomo_jax.train", f"--workdir={one}", *flags)
+    # The 1-process runs use the trainer's own compilation cache (WORKDIR/jax_cache), not the suite's.
+    own_cache = {k: v for k, v in cli_env().items() if k != "JAX_COMPILATION_CACHE_DIR"}
+    out = run("atomo_jax.train", f"--workdir={one}", *flags, env=own_cache)
     assert "[train] buckets: 4x16x16: 8 clips, 4x16x32: 8 clips" in out, out[-3000:]
     for bucket in ("4x16x16", "4x16x32"):
         assert out.count(f"compiled the train step for {bucket} in") == 1, out[-3000:]
@@ -273,8 +275,12 @@ def test_bucketed_training_with_validation_cli_one_and_two_processes(tmp_path, v
     assert gif[:6] == b"GIF89a" and gif == (one / "validation" / "0000006" / "red_disc.gif").read_bytes()
     first = read_json(one / "validation" / "0000006.json")
 
+    cached = sorted(p.name for p in (one / "jax_cache").iterdir())
+    assert cached, "the run left no compiled program in WORKDIR/jax_cache"
+
     shutil.rmtree(one / "checkpoints" / "6")
-    out = run("atomo_jax.train", f"--workdir={one}", *flags)
+    out = run("atomo_jax.train", f"--workdir={one}", *flags, env=own_cache)
+    assert sorted(p.name for p in (one / "jax_cache").iterdir()) == cached  # the restart compiled nothing new
     assert "resumed from checkpoint at step 3" in out, out[-3000:]
     got = losses(one)
     assert [got[s] for s in (4, 5, 6)] == [want[s] for s in (4, 5, 6)]  # bitwise

@@ -141,6 +141,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, explicit
     distributed.maybe_initialize()
     preemption.distributed_started()
     os.makedirs(workdir, exist_ok=True)
+    cache = compile_cache_dir(str(config.train.compile_cache), workdir)
+    if cache:  # before the first compile: JAX sets its cache up once, at the first compile
+        jax.config.update("jax_compilation_cache_dir", cache)
     for note in adopt_init_architecture(config, explicit):
         logging.warning("%s", note)
     mesh = make_mesh(config.mesh)
@@ -325,6 +328,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, explicit
             result["heldout"] = _heldout(model, canonical(state), config, workdir, step, writer)
         writer.close()
         return result
+
+
+def compile_cache_dir(setting: str, workdir: str) -> str | None:
+    """The persistent compilation cache folder `config.train.compile_cache` asks for, or None (off)."""
+    if setting == "none":
+        return None
+    if setting == "auto":
+        return os.environ.get("JAX_COMPILATION_CACHE_DIR") or os.path.join(os.path.abspath(workdir), "jax_cache")
+    return os.path.abspath(setting)
 
 
 def _shape_name(device_batch: dict) -> str:
