@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from atomo_jax.training.checkpoint import load_inference
-from atomo_jax.training.loop import train_and_evaluate
+from atomo_jax.training.loop import compile_cache_dir, train_and_evaluate
 from tests.conftest import ROOT, tensorboard_values
 
 
@@ -135,3 +135,15 @@ def test_empty_prompt_tokens_need_a_tokenizer_when_the_model_has_a_text_encoder(
     tokens = np.asarray(empty_prompt_tokens(c))
     assert tokens.shape == (1, 77)
     assert tokens[0, 0] == 49406 and tokens[0, 1] == 49407  # <|startoftext|> <|endoftext|>
+
+
+def test_compile_cache_folder(monkeypatch, tmp_path):
+    """config.train.compile_cache: the environment's cache wins under "auto", else WORKDIR/jax_cache; a bucket URL
+    stays a URL (JAX's cache writes to gs:// itself); "none" turns it off."""
+    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", "/shared/cache")
+    assert compile_cache_dir("auto", "runs/x") == "/shared/cache"
+    monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR")
+    assert compile_cache_dir("auto", "runs/x") == os.path.join(os.getcwd(), "runs/x/jax_cache")
+    assert compile_cache_dir("auto", "gs://bucket/run") == "gs://bucket/run/jax_cache"
+    assert compile_cache_dir(str(tmp_path), "runs/x") == str(tmp_path)
+    assert compile_cache_dir("none", "runs/x") is None

@@ -331,12 +331,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, explicit
 
 
 def compile_cache_dir(setting: str, workdir: str) -> str | None:
-    """The persistent compilation cache folder `config.train.compile_cache` asks for, or None (off)."""
+    """The persistent compilation cache folder `config.train.compile_cache` asks for, or None (off). URLs (gs://...)
+    are kept as they are: JAX's cache writes to them too."""
+    absolute = lambda path: path if "://" in path else os.path.abspath(path)
     if setting == "none":
         return None
     if setting == "auto":
-        return os.environ.get("JAX_COMPILATION_CACHE_DIR") or os.path.join(os.path.abspath(workdir), "jax_cache")
-    return os.path.abspath(setting)
+        return os.environ.get("JAX_COMPILATION_CACHE_DIR") or os.path.join(absolute(workdir), "jax_cache")
+    return absolute(setting)
 
 
 def _shape_name(device_batch: dict) -> str:
