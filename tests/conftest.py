@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Callable, Sequence
@@ -135,6 +136,21 @@ def kill_all(procs: Sequence[subprocess.Popen]) -> None:
             p.kill()
     for p in procs:
         p.wait(timeout=60)
+
+
+def race_threads(targets: Sequence[Callable[[], None]]) -> None:
+    """Runs the callables in threads at once with a 1 us switch interval, so shared state races as it would under
+    grain's read threads; returns when all are done."""
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        threads = [threading.Thread(target=t) for t in targets]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(interval)
 
 
 def free_port() -> int:

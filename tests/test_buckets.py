@@ -4,12 +4,11 @@ through the CLI on one and two processes."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import pickle
 import shutil
-import sys
-import threading
 
 import ml_collections
 import numpy as np
@@ -23,7 +22,8 @@ from data_pipelines.errors import DataError
 from data_pipelines.loader import make_loader, plan_buckets
 from data_pipelines.transforms import to_unit_range
 from atomo_jax.pipelines.video_io import read_video
-from tests.conftest import TINY_DEMO, cli_env, losses, run, start_processes, tensorboard_values, wait_all
+from tests.conftest import (TINY_DEMO, cli_env, losses, race_threads, run, start_processes, tensorboard_values,
+                            wait_all)
 from tests.test_data_pipeline import PoolingModel, red_index, write_mp4
 from tests.test_eval import clip_folders  # noqa: F401  (a fixture: a tiny transformers CLIPModel folder)
 
@@ -177,22 +177,14 @@ def test_schedule_is_right_from_many_threads_across_epochs_and_pickles():
     want = BucketSchedule(record_buckets, 3, 4, seed=2, shuffle=True)
     expected = [want.batch(j)[1] for j in range(400)]  # 99 batches per epoch: four epochs
     shared = pickle.loads(pickle.dumps(BucketSchedule(record_buckets, 3, 4, seed=2, shuffle=True)))
-    wrong, interval = [], sys.getswitchinterval()
+    wrong = []
 
     def ask(offset: int) -> None:
         for j in range(offset, 400, 7):  # each thread strides through every epoch boundary
             if not np.array_equal(shared.batch(j)[1], expected[j]):
                 wrong.append(j)
 
-    sys.setswitchinterval(1e-6)
-    try:
-        threads = [threading.Thread(target=ask, args=(k,)) for k in range(7)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-    finally:
-        sys.setswitchinterval(interval)
+    race_threads([functools.partial(ask, k) for k in range(7)])
     assert not wrong, wrong[:10]
 
 

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
-import threading
 import time
 from fractions import Fraction
 
@@ -29,6 +27,7 @@ from data_pipelines.errors import DataBroken, DataError
 from data_pipelines.sources import VideoFolderSource, decode_record, encode_record
 from data_pipelines.synthetic import COLOUR_DIRECTIONS, DIRECTIONS, MovingShapesSource
 from data_pipelines.video_decode import BadVideo, ClipSpec, call_with_timeout, crop_offsets, decode_clip, resized_size
+from tests.conftest import race_threads
 
 NUM_GOOD = 6
 FRAMES_PER_VIDEO = 40
@@ -422,7 +421,7 @@ def test_latent_records_decode_in_many_threads_at_once():
     thread-safe on CPython 3.11 and once killed a 2-process run with a SystemError. A fast thread switch makes the
     race show within a few thousand decodes when nothing guards it."""
     record = encode_record({"latents": np.arange(64, dtype=np.float32).reshape(4, 2, 2, 4), "caption": "a red disc"})
-    errors, interval = [], sys.getswitchinterval()
+    errors = []
 
     def decode_many():
         try:
@@ -432,15 +431,7 @@ def test_latent_records_decode_in_many_threads_at_once():
         except Exception as e:  # noqa: BLE001 - collected and reported below
             errors.append(repr(e))
 
-    sys.setswitchinterval(1e-6)
-    try:
-        threads = [threading.Thread(target=decode_many) for _ in range(8)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-    finally:
-        sys.setswitchinterval(interval)
+    race_threads([decode_many] * 8)
     assert not errors, errors[:3]
 
 

@@ -14,8 +14,7 @@ from tests.conftest import TINY_DEMO, start
 
 
 def config_with(**values):
-    config = load_config("configs/demo.py", [f"--config.validation.{k}={v}" for k, v in values.items()])
-    return config
+    return load_config("configs/demo.py", [f"--config.validation.{k}={v}" for k, v in values.items()])
 
 
 @pytest.fixture
