@@ -401,7 +401,9 @@ def fake_slurm_bin(tmp_path: Path) -> Path:
     b.mkdir()
     scripts = {
         "srun": 'echo "$*" >"$FAKE_OUT/srun_args"\nwhile [[ "$1" == --* ]]; do shift; done\nexec "$@"',
-        "scancel": 'echo "$*" >>"$FAKE_OUT/scancel"\nkill -TERM "$(cat "$FAKE_OUT/trainer.pid")"',
+        # Slurm's scancel returns after the trainer has had time to save and exit, so srun often ends while the
+        # sbatch script is still in its USR1 trap; the sleep makes that the case every time.
+        "scancel": 'echo "$*" >>"$FAKE_OUT/scancel"\nkill -TERM "$(cat "$FAKE_OUT/trainer.pid")"\nsleep 1',
         "scontrol": 'echo "$*" >>"$FAKE_OUT/scontrol"',
         # The python the sbatch script runs: records its pid, then hands over to the fake trainer.
         "fakepython": f'echo $$ >"$FAKE_OUT/trainer.pid"\nexec {shlex.quote(sys.executable)} "$@"',
