@@ -187,11 +187,11 @@ def wait_for(predicate: Callable[[], bool], procs: Sequence[subprocess.Popen], w
 
 def tensorboard_values(logdir: str | os.PathLike, tag: str) -> dict[int, list]:
     """{step: values} of one tag as TensorBoard shows it: event files in order, and a restart's SessionLog.START at
-    step s hiding the points at steps >= s written before it (tensorboardX's `purge_step`). A value is a float for
+    step s hiding the points at steps >= s written before it (how MetricWriter marks a resume). A value is a float for
     a scalar, the encoded bytes for an image."""
     import struct
 
-    from tensorboardX.proto import event_pb2
+    from tensorboard.compat.proto import event_pb2
 
     out: dict[int, list] = {}
     for path in sorted(Path(logdir).glob("events.out.tfevents.*")):

@@ -4,6 +4,8 @@ imports neither training nor the data pipelines."""
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 from tests.conftest import ROOT
@@ -31,3 +33,13 @@ def test_data_pipelines_import_no_model_code():
 def test_models_and_diffusion_import_no_training_or_data():
     for folder in ("atomo_jax/models", "atomo_jax/diffusion"):
         assert not offenders(folder, ("atomo_jax.training", "data_pipelines")), folder
+
+
+def test_trainer_imports_no_torch():
+    """torch (2.5 CPU-seconds and 220 MB per process) is for the converters, export and eval's scorers; a trainer
+    process, started once per host, per restart and per test, must not pay for it (tensorboardX did, at import)."""
+    code = "import sys, atomo_jax.train, atomo_jax.training.loop; print(sorted({m.split('.')[0] for m in sys.modules}))"
+    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    top = set(ast.literal_eval(res.stdout.strip().splitlines()[-1]))
+    assert "jax" in top and not top & {"torch", "tensorflow", "tensorboardX"}, sorted(top)
