@@ -1,5 +1,5 @@
 """Imports run one way: data_pipelines knows nothing of the model (it imports no atomo_jax), and the model code
-imports neither training nor the data pipelines."""
+imports neither training nor the data pipelines; a trainer process imports no torch."""
 
 from __future__ import annotations
 
