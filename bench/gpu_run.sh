@@ -84,7 +84,10 @@ specs() {  # the processes of one group, "name:script:args", in timing order (th
                     "jax_p24_paper:jax_bench:train $p24 --trainable=paper --model_flops=$p24_flops_paper $ja" ;;
     sample) printf '%s\n' "torch_sample:torch_peer:sample --latent=64 --steps=25 --iters=3" \
                  "torch_sample_regional:torch_peer:sample --latent=64 --steps=25 --iters=3 --compile=regional" \
-                 "jax_sample:jax_bench:sample --latent=64 --steps=25 --iters=3" ;;
+                 "jax_sample:jax_bench:sample --latent=64 --steps=25 --iters=3 $ja" ;;
+    # The sampling pair without the compiled peer (its warm-up alone is 83 s): ours against diffusers eager.
+    sample_eager) printf '%s\n' "torch_sample:torch_peer:sample --latent=64 --steps=25 --iters=3" \
+                       "jax_sample:jax_bench:sample --latent=64 --steps=25 --iters=3 $ja" ;;
     # Two GPUs: the same per-GPU batch on 1 GPU, 2 GPUs data-parallel, 2 GPUs fsdp; no peer (its row comes from
     # train). Three compiles and state builds may overrun a 10-minute call (bench/NOTES.md, calls 11-13).
     scale2) printf '%s\n' "jax_b4:jax_bench:train $b4 $ja" "jax_b4_dp2:jax_bench:train $b4 --devices=2 $ja" \

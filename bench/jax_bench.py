@@ -18,6 +18,7 @@ import os
 import statistics
 import sys
 import time
+from typing import Any, Callable
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -225,12 +226,7 @@ def run_train(args: argparse.Namespace) -> dict:
         times = pipelined(one, args.iters)
         losses = [float(one()) for _ in range(2)]
         if args.profile:
-            from bench.profile_summary import profile_calls
-            summary = profile_calls(one, 3, args.profile)
-            print(summary, flush=True)
-            with open(os.path.join(os.path.dirname(os.path.abspath(args.out)),
-                                   f"profile_{os.environ.get('BENCH_NAME', 'jax')}.txt"), "w") as f:
-                f.write(summary + "\n")
+            write_profile(one, args)
     med = statistics.median(times)
     impl = ("jax" + ("_conv3d" if args.conv3d else "")
             + ("_rowmajor" if args.row_major else "") + ("_unpacked" if args.pack_small == 0 else "")
@@ -245,6 +241,16 @@ def run_train(args: argparse.Namespace) -> dict:
             "model_flops": flops, "tflops": flops / med / 1e12 / args.devices if flops else None,
             "peak_gib": peak_gib(), "first_loss": first_loss, "loss": losses[-1],
             "xla_flags": os.environ.get("XLA_FLAGS", ""), "device": jax.devices()[0].device_kind}
+
+
+def write_profile(call: Callable[[], Any], args: argparse.Namespace, calls: int = 3) -> None:
+    """Trace `calls` calls under args.profile; print where the device time goes and keep it beside args.out."""
+    from bench.profile_summary import profile_calls
+    summary = profile_calls(call, calls, args.profile)
+    print(summary, flush=True)
+    with open(os.path.join(os.path.dirname(os.path.abspath(args.out)),
+                           f"profile_{os.environ.get('BENCH_NAME', 'jax')}.txt"), "w") as f:
+        f.write(summary + "\n")
 
 
 def run_flops(args: argparse.Namespace) -> dict:
@@ -300,6 +306,8 @@ def run_sample(args: argparse.Namespace) -> dict:
     run = lambda: compiled(params, jax.random.key(1), cond)
     jax.block_until_ready(run())
     times = timed(run, args.iters)
+    if args.profile:
+        write_profile(run, args, calls=1)
     return {"kind": "sample", "impl": "jax" + flag_tag(args), "frames": args.frames, "latent": lat,
             "steps": args.steps, "guidance_batch": 3, "s_per_video": statistics.median(times), "times": times, "compile_s": compile_s, "peak_gib": peak_gib(),
             "device": jax.devices()[0].device_kind}
