@@ -85,6 +85,8 @@ specs() {  # the processes of one group, "name:script:args", in timing order (th
     sample) printf '%s\n' "torch_sample:torch_peer:sample --latent=64 --steps=25 --iters=3" \
                  "torch_sample_regional:torch_peer:sample --latent=64 --steps=25 --iters=3 --compile=regional" \
                  "jax_sample:jax_bench:sample --latent=64 --steps=25 --iters=3 $ja" ;;
+    # Ours alone, its optimized HLO kept (hlo_sample.tgz) to name the fusions of a sampling profile.
+    sample_hlo) printf '%s\n' "jax_sample:jax_bench:sample --latent=64 --steps=25 --iters=1 --dump_hlo=/tmp/hlo_sample $ja" ;;
     # The sampling pair without the compiled peer (its warm-up alone is 83 s): ours against diffusers eager.
     sample_eager) printf '%s\n' "torch_sample:torch_peer:sample --latent=64 --steps=25 --iters=3" \
                        "jax_sample:jax_bench:sample --latent=64 --steps=25 --iters=3 $ja" ;;
@@ -141,6 +143,9 @@ for arg in "$@"; do
 done
 if [ -d /tmp/hlo_b4 ]; then
   (cd /tmp/hlo_b4 && find . -name '*train_step*after_optimizations.txt' | head -n 4 | tar -czf "$out/hlo_b4.tgz" -T -)
+fi
+if [ -d /tmp/hlo_sample ]; then  # the sampling program is the largest module dumped
+  (cd /tmp/hlo_sample && ls -S ./*after_optimizations.txt | head -n 1 | tar -czf "$out/hlo_sample.tgz" -T -)
 fi
 cp "$out"/profile_*.txt "$logs"/ 2>/dev/null && rm -f "$out"/profile_*.txt
 tar -czf "$out/logs.tgz" -C "$logs" .
