@@ -5,7 +5,8 @@
 #           whole-model compile), paper (the paper's shape, b1 x 24 frames x 512 px, its trainable set and full
 #           fine-tune, ours and the peer with the same set; paper_all / paper_set: its full fine-tune / trainable-set
 #           pair alone), sample (i2v, 16 frames, 512 px, 25 steps, guidance batch 3, vs diffusers eager and
-#           regionally compiled), scale2 (1 vs 2 GPUs, data-parallel and fsdp;
+#           regionally compiled; sample_eager: vs eager alone; sample_hlo: ours alone, its optimized HLO kept),
+#           scale2 (1 vs 2 GPUs, data-parallel and fsdp;
 #           needs 2 GPUs), ab_layout / ab_pack (b4 A/B against the default of row-major state layouts / of
 #           updating every leaf on its own, both profiled, the HLO of the default, beside the peer), ab_flags /
 #           ab_flags_sample (the paper-shape trainable-set pair / the sampling pair, plus ours once per XLA flag in
