@@ -88,6 +88,12 @@ specs() {  # the processes of one group, "name:script:args", in timing order (th
                  "jax_sample:jax_bench:sample --latent=64 --steps=25 --iters=3 $ja" ;;
     # Ours alone, its optimized HLO kept (hlo_sample.tgz) to name the fusions of a sampling profile.
     sample_hlo) printf '%s\n' "jax_sample:jax_bench:sample --latent=64 --steps=25 --iters=1 --dump_hlo=/tmp/hlo_sample $ja" ;;
+    # Cross-attention through cuDNN with padded keys (--attention=cudnn_padded) vs XLA's path for it: sampling, and
+    # a small paper-set training step (b1 x 16 x 32x32) that shows the padded backward runs.
+    ab_xattn) printf '%s\n' "jax_sample:jax_bench:sample --latent=64 --steps=25 --iters=3 $ja" \
+                   "jax_sample_padded:jax_bench:sample --latent=64 --steps=25 --iters=3 --attention=cudnn_padded $ja" \
+                   "jax_b1s:jax_bench:train --batch=1 --latent=32 --trainable=paper --iters=5 $ja" \
+                   "jax_b1s_padded:jax_bench:train --batch=1 --latent=32 --trainable=paper --iters=5 --attention=cudnn_padded $ja" ;;
     # The sampling pair without the compiled peer (its warm-up alone is 83 s): ours against diffusers eager.
     sample_eager) printf '%s\n' "torch_sample:torch_peer:sample --latent=64 --steps=25 --iters=3" \
                        "jax_sample:jax_bench:sample --latent=64 --steps=25 --iters=3 $ja" ;;

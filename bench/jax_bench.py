@@ -157,8 +157,10 @@ def use_conv3d_temporal_conv() -> None:
 
 
 def flag_tag(args: argparse.Namespace) -> str:
-    """'+name=value' per --xla_flag, without the common prefix: A/B rows are told apart in the report."""
-    return "".join("+" + f.lstrip("-").removeprefix("xla_gpu_") for f in args.xla_flag)
+    """'+name=value' per --xla_flag, without the common prefix, and the attention when it is not cuDNN's: A/B rows
+    are told apart in the report."""
+    return ("".join("+" + f.lstrip("-").removeprefix("xla_gpu_") for f in args.xla_flag)
+            + ("" if args.attention == "cudnn" else f"_{args.attention}"))
 
 
 def run_train(args: argparse.Namespace) -> dict:

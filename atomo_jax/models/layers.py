@@ -216,13 +216,25 @@ def _splash(q: jax.Array, k: jax.Array, v: jax.Array, *, interpret: bool) -> jax
                          check_vma=False)(q, k, v)
 
 
+def padded_keys_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, implementation: str | None = None,
+                          multiple: int = 64) -> jax.Array:
+    """Attention with the keys and values zero-padded to a multiple of `multiple` and the padding masked out by
+    length: the form cuDNN's flash kernel takes for cross-attention over a few tokens (e.g. 93 text + image keys)."""
+    pad = (-k.shape[1]) % multiple
+    widths = ((0, 0), (0, pad), (0, 0), (0, 0))
+    lengths = jnp.full((q.shape[0],), k.shape[1], jnp.int32)
+    return jax.nn.dot_product_attention(q, jnp.pad(k, widths), jnp.pad(v, widths), key_value_seq_lengths=lengths,
+                                        implementation=implementation)
+
+
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, implementation: str | None = None,
               mask: jax.Array | None = None) -> jax.Array:
     """Scaled dot-product attention (scale 1/sqrt(head_dim)) on (batch, length, heads, head_dim) inputs.
 
     `implementation`: None picks splash on TPU where `splash_fallback_reason` allows it, else lets XLA choose;
     "splash" forces the Pallas TPU splash kernel (any lengths and head_dim; off TPU it runs in Pallas interpret mode,
-    slowly, for tests); "cudnn" asks for cuDNN flash attention on GPUs (bf16/fp16 only); "xla" forces the plain
+    slowly, for tests); "cudnn" asks for cuDNN flash attention on GPUs (bf16/fp16 only); "cudnn_padded" is
+    "cudnn" with cross-attention too, its keys padded (`padded_keys_attention`; a GPU A/B); "xla" forces the plain
     einsum path (the numerically exact reference on CPU).
     """
     if implementation is None and _target_platform() == "tpu" and splash_fallback_reason(q.shape, k.shape,
@@ -232,6 +244,11 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, implementation: str |
         if mask is not None:
             raise ValueError("attention(implementation='splash') takes no mask; use implementation='xla'")
         return _splash(q, k, v, interpret=_target_platform() != "tpu")
+    if (implementation == "cudnn_padded" and q.dtype in (jnp.bfloat16, jnp.float16) and mask is None
+            and q.shape[1] != k.shape[1] and q.shape[1] % 64 == 0):
+        return padded_keys_attention(q, k, v, implementation="cudnn")
+    if implementation == "cudnn_padded":
+        implementation = "cudnn"
     if implementation == "cudnn" and (q.dtype not in (jnp.bfloat16, jnp.float16) or q.shape[1] != k.shape[1]
                                       or q.shape[1] % 64):
         # cuDNN's flash kernel has no fp32 path and its backward rejects unaligned or unequal lengths (e.g. 16384
