@@ -219,7 +219,7 @@ def _splash(q: jax.Array, k: jax.Array, v: jax.Array, *, interpret: bool) -> jax
 def padded_keys_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, implementation: str | None = None,
                           multiple: int = 64) -> jax.Array:
     """Attention with the keys and values zero-padded to a multiple of `multiple` and the padding masked out by
-    length: the form cuDNN's flash kernel takes for cross-attention over a few tokens (e.g. 93 text + image keys)."""
+    length: the form cuDNN's flash kernel takes for cross-attention over a few tokens (e.g. 93 text tokens)."""
     pad = (-k.shape[1]) % multiple
     widths = ((0, 0), (0, pad), (0, 0), (0, 0))
     lengths = jnp.full((q.shape[0],), k.shape[1], jnp.int32)
@@ -244,10 +244,10 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, implementation: str |
         if mask is not None:
             raise ValueError("attention(implementation='splash') takes no mask; use implementation='xla'")
         return _splash(q, k, v, interpret=_target_platform() != "tpu")
-    if (implementation == "cudnn_padded" and q.dtype in (jnp.bfloat16, jnp.float16) and mask is None
-            and q.shape[1] != k.shape[1] and q.shape[1] % 64 == 0):
-        return padded_keys_attention(q, k, v, implementation="cudnn")
     if implementation == "cudnn_padded":
+        if (q.dtype in (jnp.bfloat16, jnp.float16) and mask is None and q.shape[1] != k.shape[1]
+                and q.shape[1] % 64 == 0):
+            return padded_keys_attention(q, k, v, implementation="cudnn")
         implementation = "cudnn"
     if implementation == "cudnn" and (q.dtype not in (jnp.bfloat16, jnp.float16) or q.shape[1] != k.shape[1]
                                       or q.shape[1] % 64):
