@@ -39,7 +39,7 @@ def unet_config() -> ml_collections.ConfigDict:
         image_embed_dim=1024,  # width of the CLIP image embedding (ViT-H/14 projection: 1024)
         dtype="bfloat16",  # compute dtype of the UNet (parameters stay float32)
         # Attention kernel: None picks per platform (splash on TPU); "splash", "cudnn", "cudnn_padded" (cuDNN for
-        # cross-attention too, keys padded) or "xla" force one.
+        # cross-attention too, keys padded: -2.3% per sampled video on an H100, +7% per training step) or "xla".
         attention_impl=ml_collections.FieldReference(None, field_type=str),
         remat="dots"))  # rematerialisation policy of the UNet blocks: none | dots | full
 

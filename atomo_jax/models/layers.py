@@ -234,7 +234,8 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, implementation: str |
     `implementation`: None picks splash on TPU where `splash_fallback_reason` allows it, else lets XLA choose;
     "splash" forces the Pallas TPU splash kernel (any lengths and head_dim; off TPU it runs in Pallas interpret mode,
     slowly, for tests); "cudnn" asks for cuDNN flash attention on GPUs (bf16/fp16 only); "cudnn_padded" is
-    "cudnn" with cross-attention too, its keys padded (`padded_keys_attention`; a GPU A/B); "xla" forces the plain
+    "cudnn" with cross-attention too, its keys padded (`padded_keys_attention`; faster for sampling, slower for
+    training: bench/NOTES.md, call 36); "xla" forces the plain
     einsum path (the numerically exact reference on CPU).
     """
     if implementation is None and _target_platform() == "tpu" and splash_fallback_reason(q.shape, k.shape,
