@@ -1,7 +1,8 @@
 """A damaged newest checkpoint never stops a relaunch: the trainer sets it aside (renamed, not deleted), says which
-and why, restores the previous step, and continues exactly as an uninterrupted run would. Four kinds of damage, each
-on its own copy of one 4-step run (checkpoints at steps 2 and 4), each resumed through the CLI to step 6; and a run
-whose every checkpoint is damaged stops with one error listing each."""
+and why, and tries the previous step, as many times as it takes. One 10-step run (checkpoints at steps 2-10) gets a
+different kind of damage in each of its four newest checkpoints; one relaunch through the CLI sets all four aside,
+each with its reason, restores step 2 and continues to step 12 exactly as an uninterrupted run does. A run whose
+every checkpoint is damaged stops with one error listing each."""
 
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ def remove_state_metadata(step: Path) -> None:
             path.unlink()
 
 
+# Newest first: step 10 gets the first kind, step 4 the last.
 DAMAGE = {
     "truncated array file": truncate_largest_array_file,
     "missing state metadata": remove_state_metadata,
@@ -34,41 +36,40 @@ DAMAGE = {
 }
 
 
-def _train(workdir: Path, num_steps: int = 6):
+def _train(workdir: Path, num_steps: int = 12):
     return start("atomo_jax.train", *SMALL, f"--config.train.num_steps={num_steps}", f"--workdir={workdir}",
                  env=cli_env(1))
 
 
-def test_damaged_newest_checkpoint_falls_back_to_the_previous_step(tmp_path):
+def test_damaged_newest_checkpoints_fall_back_step_by_step(tmp_path):
     reference, first = tmp_path / "reference", tmp_path / "first"
-    wait_all([_train(reference), _train(first, num_steps=4)])
+    wait_all([_train(reference), _train(first, num_steps=10)])
     want = losses(reference)
-    assert sorted(want) == list(range(1, 7)) and (first / "checkpoints" / "4").is_dir()
+    assert sorted(want) == list(range(1, 13))
+    assert sorted(p.name for p in (first / "checkpoints").iterdir()) == ["10", "2", "4", "6", "8"]
 
-    runs = {}
-    for i, (name, damage) in enumerate(DAMAGE.items()):
-        workdir = tmp_path / f"case{i}"
-        shutil.copytree(first, workdir)
-        damage(workdir / "checkpoints" / "4")
-        runs[name] = workdir
-    names = list(runs)
-    for pair in (names[:2], names[2:]):  # two at a time on a 2-core machine
-        outs = wait_all([_train(runs[name]) for name in pair])
-        for name, out in zip(pair, outs):
-            step4 = runs[name] / "checkpoints" / "4"
-            assert f"checkpoint {step4} is unreadable (" in out, (name, out[-3000:])
-            assert "resumed from checkpoint at step 2" in out, (name, out[-3000:])
-            assert (runs[name] / "checkpoints" / "4.unreadable").is_dir(), name  # set aside, never deleted
-            assert losses(runs[name]) == want, name  # steps 3 and 4 re-run to the same floats, then 5 and 6
-
-    # Every checkpoint damaged: one error naming each step directory, nothing restored or overwritten.
-    broken = tmp_path / "broken"
+    damaged = tmp_path / "damaged"
+    shutil.copytree(first, damaged)
+    steps = {name: damaged / "checkpoints" / str(step) for name, step in zip(DAMAGE, (10, 8, 6, 4))}
+    for name, damage in DAMAGE.items():
+        damage(steps[name])
+    broken = tmp_path / "broken"  # every checkpoint damaged
     shutil.copytree(first, broken)
-    for step in ("2", "4"):
+    for step in ("2", "4", "6", "8", "10"):
         shutil.rmtree(broken / "checkpoints" / step / "state")
-    proc = _train(broken)
-    out, _ = proc.communicate(timeout=600)
-    assert proc.returncode != 0
-    assert "no checkpoint could be restored" in out, out[-3000:]
-    for step in ("2", "4"):
-        assert f"{broken / 'checkpoints' / step}: " in out, out[-3000:]
+
+    procs = [_train(damaged), _train(broken)]
+    (out, _), (broken_out, _) = [p.communicate(timeout=900) for p in procs]
+    assert procs[0].returncode == 0, out[-3000:]
+    assert procs[1].returncode != 0, broken_out[-3000:]
+    for name, step in steps.items():
+        assert f"checkpoint {step} is unreadable (" in out, (name, out[-3000:])
+        assert step.with_name(f"{step.name}.unreadable").is_dir(), name  # set aside, never deleted
+    assert out.index(f"{steps['truncated array file']} is unreadable") < out.index(
+        f"{steps['missing data iterator json']} is unreadable"), out[-3000:]  # newest first
+    assert "resumed from checkpoint at step 2" in out, out[-3000:]
+    assert losses(damaged) == want  # steps 3-10 re-run to the same floats, then 11 and 12
+
+    assert "no checkpoint could be restored" in broken_out, broken_out[-3000:]
+    for step in ("2", "4", "6", "8", "10"):
+        assert f"{broken / 'checkpoints' / step}: " in broken_out, broken_out[-3000:]
