@@ -1,6 +1,6 @@
 """Shape buckets: assignment from real MP4 headers and caption columns, bucket-homogeneous batches that follow the
 schedule through grain's workers, exact resume over a bucket change, and bucketed training with validation images
-through the CLI on one and two processes."""
+through the CLI on one process and on two (stopped together by a SIGTERM to one of them)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,9 @@ import functools
 import json
 import os
 import pickle
+import re
 import shutil
+import signal
 
 import ml_collections
 import numpy as np
@@ -22,8 +24,9 @@ from data_pipelines.errors import DataError
 from data_pipelines.loader import make_loader, plan_buckets
 from data_pipelines.transforms import to_unit_range
 from atomo_jax.pipelines.video_io import read_video
-from tests.conftest import (TINY_DEMO, cli_env, losses, race_threads, run, start_processes, tensorboard_values,
-                            wait_all)
+from atomo_jax.training.preemption import STOPPED_EXIT_CODE
+from tests.conftest import (TINY_DEMO, cli_env, kill_all, losses, race_threads, run, start_processes,
+                            tensorboard_values, wait_all, wait_for)
 from tests.test_data_pipeline import PoolingModel, red_index, write_mp4
 from tests.test_eval import clip_folders  # noqa: F401  (a fixture: a tiny transformers CLIPModel folder)
 
@@ -226,20 +229,27 @@ def read_json(path):
         return json.load(f)
 
 
-def test_bucketed_training_with_validation_cli_one_and_two_processes(tmp_path, validation_images, clip_folders):
-    """The tiny demo with a square and a 1:2 bucket and validation images every 3 steps: each bucket's step compiled
-    once, resume bitwise over the buckets and to the same validation videos, and 2 processes (each its rows of every
-    global batch, both sampling) train like 1, with process 0 writing the validation."""
-    flags = [*TINY_DEMO, "--config.data.buckets=((4,16,16),(4,16,32))", "--config.train.num_steps=6",
-             "--config.train.log_every=1", "--config.checkpoint.every_steps=3", "--config.sample.at_end=false",
-             "--config.data.num_videos=16", f"--config.validation.images={validation_images}",
+def test_bucketed_training_with_validation_one_process_then_two_stopped_by_one_hosts_sigterm(
+        tmp_path, validation_images, clip_folders):
+    """The tiny demo with a square and a 1:2 bucket and validation images every 3 steps, through the CLI.
+
+    One process: each bucket's step compiled once, resume bitwise over the buckets and to the same validation videos.
+    Then the same job on 2 processes (the data axis across them): both compile the same buckets in the same order,
+    each process gets its rows of every global batch, both sample and process 0 writes the validation; losses and
+    scores match the one-process run. Then a preemption notice reaches one
+    host: JAX's preemption service (not a per-step all-gather) brings both processes to the same step, where they
+    save one shared checkpoint and stop. One multi-process job for all of it: each one compiles everything again in
+    its second process (on CPU the compilation cache serves process 0 only)."""
+    flags = [*TINY_DEMO, "--config.data.buckets=((4,16,16),(4,16,32))", "--config.train.log_every=1", "--config.checkpoint.every_steps=3", "--config.checkpoint.async_save=False",
+             "--config.sample.at_end=false", "--config.data.num_videos=16",
+             f"--config.validation.images={validation_images}",
              f"--config.validation.prompts={validation_images / 'prompts.csv'}", "--config.validation.every_steps=3",
              "--config.validation.width=32", "--config.validation.batch_size=2",
              f"--config.validation.clip={clip_folders[1] / 'full'}"]
     one = tmp_path / "one"
     # The 1-process runs use the trainer's own compilation cache (WORKDIR/jax_cache), not the suite's.
     own_cache = {k: v for k, v in cli_env().items() if k != "JAX_COMPILATION_CACHE_DIR"}
-    out = run("atomo_jax.train", f"--workdir={one}", *flags, env=own_cache)
+    out = run("atomo_jax.train", f"--workdir={one}", *flags, "--config.train.num_steps=6", env=own_cache)
     assert "[train] buckets: 4x16x16: 8 clips, 4x16x32: 8 clips" in out, out[-3000:]
     for bucket in ("4x16x16", "4x16x32"):
         assert out.count(f"compiled the train step for {bucket} in") == 1, out[-3000:]
@@ -271,7 +281,7 @@ def test_bucketed_training_with_validation_cli_one_and_two_processes(tmp_path, v
     assert cached, "the run left no compiled program in WORKDIR/jax_cache"
 
     shutil.rmtree(one / "checkpoints" / "6")
-    out = run("atomo_jax.train", f"--workdir={one}", *flags, env=own_cache)
+    out = run("atomo_jax.train", f"--workdir={one}", *flags, "--config.train.num_steps=6", env=own_cache)
     assert sorted(p.name for p in (one / "jax_cache").iterdir()) == cached  # the restart compiled nothing new
     assert "resumed from checkpoint at step 3" in out, out[-3000:]
     got = losses(one)
@@ -279,9 +289,18 @@ def test_bucketed_training_with_validation_cli_one_and_two_processes(tmp_path, v
     again = read_json(one / "validation" / "0000006.json")
     assert again["images"] == first["images"]  # the same weights and the same noise: the same videos and scores
 
+    # Two processes, told to run far longer; SIGTERM to the second once step 6's validation is written.
     two = tmp_path / "two"
-    outs = wait_all(start_processes("atomo_jax.train", f"--workdir={two}", *flags, num_processes=2,
-                                    devices_per_process=1))
+    procs = start_processes("atomo_jax.train", f"--workdir={two}", *flags, "--config.train.num_steps=1000",
+                            num_processes=2, devices_per_process=1)
+    try:
+        wait_for(lambda: (two / "validation" / "0000006.json").exists(), procs, "step 6's validation")
+        os.kill(procs[1].pid, signal.SIGTERM)
+        outs = wait_all(procs, timeout=600, returncode=STOPPED_EXIT_CODE)  # both stopped, neither finished
+    finally:
+        kill_all(procs)
+    for o in outs:
+        assert "devices=2 mesh={'data': 2, 'fsdp': 1, 'tensor': 1}" in o, o[-2000:]
     compiled = [[line.split(" in ")[0] for line in o.splitlines() if "compiled the train step" in line] for o in outs]
     assert compiled[0] == compiled[1] and len(compiled[0]) == 2, compiled
     two_losses = losses(two)
@@ -291,3 +310,10 @@ def test_bucketed_training_with_validation_cli_one_and_two_processes(tmp_path, v
     for key in ("ssim_first", "psnr_first", "motion", "clip_image_video"):
         np.testing.assert_allclose([r[key] for r in two_report["images"]], [r[key] for r in first["images"]],
                                    rtol=0.02, err_msg=key)
+
+    stopped = [re.search(r"preempted: saved step (\d+)", o) for o in outs]
+    assert all(stopped), [o[-2000:] for o in outs]
+    step = int(stopped[0].group(1))
+    assert int(stopped[1].group(1)) == step >= 6
+    saved = sorted(int(d) for d in os.listdir(two / "checkpoints"))
+    assert saved[-1] == step and max(losses(two)) == step, (saved, sorted(losses(two)))
