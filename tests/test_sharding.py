@@ -1,22 +1,31 @@
-"""On 8 fake CPU devices: data-parallel, fsdp and fsdp+tensor layouts train like one device, parameters are sharded
-as the logical-axis rules say, activations keep their batch split, and a checkpoint saved on one device restores
-onto an 8-device fsdp mesh.
+"""The train step on 8 fake CPU devices, in one child process (one start, one set of compiles for both halves):
+- data-parallel, fsdp and fsdp+tensor layouts train like one device, parameters are sharded as the logical-axis
+  rules say, activations keep their batch split, and a checkpoint saved on one device restores onto an 8-device fsdp
+  mesh;
+- gradient accumulation over 2 strided micro-batches (fsdp 8) gives the one-batch gradients and moves no data
+  between devices beyond what one micro-batch step moves (the contiguous split moves the pixel batch, and the check
+  sees it); the EMA update is the textbook recurrence.
 
 Runs in a subprocess: XLA_FLAGS must set the device count before jax starts, and other tests in this pytest process
 may already have started jax with one device.
-Tolerance: relative L2 error (||a-b||/||b||) < 1e-5 for losses and < 1e-4 for the updated parameters after two AdamW
-steps (fp32; only the order of cross-device reductions differs).
+Tolerances (fp32; only the order of the sums and cross-device reductions differs): relative L2 error
+(||a-b||/||b||) < 1e-5 for losses and < 1e-4 for the updated parameters after two AdamW steps across layouts; loss,
+gradient norm and updated parameters relative 1e-5 between accumulated and one-batch steps.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# A collective in the compiled step, as (op, result shape): the census of what moves between devices.
+COLLECTIVE = re.compile(r"= (\S+?)(?:\{[^}]*\})? (all-to-all|collective-permute|all-gather|all-reduce|reduce-scatter)"
+                        r"(?:-start)?\(")
 LAYOUTS = {"data8": dict(data=8, fsdp=1, tensor=1), "fsdp8": dict(data=1, fsdp=8, tensor=1),
            "fsdp4_tensor2": dict(data=1, fsdp=4, tensor=2)}
 
@@ -26,9 +35,14 @@ def small_config():
     # depth, and each of the five compiles takes a fraction of the demo's time.
     from tests.conftest import tiny_demo_config
     c = tiny_demo_config()
-    c.train.batch_size = 8
-    c.cond_drop.image = 0.3  # exercise the dropout path with a few examples dropped
+    c.train.update(dict(batch_size=8, grad_clip=0.0, weight_decay=0.0, ema_decay=0.9, warmup_steps=0))
+    # Some examples dropped: the dropout path runs, and its draws must depend neither on the layout nor the split.
+    c.cond_drop.image = 0.3
     return c
+
+
+def census(hlo: str) -> list[list[str]]:
+    return sorted({(m.group(2), m.group(1)) for m in COLLECTIVE.finditer(hlo)})
 
 
 def activation_layout(lowered: str, compiled: str) -> dict:
@@ -54,8 +68,9 @@ def _child(workdir: str) -> dict:
     from atomo_jax.models.atomo import build_model
     from atomo_jax.parallel import axes
     from atomo_jax.parallel.mesh import make_mesh
+    from atomo_jax.training import train_step as ts
     from atomo_jax.training.checkpoint import Checkpointer
-    from atomo_jax.training.setup import init_train_state, state_shardings
+    from atomo_jax.training.setup import abstract_train_state, init_train_state, state_shardings
     from atomo_jax.training.train_step import batch_shardings, jit_train_step
     from data_pipelines.loader import make_loader
 
@@ -86,7 +101,7 @@ def _child(workdir: str) -> dict:
         bsh = batch_shardings(batches[0], mesh, rules)
         lowered = jit_train_step(c, model, mesh, sh, bsh).lower(state, jax.device_put(batches[0], bsh))
         step = lowered.compile()
-        layout = activation_layout(lowered.as_text(), step.as_text())
+        layout = {**activation_layout(lowered.as_text(), step.as_text()), "collectives": census(step.as_text())}
         losses, norms = [], []
         for b in batches:
             state, m = step(state, jax.device_put(b, bsh))
@@ -100,7 +115,7 @@ def _child(workdir: str) -> dict:
     out = {"single": {"losses": ref_losses, "grad_norms": ref_norms,
                       "update_norm": float(np.sqrt(sum(np.sum((ref[k] - init_ref[k]) ** 2) for k in ref)))}}
     for name, layout in LAYOUTS.items():
-        state, losses, norms, mesh, _, activations = run(jax.devices(), layout)
+        state, losses, norms, mesh, sh, activations = run(jax.devices(), layout)
         got = flat(state.trainable)
         num = np.sqrt(sum(np.sum((got[k] - ref[k]) ** 2) for k in ref))
         den = np.sqrt(sum(np.sum(ref[k] ** 2) for k in ref))
@@ -116,14 +131,13 @@ def _child(workdir: str) -> dict:
         out[name] = {"losses": losses, "grad_norms": norms, "param_rel": float(num / den),
                      "update_diff": float(upd), "specs": specs, "shard_shapes": shard_shapes, "mu_specs": mu_specs,
                      "mesh": dict(mesh.shape), "activations": activations}
+        if name == "fsdp8":
+            mesh8, sh8 = mesh, sh
 
     # Saved on one device (above), restored onto the 8-device fsdp mesh.
     state1 = saved["initial"]
     c8 = config.copy_and_resolve_references()
     c8.mesh.update(LAYOUTS["fsdp8"])
-    mesh8 = make_mesh(c8.mesh, devices=jax.devices())
-    sh8 = state_shardings(c8, model, mesh8, rules)
-    from atomo_jax.training.setup import abstract_train_state
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           abstract_train_state(c8, model), sh8)
     restored, counters = Checkpointer(workdir, c8.checkpoint).restore(3, target, iter(loader))
@@ -133,6 +147,48 @@ def _child(workdir: str) -> dict:
     out["restore"] = {"equal": bool(same), "placed": bool(placed),
                       "devices": len(jax.tree.leaves(restored.trainable)[0].sharding.device_set),
                       "counters": counters}
+
+    # Gradient accumulation on the fsdp8 mesh: both batches as one of 16, in one step and in 2 micro-batches of 8.
+    # What one micro-batch of 8 moves anyway (parameter all-gathers, gradient reductions, the model's own activation
+    # collectives at one example per device) is the fsdp8 layout's step above: the accumulated step may move nothing
+    # else.
+    batch16 = {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
+    with jax.set_mesh(mesh8):
+        b16 = batch_shardings(batch16, mesh8, rules)
+
+        def step16(accum: int):
+            ca = c8.copy_and_resolve_references()
+            ca.train.update(dict(batch_size=16, grad_accum=accum))
+            return jit_train_step(ca, model, mesh8, sh8, b16).lower(jax.device_put(state1, sh8),
+                                                                      jax.device_put(batch16, b16)).compile()
+
+        results = {}
+        for accum in (1, 2):
+            step = step16(accum)
+            results[accum] = step(jax.device_put(state1, sh8), jax.device_put(batch16, b16))
+            if accum == 2:
+                accumulated = census(step.as_text())
+        # The check can fail: the contiguous split (micro-batch i = rows [i B/2, (i+1) B/2)) reshards every step.
+        strided = ts.strided_micro_batches
+        ts.strided_micro_batches = lambda tree, accum, mesh_, spec: jax.tree.map(
+            lambda x: x.reshape((accum, x.shape[0] // accum) + x.shape[1:]), tree)
+        try:
+            contiguous = census(step16(2).as_text())
+        finally:
+            ts.strided_micro_batches = strided
+    (s1, m1), (s2, m2) = results[1], results[2]
+    as_list = lambda tree: [np.asarray(x, np.float64) for x in jax.tree.leaves(tree)]
+    rel_l2 = lambda a, b: float(np.sqrt(sum(np.sum((x - y) ** 2) for x, y in zip(a, b)))
+                                / np.sqrt(sum(np.sum(y ** 2) for y in b)))
+    # EMA: e1 = d e0 + (1 - d) p1, by hand in float64.
+    want_ema = [0.9 * e + 0.1 * p for e, p in zip(as_list(state1.ema), as_list(s1.trainable))]
+    out["accum"] = {
+        "loss": [float(m1["loss"]), float(m2["loss"])], "grad_norm": [float(m1["grad_norm"]), float(m2["grad_norm"])],
+        "trainable_rel": rel_l2(as_list(s2.trainable), as_list(s1.trainable)),
+        "update_rel": rel_l2(as_list(s1.trainable), as_list(state1.trainable)),  # how far one step moved them
+        "ema_max_err": max(float(np.max(np.abs(g - w))) for g, w in zip(as_list(s1.ema), want_ema)),
+        "ema_moved": max(float(np.max(np.abs(g - e))) for g, e in zip(as_list(s1.ema), as_list(state1.ema))),
+        "collectives_accum2": accumulated, "collectives_contiguous": contiguous}
     return out
 
 
@@ -142,10 +198,11 @@ def rel(a, b):
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
-def test_layouts_match_one_device_and_shard_as_ruled(tmp_path):
+def test_layouts_and_accumulation_on_8_devices(tmp_path):
     from tests.conftest import FAST_CPU_COMPILE  # here, not at the top: this file also runs as the child script
 
-    # FAST_CPU_COMPILE: the child's time is compiles (four layouts); it checks values and shardings, not speed.
+    # FAST_CPU_COMPILE: the child's time is compiles (four layouts, three accumulation steps); it checks values,
+    # shardings and collectives, not speed.
     env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count=8 {FAST_CPU_COMPILE}",
            "JAX_PLATFORMS": "cpu"}
     out_file = tmp_path / "out.json"
@@ -174,7 +231,6 @@ def test_layouts_match_one_device_and_shard_as_ruled(tmp_path):
     assert dp["shard_shapes"][conv] == [[3, 3, 32, 32], [3, 3, 32, 32]]  # data parallel: replicated weights
     # Every kernel of >= 1024 weights is split 8 ways under fsdp, except conv_in: its 9 input channels (the fsdp
     # axis of a conv kernel) do not divide by 8, so the rules fall back to replicating it.
-    import math
     kernels = {n: s for n, s in fsdp["shard_shapes"].items()
                if n.endswith("kernel") and len(s[0]) >= 2 and math.prod(s[0]) >= 1024}
     assert len(kernels) > 100
@@ -195,6 +251,20 @@ def test_layouts_match_one_device_and_shard_as_ruled(tmp_path):
         assert lost == [], (name, lost)
 
     assert out["restore"] == {"equal": True, "placed": True, "devices": 8, "counters": {"skipped_samples": 7}}
+
+    # Accumulation: the one-batch loss, gradient norm and update, and no data moved beyond one micro-batch's.
+    acc = out["accum"]
+    (l1, l2), (g1, g2) = acc["loss"], acc["grad_norm"]
+    assert abs(l2 - l1) <= 1e-5 * abs(l1) and abs(g2 - g1) <= 1e-5 * abs(g1), acc
+    assert acc["trainable_rel"] < 1e-5 and acc["update_rel"] > 1e-4, acc
+    base = {tuple(c) for c in fsdp["activations"]["collectives"]}
+    scalar = lambda c: "[]" in c[1]  # the loss/norm sums over the micro-batches
+    extra = [c for c in map(tuple, acc["collectives_accum2"]) if c not in base and not scalar(c)]
+    assert not extra, f"the strided micro-batches move data one micro-batch alone does not: {extra}"
+    moved = [c for c in map(tuple, acc["collectives_contiguous"]) if c not in base and not scalar(c)]
+    assert any(",16,16,3]" in shape for _, shape in moved), moved  # the check sees the contiguous split's pixels
+    # EMA after one step: e1 = 0.9 e0 + 0.1 p1 (float32 arithmetic vs float64 reference), and it moved.
+    assert acc["ema_max_err"] < 1e-6 and acc["ema_moved"] > 1e-5, acc
 
 
 if __name__ == "__main__":
