@@ -240,7 +240,7 @@ def test_bucketed_training_with_validation_one_process_then_two_stopped_by_one_h
     host: JAX's preemption service (not a per-step all-gather) brings both processes to the same step, where they
     save one shared checkpoint and stop. One multi-process job for all of it: each one compiles everything again in
     its second process (on CPU the compilation cache serves process 0 only)."""
-    flags = [*TINY_DEMO, "--config.data.buckets=((4,16,16),(4,16,32))", "--config.train.log_every=1", "--config.checkpoint.every_steps=3", "--config.checkpoint.async_save=False",
+    flags = [*TINY_DEMO, "--config.data.buckets=((4,16,16),(4,16,32))", "--config.train.log_every=1", "--config.checkpoint.every_steps=3",
              "--config.sample.at_end=false", "--config.data.num_videos=16",
              f"--config.validation.images={validation_images}",
              f"--config.validation.prompts={validation_images / 'prompts.csv'}", "--config.validation.every_steps=3",
