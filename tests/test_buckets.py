@@ -236,12 +236,12 @@ def test_bucketed_training_with_validation_one_process_then_two_stopped_by_one_h
     One process: each bucket's step compiled once, resume bitwise over the buckets and to the same validation videos.
     Then the same job on 2 processes (the data axis across them): both compile the same buckets in the same order,
     each process gets its rows of every global batch, both sample and process 0 writes the validation; losses and
-    scores match the one-process run. Then a preemption notice reaches one
-    host: JAX's preemption service (not a per-step all-gather) brings both processes to the same step, where they
-    save one shared checkpoint and stop. One multi-process job for all of it: each one compiles everything again in
-    its second process (on CPU the compilation cache serves process 0 only)."""
-    flags = [*TINY_DEMO, "--config.data.buckets=((4,16,16),(4,16,32))", "--config.train.log_every=1", "--config.checkpoint.every_steps=3",
-             "--config.sample.at_end=false", "--config.data.num_videos=16",
+    scores match the one-process run. Then a preemption notice reaches one host: JAX's preemption service (not a
+    per-step all-gather) brings both processes to the same step, where they save one shared checkpoint and stop. One
+    multi-process job for all of it: each one compiles everything again in its second process (on CPU the
+    compilation cache serves process 0 only)."""
+    flags = [*TINY_DEMO, "--config.data.buckets=((4,16,16),(4,16,32))", "--config.train.log_every=1",
+             "--config.checkpoint.every_steps=3", "--config.sample.at_end=false", "--config.data.num_videos=16",
              f"--config.validation.images={validation_images}",
              f"--config.validation.prompts={validation_images / 'prompts.csv'}", "--config.validation.every_steps=3",
              "--config.validation.width=32", "--config.validation.batch_size=2",

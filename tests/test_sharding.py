@@ -32,7 +32,7 @@ LAYOUTS = {"data8": dict(data=8, fsdp=1, tensor=1), "fsdp8": dict(data=1, fsdp=8
 
 def small_config():
     # conftest's one-level TINY_DEMO (every layer kind once): the layouts and shardings are the same per layer at any
-    # depth, and each of the five compiles takes a fraction of the demo's time.
+    # depth, and each of the eight compiles takes a fraction of the demo's time.
     from tests.conftest import tiny_demo_config
     c = tiny_demo_config()
     c.train.update(dict(batch_size=8, grad_clip=0.0, weight_decay=0.0, ema_decay=0.9, warmup_steps=0))
@@ -177,17 +177,17 @@ def _child(workdir: str) -> dict:
         finally:
             ts.strided_micro_batches = strided
     (s1, m1), (s2, m2) = results[1], results[2]
-    as_list = lambda tree: [np.asarray(x, np.float64) for x in jax.tree.leaves(tree)]
-    rel_l2 = lambda a, b: float(np.sqrt(sum(np.sum((x - y) ** 2) for x, y in zip(a, b)))
-                                / np.sqrt(sum(np.sum(y ** 2) for y in b)))
-    # EMA: e1 = d e0 + (1 - d) p1, by hand in float64.
-    want_ema = [0.9 * e + 0.1 * p for e, p in zip(as_list(state1.ema), as_list(s1.trainable))]
+    p0, p1, p2, e0, e1 = ({k: v.astype(np.float64) for k, v in flat(t).items()}
+                          for t in (state1.trainable, s1.trainable, s2.trainable, state1.ema, s1.ema))
+    rel_l2 = lambda a, b: float(np.sqrt(sum(np.sum((a[k] - b[k]) ** 2) for k in b)) /
+                                np.sqrt(sum(np.sum(b[k] ** 2) for k in b)))
     out["accum"] = {
         "loss": [float(m1["loss"]), float(m2["loss"])], "grad_norm": [float(m1["grad_norm"]), float(m2["grad_norm"])],
-        "trainable_rel": rel_l2(as_list(s2.trainable), as_list(s1.trainable)),
-        "update_rel": rel_l2(as_list(s1.trainable), as_list(state1.trainable)),  # how far one step moved them
-        "ema_max_err": max(float(np.max(np.abs(g - w))) for g, w in zip(as_list(s1.ema), want_ema)),
-        "ema_moved": max(float(np.max(np.abs(g - e))) for g, e in zip(as_list(s1.ema), as_list(state1.ema))),
+        "trainable_rel": rel_l2(p2, p1),
+        "update_rel": rel_l2(p1, p0),  # how far one step moved them
+        # EMA: e1 = d e0 + (1 - d) p1, by hand in float64.
+        "ema_max_err": max(float(np.max(np.abs(e1[k] - (0.9 * e0[k] + 0.1 * p1[k])))) for k in e1),
+        "ema_moved": max(float(np.max(np.abs(e1[k] - e0[k]))) for k in e1),
         "collectives_accum2": accumulated, "collectives_contiguous": contiguous}
     return out
 
