@@ -57,7 +57,7 @@ def tiny_demo_config():
 # The slowest files, longest first (seconds per file, summed from the 40 slowest tests of one 2-worker run on the
 # 2-core machine, 2026-12-06, 19 min 53 s in all): test_journey 305, test_sharding 280 (with the accumulation
 # checks), test_lora 234, test_aot 195, test_slurm_real 195, test_buckets 162 (it failed before its 2-process job;
-# about 270 s when it passes), test_convert_cli 105, test_resume 100, test_train_demo 92, test_sample_cli 92,
+# 273 s alone when it passes), test_convert_cli 105, test_resume 100, test_train_demo 92, test_sample_cli 92,
 # test_checkpoint_fallback 68. With --dist loadfile, xdist hands out whole files in collection order, re-sorted by test
 # count unless told not to, so the long one-test files went last and finished together at the end; longest first lets
 # the short files fill in around them.
