@@ -15,7 +15,6 @@ import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from jax.experimental import topologies
@@ -26,7 +25,7 @@ from atomo_jax.parallel.mesh import make_mesh
 from atomo_jax.parallel.sharding import replicated
 from atomo_jax.training.metrics import compiled_cost
 from atomo_jax.training.packing import packer_from_config
-from atomo_jax.training.setup import abstract_train_state, state_shardings, validate
+from atomo_jax.training.setup import abstract_batch, abstract_train_state, state_shardings, validate
 from atomo_jax.training.state import model_params
 from atomo_jax.training.train_step import batch_shardings, jit_train_step
 from data_pipelines.buckets import Bucket, parse_buckets
@@ -97,28 +96,6 @@ def per_bucket(config: ml_collections.ConfigDict) -> list[tuple[Bucket, ml_colle
             c.data.buckets = ((bucket.frames, bucket.height, bucket.width),)
         out.append((bucket, c))
     return out
-
-
-def abstract_batch(config: Any, model: Any, abstract_params: dict) -> dict:
-    """ShapeDtypeStructs of one global batch as the loader yields it for `config.data.kind`, at the shape of
-    `config.data.buckets`' first bucket (see `per_bucket`), else num_frames x resolution x resolution."""
-    d = config.data
-    shape = parse_buckets(d.buckets, d.num_frames, d.resolution)[0]
-    b, f, h, w = int(config.train.batch_size), shape.frames, shape.height, shape.width
-    f32 = jnp.float32
-    batch = {"mask": jax.ShapeDtypeStruct((b, f), f32)}
-    if config.data.kind == "latents":
-        video = jax.ShapeDtypeStruct((b, f, h, w, 3), f32)
-        lat = jax.eval_shape(model.encode_video, abstract_params, video)
-        emb = jax.eval_shape(lambda p, i: model.encode_image(p, i), abstract_params,
-                             jax.ShapeDtypeStruct((b, h, w, 3), f32))
-        batch.update(latents=jax.ShapeDtypeStruct(lat.shape, f32), image_embeds=jax.ShapeDtypeStruct(emb.shape, f32))
-    else:
-        batch.update(video=jax.ShapeDtypeStruct((b, f, h, w, 3), f32),
-                     cond_image=jax.ShapeDtypeStruct((b, h, w, 3), f32))
-    if model.text_encoder is not None:
-        batch["tokens"] = jax.ShapeDtypeStruct((b, model.text_length), jnp.int32)
-    return batch
 
 
 class CompilerOutOfMemory(Exception):

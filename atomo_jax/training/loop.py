@@ -35,14 +35,15 @@ from atomo_jax.training.checkpoint import Checkpointer, adopt_init_architecture
 from atomo_jax.training.preemption import Preemption
 from atomo_jax.training.optimizer import learning_rate_schedule
 from atomo_jax.training.packing import packer_from_config
-from atomo_jax.training.setup import abstract_train_state, init_train_state, state_shardings, validate
+from atomo_jax.training.setup import (abstract_batch, abstract_train_state, init_train_state, state_shardings,
+                                      validate)
 from atomo_jax.training.state import all_finite, count_params, model_params
 from atomo_jax.training.train_step import batch_shardings, canonical_formats, jit_train_step
 from data_pipelines import buckets as buckets_lib
 from data_pipelines.errors import DataError
 from data_pipelines.loader import make_loader, plan_buckets
 
-DEVICE_KEYS = ("video", "cond_image", "mask", "latents", "image_embeds", "tokens", "context")
+DEVICE_KEYS = ("video", "cond_image", "mask", "latents", "image_embeds", "tokens")
 
 
 def _load_init_params(path: str, abstract_params: Any, shardings: Any) -> dict:
@@ -202,29 +203,38 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, explicit
             return packer.unpack_state(s) if packer else s
 
         # One compiled step per batch shape (bucket), compiled ahead at its first batch: the executable gives the
-        # FLOPs and runs every step of that shape. Steps after the first take the state layouts the first chose.
+        # FLOPs and runs every step of that shape. With auto layouts, the first listed bucket's compile chooses the
+        # state layouts and every other bucket takes them, whichever bucket a (resumed) run meets first: so each
+        # bucket's program, and its compilation-cache entry, is the same after any restart.
         steps: dict[tuple, tuple[Any, float]] = {}  # batch shapes -> (compiled step, its FLOPs per device)
         finite_jit = jax.jit(all_finite)
 
-        def compiled_step(device_batch: dict) -> tuple[Any, float]:
+        def compile_for(batch: dict) -> tuple[Any, float]:
             nonlocal state
-            key = tuple(sorted((k, v.shape) for k, v in device_batch.items()))
+            key = tuple(sorted((k, v.shape) for k, v in batch.items()))
             if key in steps:
                 return steps[key]
             t_compile = time.perf_counter()
             formats = next(iter(steps.values()))[0].input_formats[0][0] if steps and auto_layouts else None
-            fn = jit_train_step(config, model, mesh, step_sh, batch_shardings(device_batch, mesh, rules),
+            fn = jit_train_step(config, model, mesh, step_sh, batch_shardings(batch, mesh, rules),
                                 null_tokens=empty_prompt_tokens(config), auto_state_layouts=auto_layouts,
                                 packer=packer, state_formats=formats)
             shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
-            compiled = fn.lower(shapes, device_batch).compile()
+            compiled = fn.lower(shapes, batch).compile()
             if auto_layouts and formats is None:
                 state = jax.device_put(state, compiled.input_formats[0][0])
             steps[key] = compiled, metrics_lib.compiled_cost(compiled) or 0.0
-            print(f"[train] compiled the train step for {_shape_name(device_batch)} in "
+            print(f"[train] compiled the train step for {_shape_name(batch)} in "
                   f"{time.perf_counter() - t_compile:.1f} s ({steps[key][1] / 1e9:.1f} GFLOP per device; "
                   f"{len(steps)} compiled)", flush=True)
             return steps[key]
+
+        def compiled_step(device_batch: dict) -> tuple[Any, float]:
+            if auto_layouts and not steps:
+                first = abstract_batch(config, model, model_params(abstract, ema=False))
+                sh = batch_shardings(first, mesh, rules)
+                compile_for({k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sh[k]) for k, v in first.items()})
+            return compile_for(device_batch)
 
         def to_device(batch: dict) -> dict:
             out = {}

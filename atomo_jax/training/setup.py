@@ -65,6 +65,29 @@ def abstract_train_state(config: ml_collections.ConfigDict, model: Any) -> Train
     return jax.eval_shape(lambda p: _state_from_params(p, config, tx, jax.random.key(0)), params)
 
 
+def abstract_batch(config: ml_collections.ConfigDict, model: Any, abstract_params: dict) -> dict:
+    """ShapeDtypeStructs of one global batch as the loader yields it for `config.data.kind`, at the shape of
+    `config.data.buckets`' first bucket, else num_frames x resolution x resolution: what the AOT fit check compiles,
+    and the batch whose compile fixes the trainer's state layouts."""
+    d = config.data
+    shape = parse_buckets(d.buckets, d.num_frames, d.resolution)[0]
+    b, f, h, w = int(config.train.batch_size), shape.frames, shape.height, shape.width
+    f32 = jnp.float32
+    batch = {"mask": jax.ShapeDtypeStruct((b, f), f32)}
+    if config.data.kind == "latents":
+        video = jax.ShapeDtypeStruct((b, f, h, w, 3), f32)
+        lat = jax.eval_shape(model.encode_video, abstract_params, video)
+        emb = jax.eval_shape(lambda p, i: model.encode_image(p, i), abstract_params,
+                             jax.ShapeDtypeStruct((b, h, w, 3), f32))
+        batch.update(latents=jax.ShapeDtypeStruct(lat.shape, f32), image_embeds=jax.ShapeDtypeStruct(emb.shape, f32))
+    else:
+        batch.update(video=jax.ShapeDtypeStruct((b, f, h, w, 3), f32),
+                     cond_image=jax.ShapeDtypeStruct((b, h, w, 3), f32))
+    if model.text_encoder is not None:
+        batch["tokens"] = jax.ShapeDtypeStruct((b, model.text_length), jnp.int32)
+    return batch
+
+
 def state_shardings(config: ml_collections.ConfigDict, model: Any, mesh: Mesh, rules) -> TrainState:
     tx = make_optimizer(config.train)
     boxed = boxed_abstract_params(model)
