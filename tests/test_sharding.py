@@ -32,7 +32,7 @@ LAYOUTS = {"data8": dict(data=8, fsdp=1, tensor=1), "fsdp8": dict(data=1, fsdp=8
 
 def small_config():
     # conftest's one-level TINY_DEMO (every layer kind once): the layouts and shardings are the same per layer at any
-    # depth, and each of the seven train-step compiles (init included) takes a fraction of the demo's time.
+    # depth, and each of its seven compiles (the init and six train steps) takes a fraction of the demo's time.
     from tests.conftest import tiny_demo_config
     c = tiny_demo_config()
     c.train.update(dict(batch_size=8, grad_clip=0.0, weight_decay=0.0, ema_decay=0.9, warmup_steps=0))
