@@ -23,11 +23,13 @@ from tests.slurm_cluster import SlurmCluster, missing
 REASON = missing()
 pytestmark = pytest.mark.skipif(REASON is not None, reason=f"cannot run a SLURM cluster here: {REASON}")
 
-NUM_STEPS = 600  # 40-60 s of steps here: the time-limit signal (up to 30 s after its cue; slurmctld checks limits
-# every 30 s) lands mid-run
+# Long enough that the run cannot end before the time-limit signal on a fast machine: that signal comes up to ~45 s
+# after its cue (slurmctld checks limits every 30 s), and on 2 idle cores the tiny demo runs ~32 steps/s, so 600
+# steps (the old value) ended first and the test failed on an idle machine (2026-12-07); 2000 is ~65 s there.
+NUM_STEPS = 2000
 # Both jobs run the same program (conftest's TINY_DEMO, which other tests compile too), compiled once for all.
 DEMO = [*TINY_DEMO, "--config.train.log_every=1", "--config.checkpoint.every_steps=0", "--config.sample.at_end=False"]
-PHASE_S = 300  # per wait; a phase takes 20-90 s on 2 idle cores
+PHASE_S = 600  # per wait; a phase takes 20-90 s on 2 idle cores, several times that under the suite's load
 
 
 @pytest.fixture(scope="module")
