@@ -23,13 +23,15 @@ from tests.slurm_cluster import SlurmCluster, missing
 REASON = missing()
 pytestmark = pytest.mark.skipif(REASON is not None, reason=f"cannot run a SLURM cluster here: {REASON}")
 
-# Long enough that the run cannot end before the time-limit signal on a fast machine: that signal comes up to ~45 s
+# Long enough that the run cannot end before the time-limit signal on an idle machine: the signal comes up to 30 s
 # after its cue (slurmctld checks limits every 30 s), and on 2 idle cores the tiny demo runs ~32 steps/s, so 600
-# steps (the old value) ended first and the test failed on an idle machine (2026-12-07); 2000 is ~65 s there.
+# steps (the old value) ended first and the test failed there (2026-12-07); 2000 is ~60 s at that speed. A machine
+# more than twice as fast would need more.
 NUM_STEPS = 2000
 # Both jobs run the same program (conftest's TINY_DEMO, which other tests compile too), compiled once for all.
 DEMO = [*TINY_DEMO, "--config.train.log_every=1", "--config.checkpoint.every_steps=0", "--config.sample.at_end=False"]
-PHASE_S = 600  # per wait; a phase takes 20-90 s on 2 idle cores, several times that under the suite's load
+PHASE_S = 600  # per wait; room for the suite's load (this file 189 s alone; its requeue test 242 s in a 2-worker
+# suite, with 600 steps)
 
 
 @pytest.fixture(scope="module")
