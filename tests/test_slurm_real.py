@@ -8,8 +8,11 @@ machine that cannot run slurmd (not root, packages absent); tests/run.sh install
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -23,15 +26,15 @@ from tests.slurm_cluster import SlurmCluster, missing
 REASON = missing()
 pytestmark = pytest.mark.skipif(REASON is not None, reason=f"cannot run a SLURM cluster here: {REASON}")
 
-# Long enough that the run cannot end before the time-limit signal on an idle machine: the signal comes up to 30 s
-# after its cue (slurmctld checks limits every 30 s), and on 2 idle cores the tiny demo runs ~32 steps/s, so 600
-# steps (the old value) ended first and the test failed there (2026-12-07); 2000 is ~60 s at that speed. A machine
-# more than twice as fast would need more.
-NUM_STEPS = 2000
+# The trainer is held (SIGSTOP) from each stop's cue until its signal is pending (`held`), so no step speed lets a
+# run end before its signal; the time-limit signal alone comes up to ~30 s after its cue (slurmctld checks limits
+# every 30 s), which an unheld 600-step run outran on 2 idle cores (~32 steps/s). 300 steps leave the test's 0.2 s
+# polls room to catch each run before its end on a machine many times faster.
+NUM_STEPS = 300
 # Both jobs run the same program (conftest's TINY_DEMO, which other tests compile too), compiled once for all.
 DEMO = [*TINY_DEMO, "--config.train.log_every=1", "--config.checkpoint.every_steps=0", "--config.sample.at_end=False"]
-PHASE_S = 600  # per wait; room for the suite's load (this file 189 s alone; its requeue test 242 s in a 2-worker
-# suite, with 600 steps)
+PHASE_S = 600  # per wait; room for the suite's load (this file 189 s alone with 2000 unheld steps; its requeue
+# test 242 s in a 2-worker suite, with 600)
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +77,52 @@ def wait(cluster: SlurmCluster, job_id: str, log: Path, predicate, what: str) ->
         if time.time() - t0 > PHASE_S:
             raise AssertionError(f"timed out waiting for {what} (job {job_id} {state}):\n{_tail(log)}\n"
                                  f"{cluster.logs()}")
-        time.sleep(0.5)
+        time.sleep(0.2)
+
+
+def trainer_pid(workdir: Path) -> int:
+    """The trainer's process: `python -m atomo_jax.train ... --workdir=WORKDIR`, started by srun (whose own command
+    line holds the same words after `srun`)."""
+    for proc in Path("/proc").iterdir():
+        try:
+            argv = (proc / "cmdline").read_bytes().decode().split("\0")
+        except (OSError, ValueError):
+            continue
+        if argv[1:3] == ["-m", "atomo_jax.train"] and f"--workdir={workdir}" in argv:
+            return int(proc.name)
+    raise AssertionError(f"no trainer process for {workdir}")
+
+
+def _status(pid: int) -> dict[str, str]:
+    try:
+        text = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return {}
+    return dict(line.split(":\t", 1) for line in text.splitlines() if ":\t" in line)
+
+
+@contextlib.contextmanager
+def held(workdir: Path):
+    """Stop the trainer (SIGSTOP) for the body, which makes SLURM signal it, and let it go (SIGCONT) once that
+    SIGTERM is pending, SLURM continued it itself (a job kill sends SIGCONT first) or it is gone. A stopped trainer
+    takes no steps, so the signal lands before the run's end however fast the machine is."""
+    pid = trainer_pid(workdir)
+    os.kill(pid, signal.SIGSTOP)
+    term = 1 << (signal.SIGTERM - 1)
+    try:
+        while not _status(pid).get("State", "T").startswith("T"):  # SIGSTOP lands asynchronously
+            time.sleep(0.05)
+        yield
+        t0 = time.time()
+        while True:
+            st = _status(pid)
+            if not st or not st["State"].startswith("T") or (int(st["ShdPnd"], 16) | int(st["SigPnd"], 16)) & term:
+                return
+            assert time.time() - t0 < PHASE_S, f"no SIGTERM reached the held trainer (pid {pid}) in {PHASE_S} s"
+            time.sleep(0.2)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGCONT)
 
 
 def release(cluster: SlurmCluster, job_id: str) -> None:
@@ -103,7 +151,8 @@ def test_requeue_and_time_limit_save_resume_and_finish_every_step_once(cluster, 
     # `scontrol requeue` mid-run: SLURM SIGTERMs the job; the trainer saves within KillWait; the job runs again and
     # resumes from that checkpoint.
     wait(cluster, job, log, lambda: len(steps(workdir)) >= 3, "step 3")
-    cluster.run("scontrol", "requeue", job)
+    with held(workdir):
+        cluster.run("scontrol", "requeue", job)
     release(cluster, job)
     wait(cluster, job, log, lambda: "resumed from checkpoint" in _tail(log), "the requeued run to resume")
     first_stop = int(re.search(r"preempted: saved step (\d+)", log.read_text()).group(1))
@@ -112,8 +161,9 @@ def test_requeue_and_time_limit_save_resume_and_finish_every_step_once(cluster, 
     # The time limit: shortened so that less than --stop_margin_s (120 s) is left, SLURM sends the batch script
     # SIGUSR1; it stops the trainer, which saves, and requeues the job. The limit is put back while it waits.
     wait(cluster, job, log, lambda: max(steps(workdir), default=0) > first_stop + 2, "steps after the resume")
-    elapsed_min = int(cluster.job(job)["RunTime"].split(":")[-2]) + 1  # H:MM:SS, the job runs minutes only
-    cluster.run("scontrol", "update", f"JobId={job}", f"TimeLimit={elapsed_min + 1}")
+    with held(workdir):
+        elapsed_min = int(cluster.job(job)["RunTime"].split(":")[-2]) + 1  # H:MM:SS, the job runs minutes only
+        cluster.run("scontrol", "update", f"JobId={job}", f"TimeLimit={elapsed_min + 1}")
     wait(cluster, job, log, lambda: "stopped for the time limit and saved; requeueing" in log.read_text(),
          "the time-limit stop")
     cluster.run("scontrol", "update", f"JobId={job}", "TimeLimit=30")
@@ -137,7 +187,8 @@ def test_a_job_stopped_by_hand_is_not_completed(cluster, tmp_path):
     not COMPLETED."""
     job, log, workdir = submit(cluster, tmp_path, "--time=30", f"--config.train.num_steps={NUM_STEPS}")
     wait(cluster, job, log, lambda: len(steps(workdir)) >= 2, "step 2")
-    cluster.run("scancel", "--signal=TERM", job)
+    with held(workdir):
+        cluster.run("scancel", "--signal=TERM", job)
     wait(cluster, job, log, lambda: ended(cluster, job), "the job to end")
     text = log.read_text()
     info = cluster.job(job)
