@@ -114,11 +114,15 @@ specs() {  # the processes of one group, "name:script:args", in timing order (th
     lora_full) printf '%s\n' "jax_p24_all_dots:jax_bench:train $p24 --trainable=all --remat=dots $ja" ;;
     lora_dots) printf '%s\n' "jax_p24_lora16_dots:jax_bench:train $p24 --trainable=none --lora_rank=16 --remat=dots $ja" ;;
     lora_paper) printf '%s\n' "jax_p24_paper_lora16:jax_bench:train $p24 --trainable=paper --lora_rank=16 $ja" ;;
-    # GroupNorm's pivoted one-pass statistics (the default) vs the two dependent passes before it, in the b4 step and
-    # in sampling, where the GroupNorm passes were the largest elementwise bucket (calls 23, 33).
-    ab_gn) printf '%s\n' "jax_b4:jax_bench:train $b4 $ja" "jax_b4_gn2pass:jax_bench:train $b4 --gn_two_pass $ja" \
-                "jax_sample:jax_bench:sample --latent=64 --steps=25 --iters=3 $ja" \
-                "jax_sample_gn2pass:jax_bench:sample --latent=64 --steps=25 --iters=3 --gn_two_pass $ja" ;;
+    # GroupNorm's pivoted one-pass statistics (the default) vs the two dependent passes before it, in sampling and
+    # in the b4 step, where the GroupNorm passes were the largest elementwise bucket (calls 23, 33). The b4 pair as
+    # two groups (`gpu_run.sh gn_b4 gn_b4_2pass`): two b4 steps do not fit one 80 GB H100 at once.
+    ab_gn_sample) printf '%s\n' "jax_sample:jax_bench:sample --latent=64 --steps=25 --iters=3 $ja" \
+                       "jax_sample_gn2pass:jax_bench:sample --latent=64 --steps=25 --iters=3 --gn_two_pass $ja" ;;
+    gn_paper) printf '%s\n' "jax_p24_paper:jax_bench:train $p24 --trainable=paper --model_flops=$p24_flops_paper $ja" \
+                   "jax_p24_paper_gn2pass:jax_bench:train $p24 --trainable=paper --model_flops=$p24_flops_paper --gn_two_pass $ja" ;;
+    gn_b4) printf '%s\n' "jax_b4:jax_bench:train $b4 $ja" ;;
+    gn_b4_2pass) printf '%s\n' "jax_b4_gn2pass:jax_bench:train $b4 --gn_two_pass $ja" ;;
     # XLA flag A/Bs (AB_FLAGS="--xla_x=1 --xla_y=2"): the paper-shape trainable-set pair / the sampling pair, plus
     # ours once per flag (jax_bench.py --xla_flag replaces the inherited value for that process alone).
     ab_flags) printf '%s\n' "torch_p24_paper:torch_peer:train $p24 --trainable=paper --compile=regional --count_flops" \
