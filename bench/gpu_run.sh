@@ -11,7 +11,9 @@
 #           updating every leaf on its own, both profiled, the HLO of the default, beside the peer), ab_flags /
 #           ab_flags_sample (the paper-shape trainable-set pair / the sampling pair, plus ours once per XLA flag in
 #           AB_FLAGS), lora / lora_full (LoRA r16 at the paper's shape beside the paper's set / beside the full
-#           fine-tune, both with remat=dots, and with the paper's set).
+#           fine-tune, both with remat=dots, and with the paper's set), ab_gn_sample / gn_paper (sampling / the
+#           paper's shape with GroupNorm's one-pass statistics and with the old two passes, --gn_two_pass),
+#           gn_b4 / gn_b4_2pass (the b4 step with either; one group each, H200 only: b4 does not fit an H100).
 #           JAX_ARGS adds flags to every run of ours (e.g. --profile=DIR).
 # The processes of a group start together: their compiles overlap, then they time one at a time (bench/gate.py).
 # The peer's b4 run uses diffusers' regional compilation (as measured in bench/RESULTS.md); TORCH_B4=--compile=full
