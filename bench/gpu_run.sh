@@ -12,8 +12,8 @@
 #           ab_flags_sample (the paper-shape trainable-set pair / the sampling pair, plus ours once per XLA flag in
 #           AB_FLAGS), lora / lora_full (LoRA r16 at the paper's shape beside the paper's set / beside the full
 #           fine-tune, both with remat=dots, and with the paper's set), ab_gn_sample / gn_paper (sampling / the
-#           paper's shape with GroupNorm's one-pass statistics and with the old two passes, --gn_two_pass),
-#           gn_b4 / gn_b4_2pass (the b4 step with either; one group each, H200 only: b4 does not fit an H100).
+#           paper's shape with GroupNorm's two-pass statistics and with the one-pass candidate, --gn_one_pass),
+#           gn_b4 / gn_b4_1pass (the b4 step with either; one group each, H200 only: b4 does not fit an H100).
 #           JAX_ARGS adds flags to every run of ours (e.g. --profile=DIR).
 # The processes of a group start together: their compiles overlap, then they time one at a time (bench/gate.py).
 # The peer's b4 run uses diffusers' regional compilation (as measured in bench/RESULTS.md); TORCH_B4=--compile=full
@@ -116,15 +116,14 @@ specs() {  # the processes of one group, "name:script:args", in timing order (th
     lora_full) printf '%s\n' "jax_p24_all_dots:jax_bench:train $p24 --trainable=all --remat=dots $ja" ;;
     lora_dots) printf '%s\n' "jax_p24_lora16_dots:jax_bench:train $p24 --trainable=none --lora_rank=16 --remat=dots $ja" ;;
     lora_paper) printf '%s\n' "jax_p24_paper_lora16:jax_bench:train $p24 --trainable=paper --lora_rank=16 $ja" ;;
-    # GroupNorm's pivoted one-pass statistics (the default) vs the two dependent passes before it, in sampling and
-    # in the b4 step, where the GroupNorm passes were the largest elementwise bucket (calls 23, 33). The b4 pair as
-    # two groups (`gpu_run.sh gn_b4 gn_b4_2pass`): two b4 steps do not fit one 80 GB H100 at once.
+    # GroupNorm: the two-pass statistics (the default) vs the one-pass candidate (--gn_one_pass), in sampling, at the
+    # paper's shape, and in the b4 step (`gpu_run.sh gn_b4 gn_b4_1pass`, one group each: b4 needs an H200).
     ab_gn_sample) printf '%s\n' "jax_sample:jax_bench:sample --latent=64 --steps=25 --iters=3 $ja" \
-                       "jax_sample_gn2pass:jax_bench:sample --latent=64 --steps=25 --iters=3 --gn_two_pass $ja" ;;
+                       "jax_sample_gn1pass:jax_bench:sample --latent=64 --steps=25 --iters=3 --gn_one_pass $ja" ;;
     gn_paper) printf '%s\n' "jax_p24_paper:jax_bench:train $p24 --trainable=paper --model_flops=$p24_flops_paper $ja" \
-                   "jax_p24_paper_gn2pass:jax_bench:train $p24 --trainable=paper --model_flops=$p24_flops_paper --gn_two_pass $ja" ;;
+                   "jax_p24_paper_gn1pass:jax_bench:train $p24 --trainable=paper --model_flops=$p24_flops_paper --gn_one_pass $ja" ;;
     gn_b4) printf '%s\n' "jax_b4:jax_bench:train $b4 $ja" ;;
-    gn_b4_2pass) printf '%s\n' "jax_b4_gn2pass:jax_bench:train $b4 --gn_two_pass $ja" ;;
+    gn_b4_1pass) printf '%s\n' "jax_b4_gn1pass:jax_bench:train $b4 --gn_one_pass $ja" ;;
     # XLA flag A/Bs (AB_FLAGS="--xla_x=1 --xla_y=2"): the paper-shape trainable-set pair / the sampling pair, plus
     # ours once per flag (jax_bench.py --xla_flag replaces the inherited value for that process alone).
     ab_flags) printf '%s\n' "torch_p24_paper:torch_peer:train $p24 --trainable=paper --compile=regional --count_flops" \

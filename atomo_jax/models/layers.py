@@ -83,17 +83,17 @@ class FrameConv(nn.Module):
 
 class GroupNorm(nn.Module):
     """GroupNorm over every axis but the first (so a (B, F, H, W, C) input shares statistics across frames, as
-    torch's GroupNorm on a 5-D tensor does), in float32, optionally followed by SiLU (`silu=True`, the GN -> SiLU
-    pair of every resnet and temporal convolution); parameters `scale` and `bias` as flax's GroupNorm.
+    torch's GroupNorm on a 5-D tensor does), in float32 with the two-pass variance, optionally followed by SiLU
+    (`silu=True`, the GN -> SiLU pair of every resnet and temporal convolution); parameters `scale` and `bias` as
+    flax's GroupNorm.
 
     Channels-last, the statistics are per-channel means over the spatial (and frame) axes, then a mean over each
     group's channels: contiguous column reductions instead of flax's reduction of (N, ..., G, C/G) over
-    non-contiguous axes (1% faster in the H200 train step, bench/NOTES.md, call 14). The mean and the variance come
-    from one pass (sibling reductions of x - p and its square, which XLA fuses into one read of x) instead of two
-    dependent ones; p, each sample's group mean at its first position, keeps that exact where E[x^2] - E[x]^2
-    alone would cancel (a mean far from zero): the error scales with (mean - p)^2 / variance, not mean^2 / variance.
-    The output does not depend on p, so no gradient flows through it. XLA fuses the SiLU and the backward as well
-    as a closed-form VJP did (call 23: a hand-written one was 1% slower), so autodiff it is.
+    non-contiguous axes (1% faster in the H200 train step, bench/NOTES.md, call 14). XLA fuses the SiLU and the
+    backward as well as a closed-form VJP did (call 23: a hand-written one was 1% slower), so autodiff it is. Mean
+    and variance from one pass (`bench/jax_bench.py --gn_one_pass`) were 1.4-1.8% faster on an H100 (and nearer
+    float64 at a mean far from zero) but compiled ~20% slower on CPU, where every test compiles a UNet (calls
+    38-40): not adopted.
     """
 
     num_groups: int
@@ -112,20 +112,17 @@ class GroupNorm(nn.Module):
         reduced = tuple(range(1, x.ndim - 1))
         per_group = c // self.num_groups
 
-        def over_group(per_channel: jax.Array) -> jax.Array:
-            """(N, C) per-channel values -> (N, 1.., C): their mean over each group's channels, per channel."""
+        def group_mean(t: jax.Array) -> jax.Array:
+            """(N, ..., C) -> (N, 1.., C): the mean over `reduced` and each channel's group."""
+            per_channel = jnp.mean(t, axis=reduced)
             g = jnp.mean(per_channel.reshape(-1, self.num_groups, per_group), axis=-1, keepdims=True)
             g = jnp.broadcast_to(g, g.shape[:-1] + (per_group,)).reshape(-1, c)
             return g.reshape((g.shape[0],) + (1,) * len(reduced) + (c,))
 
         xf = x.astype(jnp.float32)
-        pivot = jax.lax.stop_gradient(over_group(xf[(slice(None),) + (0,) * len(reduced)]))
-        shifted = xf - pivot
-        m1 = over_group(jnp.mean(shifted, axis=reduced))
-        m2 = over_group(jnp.mean(jnp.square(shifted), axis=reduced))
-        var = jnp.maximum(m2 - jnp.square(m1), 0.0)
-        mul = jax.lax.rsqrt(var + self.epsilon) * scale
-        out = ((shifted - m1) * mul + bias).astype(self.dtype)
+        centred = xf - group_mean(xf)
+        mul = jax.lax.rsqrt(group_mean(jnp.square(centred)) + self.epsilon) * scale
+        out = (centred * mul + bias).astype(self.dtype)
         return nn.silu(out) if self.silu else out
 
 
