@@ -28,13 +28,13 @@ pytestmark = pytest.mark.skipif(REASON is not None, reason=f"cannot run a SLURM 
 
 # The trainer is held (SIGSTOP) from each stop's cue until its signal is pending (`held`), so no step speed lets a
 # run end before its signal; the time-limit signal alone comes up to ~30 s after its cue (slurmctld checks limits
-# every 30 s), which an unheld 600-step run outran on 2 idle cores (~32 steps/s). 300 steps leave the test's 0.2 s
-# polls room to catch each run before its end on a machine many times faster.
+# every 30 s), which an unheld 600-step run outran on 2 idle cores (~32 steps/s). 300 steps are ~9 s of steps
+# there, dozens of the test's 0.2 s polls, to catch each run before its end.
 NUM_STEPS = 300
 # Both jobs run the same program (conftest's TINY_DEMO, which other tests compile too), compiled once for all.
 DEMO = [*TINY_DEMO, "--config.train.log_every=1", "--config.checkpoint.every_steps=0", "--config.sample.at_end=False"]
-PHASE_S = 600  # per wait; room for the suite's load (this file 189 s alone with 2000 unheld steps; its requeue
-# test 242 s in a 2-worker suite, with 600)
+PHASE_S = 600  # per wait; room for the suite's load (this file 160 s alone; its requeue test 139-143 s in a
+# 2-worker suite, 2026-12-07)
 
 
 @pytest.fixture(scope="module")
@@ -82,15 +82,19 @@ def wait(cluster: SlurmCluster, job_id: str, log: Path, predicate, what: str) ->
 
 def trainer_pid(workdir: Path) -> int:
     """The trainer's process: `python -m atomo_jax.train ... --workdir=WORKDIR`, started by srun (whose own command
-    line holds the same words after `srun`)."""
+    line holds the same words after `srun`); of those, the one whose parent is not one (a forked data worker keeps
+    its parent's command line)."""
+    found = {}
     for proc in Path("/proc").iterdir():
         try:
             argv = (proc / "cmdline").read_bytes().decode().split("\0")
         except (OSError, ValueError):
             continue
         if argv[1:3] == ["-m", "atomo_jax.train"] and f"--workdir={workdir}" in argv:
-            return int(proc.name)
-    raise AssertionError(f"no trainer process for {workdir}")
+            found[int(proc.name)] = int(_status(int(proc.name)).get("PPid", "0"))
+    roots = [pid for pid, parent in found.items() if parent not in found]
+    assert len(roots) == 1, f"expected one trainer process for {workdir}, found {sorted(found)}"
+    return roots[0]
 
 
 def _status(pid: int) -> dict[str, str]:
