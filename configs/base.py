@@ -148,7 +148,11 @@ def get_config() -> ml_collections.ConfigDict:
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",  # SD 1.5's betas
         rescale_zero_snr=True,  # rescale to zero terminal SNR (the paper)
         prediction_type="v_prediction",  # v_prediction | epsilon
-        min_snr_gamma=0.0))  # > 0: Min-SNR-gamma loss weights (diffusers' formula); 0: uniform
+        min_snr_gamma=0.0,  # > 0: Min-SNR-gamma loss weights (diffusers' formula); 0: uniform
+        # Training timesteps: uniform over the schedule, or logit-normal (SD3's sampling: logit(t/T) ~ N(mean, std));
+        # a mean > 0 favours the noisy steps, where the model itself must decide where things are and how they move.
+        timestep_sampling="uniform",  # uniform | logit_normal
+        timestep_logit_normal=(0.0, 1.0)))  # (mean, std) of logit(t/T) for logit_normal
     # Conditioning dropout for classifier-free guidance: one event per example, mutually exclusive.
     c.cond_drop = ml_collections.ConfigDict(dict(
         text=0.05,  # caption replaced by the empty prompt

@@ -47,6 +47,19 @@ def loss_weights(alphas_cumprod: jax.Array, t: jax.Array, min_snr_gamma: float, 
     return jnp.where(snr > 0, clipped / jnp.where(snr > 0, snr, 1.0), 1.0)
 
 
+def sample_timesteps(keys: jax.Array, num_t: int, diffusion: ml_collections.ConfigDict) -> jax.Array:
+    """One training timestep per example key, int32 in [0, num_t): uniform, or logit-normal (t/T =
+    sigmoid(mean + std * N(0, 1)), as SD3 samples its flow times) when diffusion.timestep_sampling says so."""
+    if diffusion.timestep_sampling == "uniform":
+        return jax.vmap(lambda k: jax.random.randint(k, (), 0, num_t))(keys)
+    if diffusion.timestep_sampling != "logit_normal":
+        raise ValueError(f"config.diffusion.timestep_sampling={diffusion.timestep_sampling!r}: expected 'uniform' or "
+                         "'logit_normal'")
+    mean, std = (float(v) for v in diffusion.timestep_logit_normal)
+    u = jax.nn.sigmoid(mean + std * jax.vmap(lambda k: jax.random.normal(k, ()))(keys))
+    return jnp.clip(jnp.floor(u * num_t), 0, num_t - 1).astype(jnp.int32)
+
+
 def diffusion_loss(model: Any, params: dict, batch: dict, keys: jax.Array, alphas_cumprod: jax.Array,
                    diffusion: ml_collections.ConfigDict, drop: ml_collections.ConfigDict,
                    null_tokens: jax.Array | None = None) -> tuple[jax.Array, dict]:
@@ -78,8 +91,7 @@ def diffusion_loss(model: Any, params: dict, batch: dict, keys: jax.Array, alpha
     mask = batch["mask"].astype(jnp.float32)
     given = latents * keep_image[:, None, None, None, None]
 
-    num_t = alphas_cumprod.shape[0]
-    t = jax.vmap(lambda k: jax.random.randint(k, (), 0, num_t))(r_t)
+    t = sample_timesteps(r_t, alphas_cumprod.shape[0], diffusion)
     noise = jax.vmap(lambda k: jax.random.normal(k, latents.shape[1:], jnp.float32))(r_noise)
     x_t = schedule.add_noise(alphas_cumprod, latents, noise, t)
     if diffusion.prediction_type == "v_prediction":

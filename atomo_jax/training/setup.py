@@ -153,6 +153,11 @@ def validate(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
         check(bucket.height % multiple == 0 and bucket.width % multiple == 0, "data.buckets",
               f"bucket {bucket}: height and width multiples of {multiple} (autoencoder factor {factor} x "
               f"2^UNet down-samplings)")
+    d = config.diffusion
+    check(d.timestep_sampling in ("uniform", "logit_normal"), "diffusion.timestep_sampling",
+          "'uniform' or 'logit_normal'")
+    check(len(d.timestep_logit_normal) == 2 and float(d.timestep_logit_normal[-1]) > 0,
+          "diffusion.timestep_logit_normal", "(mean, std) with std > 0")
     v = config.validation
     check(int(v.every_steps) >= 0, "validation.every_steps", ">= 0 (0: only at the end)")
     check(int(v.batch_size) >= 1, "validation.batch_size", ">= 1")
