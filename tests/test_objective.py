@@ -1,8 +1,11 @@
 """The training objective itself: conditioning dropout (exclusive events at the configured rates), the empty prompt
 for a dropped caption, given latents zeroed with the frame mask kept for a dropped image, per-example randomness,
-and Min-SNR weights against diffusers' `compute_snr` and its training scripts' formula."""
+Min-SNR weights against diffusers' `compute_snr` and its training scripts' formula, and the training timesteps'
+distribution (uniform, or logit-normal as configured) as the loss draws them."""
 
 from __future__ import annotations
+
+import math
 
 import jax
 import jax.numpy as jnp
@@ -13,11 +16,10 @@ import torch
 
 from atomo_jax.diffusion import schedule
 from atomo_jax.diffusion.loss import diffusion_loss, dropout_masks, loss_weights
+from configs import base
 
 B, F, H, C, L, D, E = 6, 3, 4, 4, 5, 8, 7
-DIFFUSION = ml_collections.ConfigDict(dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
-                                           beta_schedule="scaled_linear", rescale_zero_snr=True,
-                                           prediction_type="v_prediction", min_snr_gamma=0.0))
+DIFFUSION = base.get_config().diffusion  # configs/base.py's values: v-prediction, zero SNR, uniform timesteps
 
 
 def drop(text=0.0, image=0.0, both=0.0):
@@ -138,3 +140,30 @@ def test_min_snr_weights_match_diffusers(prediction_type):
     assert ours[-1] == (1.0 if prediction_type == "epsilon" else 0.0)
     assert np.all(np.asarray(loss_weights(schedule.make_alphas_cumprod(), jnp.asarray(t), 0.0,
                                           prediction_type)) == 1.0)
+
+
+@pytest.mark.parametrize("sampling, mean_std", [("uniform", None), ("logit_normal", (1.0, 1.0)),
+                                                ("logit_normal", (-0.5, 0.7))])
+def test_training_timesteps_follow_the_configured_distribution(sampling, mean_std):
+    """The timesteps the loss hands the model, over many examples, against the distribution's CDF: uniform over
+    the 1000 steps, or P(t < k) = Phi((logit(k / T) - mean) / std) for logit-normal (a positive mean: noisier)."""
+    diffusion = DIFFUSION.copy_and_resolve_references()
+    with diffusion.unlocked():
+        diffusion.timestep_sampling = sampling
+        if mean_std:
+            diffusion.timestep_logit_normal = mean_std
+    n = 4096
+    model = RecordingModel()
+    b = {name: jnp.repeat(v[:1], n, axis=0) for name, v in batch().items()}
+    diffusion_loss(model, {}, b, keys(n, seed=1), schedule.make_alphas_cumprod(), diffusion, drop())
+    t = np.asarray(model.seen["t"])
+    assert t.dtype == np.int32 and t.min() >= 0 and t.max() <= 999
+    k = np.arange(1, 1000)
+    if sampling == "uniform":
+        cdf = k / 1000
+    else:
+        z = (np.log(k / (1000 - k)) - mean_std[0]) / mean_std[1]
+        cdf = np.array([0.5 * (1 + math.erf(v / math.sqrt(2))) for v in z])
+    empirical = np.searchsorted(np.sort(t), k, side="left") / n
+    # Kolmogorov-Smirnov at 1e-4 significance: 1.95 / sqrt(n)
+    assert np.abs(empirical - cdf).max() < 1.95 / np.sqrt(n), np.abs(empirical - cdf).max()
