@@ -56,6 +56,11 @@ def test_demo_writes_checkpoints_events_and_samples(trained):
                 "first_frame_psnr"):
         assert np.isfinite(scores[key]) and scores[key] == result["heldout"][key], key
     assert scores["frozen_baseline_px"] > 0  # the held-out clips move
+    # The true clips through the autoencoder alone: what a perfect model scores. Frame 0 is pinned to the
+    # conditioning latent, so the generated first frame is that same round trip.
+    floor = scores["autoencoder_floor"]
+    assert floor["direction_accuracy"] >= 0.75 and floor["trajectory_error_px"] < scores["frozen_baseline_px"], floor
+    assert floor["first_frame_psnr"] == pytest.approx(scores["first_frame_psnr"], abs=1e-6), floor
     assert len(glob.glob(os.path.join(workdir, "heldout", "clip_*.png"))) == 4
     for ext in ("mp4", "gif", "png"):
         path = result["samples"][ext]

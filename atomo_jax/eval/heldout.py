@@ -34,6 +34,9 @@ from data_pipelines.synthetic import COLOURS
 
 COLOUR_THRESHOLD = 0.5 * min(float(np.linalg.norm(np.subtract(a, b)))
                              for a, b in itertools.combinations(COLOURS.values(), 2))
+# The scores metrics.json also gives for the true clips through the autoencoder alone (encode, decode): what a perfect
+# model would score, since every generated frame passes through the decoder (4x4-pixel blocks cost colour at edges).
+FLOOR_KEYS = ("trajectory_error_px", "direction_accuracy", "colour_error", "first_frame_psnr")
 HELDOUT_SEED_OFFSET = 10_000  # held-out clips are drawn with config.seed + this: never a training clip's seed
 
 
