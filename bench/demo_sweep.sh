@@ -19,8 +19,7 @@ for spec in "$@"; do
   # shellcheck disable=SC2086
   ( timeout "$limit" python3 -m atomo_jax.train --config=configs/demo.py --workdir="/tmp/sweep/$name" $args \
       > "$art/$name.log" 2>&1; echo "rc=$?" >> "$art/$name.log"
-    cp "/tmp/sweep/$name/heldout/metrics.json" "$art/$name.metrics.json" 2>/dev/null
-    cp "/tmp/sweep/$name/heldout/clip_00.png" "$art/$name.clip_00.png" 2>/dev/null ) &
+    cp -r "/tmp/sweep/$name/heldout" "$art/$name.heldout" 2>/dev/null ) &  # metrics and every strip: rescorable
 done
 wait
 tar czf "$out/sweep.tgz" -C "$art" .
