@@ -19,8 +19,8 @@ An object pixel is one clearly nearer the object colour than the background: far
 true first frame's border median) than `OBJECT_CUT` (0.55) of their distance. Not 0.5: a pixel of a block the shape
 covers exactly half (8 of a 4x4 block's 16 pixels, 2 of a 2x2 block's 4) sits on that cut, so whether it counted
 depended on the last bit of the decoder's arithmetic (the autoencoder-alone colour score of the demo's held-out clips
-read 30.3 or 36.0 under sub-unit noise); 0.55 lies between the blends such blocks produce (1/2 and 9/16, 3/4). A frame with no object pixel has its centroid at the frame
-centre and is counted in `empty_frames`.
+read 30.3 or 36.0 under sub-unit noise); 0.55 lies between the blends such blocks produce (1/2 and 9/16, 3/4). A
+frame with no object pixel has its centroid at the frame centre and is counted in `empty_frames`.
 """
 
 from __future__ import annotations
