@@ -34,7 +34,7 @@ def get_config():
         background="black"))
     c.cond_drop.update(dict(text=0.0, image=0.1, both=0.0))
     # Timesteps favouring the noisy end (logit(t/T) ~ N(1, 1)): there the model itself must place the shape, so that
-    # is where motion is learned (360 steps: direction 0.58 -> 0.83 over uniform; a mean of 1.5 or more starves the
+    # is where motion is learned (360 steps: direction 0.62 -> 0.79 over uniform; a mean of 1.5 or more starves the
     # low-noise steps that keep the colour; bench/NOTES.md call 41).
     c.diffusion.update(dict(timestep_sampling="logit_normal", timestep_logit_normal=(1.0, 1.0)))
 

@@ -114,9 +114,13 @@ def test_bad_override_is_a_clear_error(tmp_path, override, expected):
 
 def test_bad_value_is_a_clear_error(tmp_path):
     proc = _train_cli("--config=configs/demo.py", f"--workdir={tmp_path}", "--config.train.batch_size=3",
-                      "--config.train.grad_accum=2")
+                      "--config.train.grad_accum=2", "--config.diffusion.timestep_sampling=lognormal",
+                      "--config.diffusion.timestep_logit_normal=(1.0,0.0)")
     assert proc.returncode != 0
     assert "batch_size=3" in proc.stderr and "grad_accum=2" in proc.stderr
+    # every problem in one error, each naming its key
+    assert "timestep_sampling='lognormal'" in proc.stderr and "timestep_logit_normal=(1.0, 0.0)" in proc.stderr
+    assert "Traceback" not in proc.stderr
 
 
 def test_required_keys_exist_in_every_training_config():

@@ -156,8 +156,9 @@ def validate(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
     d = config.diffusion
     check(d.timestep_sampling in ("uniform", "logit_normal"), "diffusion.timestep_sampling",
           "'uniform' or 'logit_normal'")
-    check(len(d.timestep_logit_normal) == 2 and float(d.timestep_logit_normal[-1]) > 0,
-          "diffusion.timestep_logit_normal", "(mean, std) with std > 0")
+    pair = tuple(d.timestep_logit_normal)
+    check(len(pair) == 2 and all(isinstance(v, (int, float)) for v in pair) and pair[-1] > 0,
+          "diffusion.timestep_logit_normal", "(mean, std), two numbers with std > 0")
     v = config.validation
     check(int(v.every_steps) >= 0, "validation.every_steps", ">= 0 (0: only at the end)")
     check(int(v.batch_size) >= 1, "validation.batch_size", ">= 1")
