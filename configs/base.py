@@ -131,7 +131,7 @@ def get_config() -> ml_collections.ConfigDict:
         # synthetic moving shapes (data_pipelines/synthetic.py)
         num_videos=4096,  # clips in the source
         source_resolution=0,  # pixel size the shapes are drawn at; 0: resolution
-        source_seed=0,  # seed of the clips (held-out samples use seed + 10,000)
+        source_seed=0,  # seed of the clips; held-out clips use source_seed + 10,000 (one set for every config.seed)
         shape_radius=(0.1, 0.22),  # half-size range, fraction of the frame
         shape_speed=(0.04, 0.12),  # speed range per frame, fraction of the frame
         shape_motion="random",  # random | by_shape | by_colour (each kind / colour starts in its own direction)

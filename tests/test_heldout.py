@@ -9,7 +9,7 @@ from configs import demo
 
 
 def test_true_frozen_and_reflected_clips_score_as_defined():
-    true = heldout.heldout_videos(demo.get_config().data, seed=0, count=12)
+    true = heldout.heldout_videos(demo.get_config().data, count=12)
     perfect = heldout.score(true, true)
     assert perfect["trajectory_error_px"] == 0 and perfect["direction_accuracy"] == 1.0
     assert perfect["colour_error"] == 0 and perfect["first_frame_psnr"] == 100.0
@@ -26,7 +26,7 @@ def test_scores_of_block_pooled_clips_do_not_depend_on_rounding():
     """Clips through a 4x4 or 2x2 block pool (what the stand-in autoencoder decodes) score the same with and without
     noise below one uint8 unit added before rounding: half-covered blocks do not sit on the object-pixel cut (at a
     cut of 0.5 the colour score moved from 30.3 to 36.0)."""
-    true = heldout.heldout_videos(demo.get_config().data, seed=0, count=12)
+    true = heldout.heldout_videos(demo.get_config().data, count=12)
     n, f, h, w, c = true.shape
     for factor in (4, 2):
         pooled = true.astype(np.float64).reshape(n, f, h // factor, factor, w // factor, factor, c).mean((3, 5))
@@ -41,3 +41,17 @@ def test_scores_of_block_pooled_clips_do_not_depend_on_rounding():
         assert abs(exact["trajectory_error_px"] - noisy["trajectory_error_px"]) < 0.05, factor
         # Through the autoencoder alone, the scores a perfect model can reach clear the demo's bars.
         assert exact["colour_error"] < heldout.COLOUR_THRESHOLD and exact["direction_accuracy"] >= 0.9, factor
+
+
+def test_heldout_clips_are_none_of_the_training_clips():
+    """The held-out set is drawn from the dataset's own seed (data.source_seed + an offset), so it is the same for every
+    training seed and shares no clip with the training source."""
+    data = demo.get_config().data
+    from data_pipelines.loader import synthetic_source
+    held = heldout.heldout_videos(data, count=24)
+    train = synthetic_source(data)
+    first_frames = {train[i]["video"][0].tobytes() for i in range(len(train))}
+    assert not any(clip[0].tobytes() in first_frames for clip in held)
+    with data.unlocked():
+        data.source_seed = 1
+    assert not np.array_equal(heldout.heldout_videos(data, count=24), held)  # another dataset, another held-out set

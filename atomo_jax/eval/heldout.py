@@ -41,18 +41,20 @@ COLOUR_THRESHOLD = 0.5 * min(float(np.linalg.norm(np.subtract(a, b)))
 # model would score, since every generated frame passes through the decoder (4x4-pixel blocks cost colour at edges).
 FLOOR_KEYS = ("trajectory_error_px", "direction_accuracy", "colour_error", "first_frame_psnr")
 OBJECT_CUT = 0.55  # object pixels: farther from the background than this fraction of the object's distance
-HELDOUT_SEED_OFFSET = 10_000  # held-out clips are drawn with config.seed + this: never a training clip's seed
+# Held-out clips are drawn with data.source_seed + this: never a training clip, and the same clips for every
+# training seed (config.seed shuffles and initialises; it must not change what a run is scored on).
+HELDOUT_SEED_OFFSET = 10_000
 
 
-def heldout_videos(data_config: ml_collections.ConfigDict, seed: int, count: int) -> np.ndarray:
-    """The first `count` held-out synthetic clips, uint8 (N, F, H, W, 3). training.setup.validate checks beforehand
+def heldout_videos(data_config: ml_collections.ConfigDict, count: int) -> np.ndarray:
+    """The first `count` held-out clips of `data_config`'s synthetic dataset, uint8 (N, F, H, W, 3). training.setup.validate checks beforehand
     that the data is synthetic and drawn at the model's resolution. With buckets, all are drawn at the first
     bucket's shape (one sampling batch holds one shape)."""
     if data_config.buckets:
         data_config = data_config.copy_and_resolve_references()
         with data_config.unlocked():
             data_config.buckets = (tuple(data_config.buckets[0]),)
-    src = synthetic_source(data_config, num_videos=count, seed=seed + HELDOUT_SEED_OFFSET)
+    src = synthetic_source(data_config, num_videos=count, seed=int(data_config.source_seed) + HELDOUT_SEED_OFFSET)
     return np.stack([src[i]["video"] for i in range(count)])
 
 

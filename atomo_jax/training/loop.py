@@ -60,7 +60,7 @@ def sample_image(config: ml_collections.ConfigDict, model: Any, params: dict, de
     """The conditioning frame of in-training samples (1, H, W, 3) in [-1, 1], the same on every process: a held-out
     synthetic clip, else the first example of the first global batch (decoded from its latents when cached)."""
     if config.data.kind == "synthetic":  # the first held-out clip, as scored by config.sample.heldout_clips
-        return heldout.heldout_videos(config.data, int(config.seed), 1)[:, 0].astype(np.float32) / 127.5 - 1.0
+        return heldout.heldout_videos(config.data, 1)[:, 0].astype(np.float32) / 127.5 - 1.0
     if "latents" in device_batch:
         decode = jax.jit(lambda vae, lat: model.decode_latents({"vae": vae}, lat[:1, :1])[:, 0])
         return shd.fetch(decode(params["vae"], device_batch["latents"]))
@@ -379,7 +379,7 @@ def _heldout(model: Any, state: Any, config: ml_collections.ConfigDict, workdir:
     writes WORKDIR/heldout/metrics.json, a PNG strip per clip (true frames, then generated) and the means to
     TensorBoard. Returns the means."""
     params = model_params(state, lora_scale=lora.LoraSpec.from_config(config.train.lora).scale)
-    true = heldout.heldout_videos(config.data, int(config.seed), int(config.sample.heldout_clips))
+    true = heldout.heldout_videos(config.data, int(config.sample.heldout_clips))
     sampler, guidance = i2v.configs_from(config)
     images = jnp.asarray(true[:, 0].astype(np.float32) / 127.5 - 1.0)
     video = i2v.image_to_video(model, params, images, jax.random.key(int(config.seed)), num_frames=true.shape[1],
