@@ -47,9 +47,9 @@ HELDOUT_SEED_OFFSET = 10_000
 
 
 def heldout_videos(data_config: ml_collections.ConfigDict, count: int) -> np.ndarray:
-    """The first `count` held-out clips of `data_config`'s synthetic dataset, uint8 (N, F, H, W, 3). training.setup.validate checks beforehand
-    that the data is synthetic and drawn at the model's resolution. With buckets, all are drawn at the first
-    bucket's shape (one sampling batch holds one shape)."""
+    """The first `count` held-out clips of `data_config`'s synthetic dataset, uint8 (N, F, H, W, 3).
+    training.setup.validate checks beforehand that the data is synthetic and drawn at the model's resolution. With
+    buckets, all are drawn at the first bucket's shape (one sampling batch holds one shape)."""
     if data_config.buckets:
         data_config = data_config.copy_and_resolve_references()
         with data_config.unlocked():
