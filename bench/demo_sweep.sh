@@ -3,6 +3,8 @@
 # each one's held-out scores. The quality a config reaches does not depend on the hardware that trains it, so the GPU
 # only finds the variant worth timing on 2 CPU cores; wall-clock figures for the README come from the CPU.
 # Usage (on the device, from the repo root, with .whl carried):  bash bench/demo_sweep.sh "name:--config.x=1 ..." ...
+# SWEEP_CPU=1: train on the device host's CPU instead, each run pinned to its own 2 cores (as on the 2-core
+# reference machine, up to nproc/2 runs at once): the CPU's float32 arithmetic, many seeds in one call.
 set -uo pipefail
 out=${OUT:-/tmp/sweep_out}
 art=/tmp/sweep_art  # the device returns few files: everything goes back as one archive
@@ -16,10 +18,15 @@ export JAX_DEFAULT_MATMUL_PRECISION=highest
 # Each run's limit: a device call ends at 600 s and returns nothing past it, so the install and the archive need a
 # margin (limit 540 with JAX_DEFAULT_MATMUL_PRECISION=highest ran out of the call and lost it all).
 limit=${SWEEP_TIMEOUT:-420}
+pin=()
+[ "${SWEEP_CPU:-0}" = 1 ] && export JAX_PLATFORMS=cpu
+i=0
 for spec in "$@"; do
   name=${spec%%:*}; args=${spec#*:}
+  [ "${SWEEP_CPU:-0}" = 1 ] && pin=(taskset -c "$((2 * i)),$((2 * i + 1))")
+  i=$((i + 1))
   # shellcheck disable=SC2086
-  ( timeout "$limit" python3 -m atomo_jax.train --config=configs/demo.py --workdir="/tmp/sweep/$name" $args \
+  ( timeout "$limit" "${pin[@]}" python3 -m atomo_jax.train --config=configs/demo.py --workdir="/tmp/sweep/$name" $args \
       > "$art/$name.log" 2>&1; echo "rc=$?" >> "$art/$name.log"
     cp -r "/tmp/sweep/$name/heldout" "$art/$name.heldout" 2>/dev/null ) &  # metrics and every strip: rescorable
 done
