@@ -15,7 +15,8 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 export PYTHONPATH=$PWD:/tmp/site PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
 # float32 matmuls and convolutions as on a CPU (not TF32): the held-out colour score moves with last-bit rounding
 # of blended edge pixels (the autoencoder-alone floor read 36.6 on an H100 with TF32, 30.3 on the CPU).
-export JAX_DEFAULT_MATMUL_PRECISION=highest
+# SWEEP_PRECISION=default keeps TF32 (call 41's speed; call 42 with highest ran out of its 600 s).
+export JAX_DEFAULT_MATMUL_PRECISION=${SWEEP_PRECISION:-highest}
 # Each run's limit: a device call ends at 600 s and returns nothing past it, so the install and the archive need a
 # margin (limit 540 with JAX_DEFAULT_MATMUL_PRECISION=highest ran out of the call and lost it all).
 limit=${SWEEP_TIMEOUT:-420}
