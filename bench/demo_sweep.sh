@@ -7,6 +7,13 @@
 # nproc/SWEEP_CORES runs at once): the CPU's float32 arithmetic, several seeds in one call. The host's 2 cores run
 # the demo at 1.4 steps/s against 3.7 on the 2-core reference machine (call 43), so 720 steps need 4.
 set -uo pipefail
+cores=${SWEEP_CORES:-4}
+if [ "${SWEEP_CPU:-0}" = 1 ]; then
+  export JAX_PLATFORMS=cpu
+  if [ $(($# * cores)) -gt "$(nproc)" ]; then
+    echo "SWEEP_CPU: $# runs x SWEEP_CORES=$cores cores need $(($# * cores)); this host has $(nproc)" >&2; exit 2
+  fi
+fi
 out=${OUT:-/tmp/sweep_out}
 art=/tmp/sweep_art  # the device returns few files: everything goes back as one archive
 mkdir -p "$out" "$art"
@@ -21,11 +28,9 @@ export JAX_DEFAULT_MATMUL_PRECISION=${SWEEP_PRECISION:-highest}
 # margin (limit 540 with JAX_DEFAULT_MATMUL_PRECISION=highest ran out of the call and lost it all).
 limit=${SWEEP_TIMEOUT:-420}
 pin=()
-[ "${SWEEP_CPU:-0}" = 1 ] && export JAX_PLATFORMS=cpu
 i=0
 for spec in "$@"; do
   name=${spec%%:*}; args=${spec#*:}
-  cores=${SWEEP_CORES:-4}
   [ "${SWEEP_CPU:-0}" = 1 ] && pin=(taskset -c "$((cores * i))-$((cores * i + cores - 1))")
   i=$((i + 1))
   # shellcheck disable=SC2086

@@ -54,12 +54,12 @@ def tiny_demo_config():
     from atomo_jax.configuration import load_config
     return load_config(TINY_DEMO[0].removeprefix("--config="), TINY_DEMO[1:])
 
-# The slowest files, longest first (seconds per file from the slowest tests of one 2-worker run on the 2-core machine,
-# 2026-12-07, 17 min 23 s in all): test_journey 252, test_train_demo 230 (its brief demo run), test_buckets 214,
-# test_sharding 209, test_lora 190, test_slurm_real 141, test_aot 115, test_convert_cli 64, test_checkpoint_fallback
-# 57, test_resume 68, test_sample_cli 68. With --dist loadfile, xdist hands out whole files in collection order,
-# re-sorted by test count unless told not to, so the long one-test files went last and finished together at the end;
-# longest first lets the short files fill in around them.
+# The slowest files, longest first (seconds per file, summed from the 25 slowest tests of one 2-worker run on the
+# 2-core machine, 2026-12-07, 17 min 23 s in all): test_journey 252, test_train_demo 214 (its brief demo run),
+# test_buckets 214, test_sharding 209, test_lora 178, test_slurm_real 141, test_aot 115, test_resume 68,
+# test_sample_cli 68, test_convert_cli 64, test_checkpoint_fallback 57. With --dist loadfile, xdist hands out whole
+# files in collection order, re-sorted by test count unless told not to, so the long one-test files went last and
+# finished together at the end; longest first lets the short files fill in around them.
 SLOWEST_FIRST = ("test_journey.py", "test_train_demo.py", "test_buckets.py", "test_sharding.py", "test_lora.py",
                  "test_slurm_real.py", "test_aot.py", "test_resume.py", "test_sample_cli.py", "test_convert_cli.py",
                  "test_checkpoint_fallback.py", "test_multiprocess.py", "test_packing.py", "test_install.py",

@@ -1,10 +1,11 @@
-"""The demo config end to end through the train CLI: steps, checkpoints, TensorBoard, sample video, held-out scores (resume is
-tests/test_resume.py's: bitwise, after SIGTERM and SIGKILL)."""
+"""The demo config end to end through the train CLI: steps, checkpoints, TensorBoard, sample video, held-out scores
+(resume is tests/test_resume.py's: bitwise, after SIGTERM and SIGKILL)."""
 
 from __future__ import annotations
 
 import glob
 import io
+import json
 import os
 import subprocess
 import sys
@@ -54,7 +55,6 @@ def test_demo_writes_checkpoints_events_and_samples(trained):
     assert all(np.isfinite(v) for vs in losses.values() for v in vs)
     # The held-out scoring at the end: every key of metrics.json, one row and one strip per clip, and the same
     # figures in the run's last lines.
-    import json
     with open(os.path.join(workdir, "heldout", "metrics.json")) as f:
         scores = json.load(f)
     assert scores["step"] == BRIEF_STEPS and scores["clips"] == HELDOUT_CLIPS, scores
@@ -70,7 +70,8 @@ def test_demo_writes_checkpoints_events_and_samples(trained):
     assert floor["direction_accuracy"] >= 0.75 and floor["trajectory_error_px"] < scores["frozen_baseline_px"], floor
     assert floor["first_frame_psnr"] == pytest.approx(scores["first_frame_psnr"], abs=1e-6), floor
     assert len(glob.glob(os.path.join(workdir, "heldout", "clip_*.png"))) == HELDOUT_CLIPS
-    samples = {ext: os.path.join(workdir, "samples", f"sample_{BRIEF_STEPS:07d}.{ext}") for ext in ("mp4", "gif", "png")}
+    samples = {ext: os.path.join(workdir, "samples", f"sample_{BRIEF_STEPS:07d}.{ext}")
+               for ext in ("mp4", "gif", "png")}
     for path in samples.values():
         assert os.path.getsize(path) > 0, path
     from atomo_jax.pipelines.video_io import read_video
@@ -91,7 +92,6 @@ def test_briefly_trained_demo_beats_the_frozen_frame(trained):
     """The held-out clips the brief run animates follow the true object better than the first frame repeated
     (measured: 3.24 vs 3.93 px), and point the right way more often than chance (0.25 for a 90-degree cone; measured
     0.58). 150 steps did not beat the frozen frame (bench/NOTES.md)."""
-    import json
     workdir, _ = trained
     with open(os.path.join(workdir, "heldout", "metrics.json")) as f:
         scores = json.load(f)
