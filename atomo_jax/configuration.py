@@ -17,6 +17,8 @@ from absl import flags
 from ml_collections import config_flags
 from absl import logging
 
+from atomo_jax import libtpu_flags
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -84,9 +86,11 @@ def add_log_level(parser: argparse.ArgumentParser, default: str = "warning") -> 
 def parse_cli(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None
               ) -> tuple[argparse.Namespace, ml_collections.ConfigDict | None]:
     """Parses `argv`; `--config.a.b=value` overrides (anywhere on the line) apply to `--config` (default
-    configs/base.py when only overrides are given). Returns (args, config or None); `args.explicit` holds the keys
-    the command line set. A bad flag, file or override is one `error:` line and exit 2, without a traceback."""
+    configs/base.py when only overrides are given); sets the libtpu flags every command needs (atomo_jax/
+    libtpu_flags.py). Returns (args, config or None); `args.explicit` holds the keys the command line set. A bad
+    flag, file or override is one `error:` line and exit 2, without a traceback."""
     args, rest = parser.parse_known_args(argv)
+    libtpu_flags.apply()  # every command compiles; before any of them starts a TPU backend
     overrides = [a for a in rest if a.startswith("--config.")]
     unknown = [a for a in rest if not a.startswith("--config.")]
     if unknown:
