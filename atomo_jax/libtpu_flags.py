@@ -6,13 +6,15 @@ and the process dies with `SIGSEGV STACK OVERFLOW` in `MatrixMultiplyAccumulateF
 paper config: 16 frames compile, 20 and 24 crash). Neither `ulimit -s` nor `--xla_internal_thread_stack_size_bytes`
 changes those stacks, nor `--default_thread_stack_size` alone (24 frames still crash); with the fibers' flag as well,
 20 and 24 frames compile (docs/scaling.md). A deeper stack only reserves address space; pages are touched when used.
+Both are absl flags of the libtpu that pyproject.toml's `[tpu]` extra pins (0.0.42.1, for jax 0.10.2).
 """
 
 from __future__ import annotations
 
 import os
 
-COMPILER_THREAD_STACK_BYTES = 256 << 20  # 20 frames overflow the default; libtpu caps stacks at 256 MB for unwinding
+# 20 frames overflow the default; libtpu's own messages say stacks over 256 MB defeat its stack unwinding.
+COMPILER_THREAD_STACK_BYTES = 256 << 20
 _REQUIRED = {"--default_thread_stack_size": str(COMPILER_THREAD_STACK_BYTES),
              "--fibers_default_thread_stack_size": str(COMPILER_THREAD_STACK_BYTES)}
 
