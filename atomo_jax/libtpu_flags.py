@@ -5,7 +5,8 @@ threads ("futex-default-S"). At 512 px with 20 or more frames per chip that recu
 and the process dies with `SIGSEGV STACK OVERFLOW` in `MatrixMultiplyAccumulateFunctor`, no Python error (v6e-64,
 paper config: 16 frames compile, 20 and 24 crash). Neither `ulimit -s` nor `--xla_internal_thread_stack_size_bytes`
 changes those stacks, nor `--default_thread_stack_size` alone (24 frames still crash); with the fibers' flag as well,
-20 and 24 frames compile (docs/scaling.md; the fibers' flag alone gets past the crash, both are set as compiled). A deeper stack only reserves address space; pages are touched when used.
+20 and 24 frames compile (docs/scaling.md; the fibers' flag alone gets past the crash, both are set as compiled).
+A deeper stack only reserves address space; pages are touched when used.
 Both are absl flags of the libtpu that pyproject.toml's `[tpu]` extra pins (0.0.42.1, for jax 0.10.2).
 """
 
