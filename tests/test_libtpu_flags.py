@@ -1,6 +1,6 @@
 """The libtpu flags every command needs (atomo_jax/libtpu_flags.py) are in LIBTPU_INIT_ARGS before a backend starts.
 
-The flag matters only on a TPU (or a TPU-topology compile): a 512 px x 20-frame step crashes libtpu's compiler
+The flags matter only on a TPU (or a TPU-topology compile): a 512 px x 20-frame step crashes libtpu's compiler
 without it. What can break here is the order: a CLI module that starts a jax backend at import, or a command that
 computes before parsing its arguments, would leave libtpu with its default stacks.
 """
