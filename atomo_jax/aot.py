@@ -163,6 +163,20 @@ def sweep_layouts(config: Any, n: int) -> list[tuple[int, int, int]]:
     return out
 
 
+def host_memory_note() -> str | None:
+    """This host's free memory and swap, printed before compiling for a TPU: a paper-size compile can take more than
+    24 GiB of host memory (docs/scaling.md), and when the kernel's OOM killer ends it, nothing of ours is printed.
+    None where /proc/meminfo does not exist (not Linux)."""
+    try:
+        with open("/proc/meminfo") as f:
+            info = dict(line.split(":", 1) for line in f)
+    except OSError:
+        return None
+    gib = lambda key: int(info[key].split()[0]) * 1024 / GIB  # "MemAvailable:   22904448 kB"
+    return (f"[aot] host memory: {gib('MemAvailable'):.1f} GiB available + {gib('SwapFree'):.1f} GiB "
+            f"swap; a full-size TPU compile can take more than 24 GiB (if this ends in 'Killed', see docs/scaling.md)")
+
+
 def _advice(config: ml_collections.ConfigDict) -> str:
     """What to try next, leaving out what the config already does."""
     tries = ["--sweep", "more fsdp"]
@@ -233,6 +247,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     devices = fit_check.target_devices(target)
     cap = capacity(target, len(devices), args.hbm_gib, args.usable_fraction)
+    note = host_memory_note() if target.generation != "cpu" and not args.lower_only else None
+    if note:
+        print(note, flush=True)
 
     # Every bucket is its own compiled step (the trainer's): each is checked, the one needing most memory named.
     buckets = fit_check.per_bucket(config)

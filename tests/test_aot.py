@@ -96,6 +96,8 @@ def test_demo_compiles_for_a_small_tpu_topology():
     proc = _aot(*TINY_DEMO, "--topology=v5e-4", "--config.train.batch_size=4")
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert "v5e:2x2" in proc.stdout and "fits on v5e-4" in proc.stdout
+    # Before the compile, what the host has: a paper-size TPU compile can outgrow it and be killed without a word.
+    assert re.search(r"host memory: \d+\.\d GiB available \+ \d+\.\d GiB swap", proc.stdout), proc.stdout[-2000:]
     assert re.search(r"peak +\d+\.\d+ GiB per device vs 15\.20 GiB usable", proc.stdout)
 
 
