@@ -177,12 +177,18 @@ def host_memory_note() -> str | None:
             f"swap; a full-size TPU compile can take more than 24 GiB (if this ends in 'Killed', see docs/scaling.md)")
 
 
-def _advice(config: ml_collections.ConfigDict) -> str:
-    """What to try next, leaving out what the config already does."""
-    tries = ["--sweep", "more fsdp"]
-    if config.model.unet.remat != "full":
+def _advice(config: ml_collections.ConfigDict, remats: Sequence[str] = (), fsdp_is_every_chip: bool = False,
+            one_clip_tried: bool = False) -> str:
+    """What to try next, leaving out what the config, or a plan that refused it, already did: the remat policies
+    it compiled, fsdp over every chip, one clip per batch shard (the smallest batch there is)."""
+    tries = ["--sweep"] + ([] if fsdp_is_every_chip else ["more fsdp"])
+    if "full" not in {str(config.model.unet.remat), *remats}:
         tries.append("config.model.unet.remat=full")
-    tries.append("a smaller config.train.batch_size or grad_accum (or a larger TPU)")
+    if one_clip_tried:
+        tries.append("config.mesh.tensor=2 (each clip split over 2 chips), fewer frames or a lower resolution "
+                     "(or a TPU with more memory per chip)")
+    else:
+        tries.append("a smaller config.train.batch_size or grad_accum (or a larger TPU)")
     return "Try " + ", ".join(tries) + "."
 
 
@@ -434,7 +440,8 @@ def _plan(args: Any, config: ml_collections.ConfigDict, target: Target, devices:
               f"no kernel inefficiency (a lower bound on time)", flush=True)
     if best_row is None:
         print(f"[aot] DOES NOT FIT: not one clip per batch shard fits on {target.name} with remat "
-              f"{'/'.join(policies)}. {_advice(config)}", file=sys.stderr, flush=True)
+              f"{'/'.join(policies)}. {_advice(config, policies, data * tensor == 1, one_clip_tried=True)}",
+              file=sys.stderr, flush=True)
         return 1, None
     _, remat, b, batch = best_row
     print(f"[plan] answer for {target.name}: remat={remat}, {b} clips per batch shard, "

@@ -88,6 +88,11 @@ def test_advice_leaves_out_what_the_config_already_does():
     assert "remat=full" in _advice(c)
     c.model.unet.remat = "full"
     assert "remat=full" not in _advice(c) and "--sweep" in _advice(c)
+    # A plan that refused one clip per shard with remat full and fsdp over every chip: none of those again.
+    c.model.unet.remat = "dots"
+    refused = _advice(c, remats=("full",), fsdp_is_every_chip=True, one_clip_tried=True)
+    assert "remat=full" not in refused and "more fsdp" not in refused and "batch_size" not in refused, refused
+    assert "config.mesh.tensor=2" in refused and "fewer frames" in refused, refused
 
 
 @pytest.mark.skipif(not _libtpu(), reason="libtpu is not installed (pip install 'libtpu==0.0.42.*' for jax 0.10.2); "
@@ -223,3 +228,15 @@ def test_plan_refuses_flags_it_cannot_honour_in_one_line():
     for extra, message in ((["--sweep"], "--plan compiles its own batch sizes"), (["--max_clips=0"], "--max_clips=0")):
         proc = _aot(*TINY_DEMO, "--topology=cpu-2", "--plan", "--hbm_gib=1", *extra, timeout=300)
         assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
+
+
+def test_plan_that_fits_not_one_clip_says_so_and_advises_only_what_it_did_not_try():
+    """One clip per shard over the capacity: exit 1, the table's row says so, and the advice names neither the remat
+    policy the plan compiled nor a smaller batch (one clip per shard is the smallest): one compile of the tiny demo."""
+    proc = _aot(*TINY_DEMO, "--topology=cpu-2", "--config.mesh.data=2", "--plan", "--plan_remat=full",
+                "--hbm_gib=0.001", timeout=1500)
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "| data 2 fsdp 1 tensor 1 | full | 0 (1 does not fit) |" in proc.stdout, proc.stdout[-3000:]
+    assert "DOES NOT FIT: not one clip per batch shard fits on cpu-2 with remat full" in proc.stderr, proc.stderr
+    assert "remat=full" not in proc.stderr.split("Try ")[1] and "batch_size" not in proc.stderr, proc.stderr
+    assert "more fsdp" in proc.stderr and "config.mesh.tensor=2" in proc.stderr, proc.stderr  # data 2: fsdp can grow
