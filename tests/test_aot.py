@@ -106,6 +106,17 @@ def test_demo_compiles_for_a_small_tpu_topology():
     assert re.search(r"peak +\d+\.\d+ GiB per device vs 15\.20 GiB usable", proc.stdout)
 
 
+@pytest.mark.skipif(not _libtpu(), reason="libtpu is not installed (pip install 'libtpu==0.0.42.*' for jax 0.10.2); "
+                    "it is what compiles for TPU on a CPU host")
+def test_mesh_axis_that_is_no_product_of_torus_axes_still_builds():
+    """fsdp 8 on v5e-16's 4x4 torus (and fsdp 16 on v5e-64's 8x8) takes part of a physical axis: the mesh builds and
+    the step lowers, where jax's default assignment raised NotImplementedError through our CLI."""
+    proc = _aot(*TINY_DEMO, "--topology=v5e-16", "--config.mesh.data=2", "--config.mesh.fsdp=8",
+                "--config.train.batch_size=16", "--lower_only", timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "lowered for v5e-16: mesh {'data': 2, 'fsdp': 8, 'tensor': 1}" in proc.stdout, proc.stdout[-2000:]
+
+
 def test_full_size_step_lowers_on_8_fake_devices_with_fsdp():
     """SD 1.5 + temporal layers + IP-Adapter (with the frozen VAE and CLIP encoders inside the step) at 256 px x 16
     frames, fsdp=8: traced, sharded and lowered without allocating weights. The XLA compile of this program adds
