@@ -166,14 +166,15 @@ def sweep_layouts(config: Any, n: int) -> list[tuple[int, int, int]]:
 def host_memory_note() -> str | None:
     """This host's free memory and swap, printed before compiling for a TPU: a paper-size compile can take more than
     24 GiB of host memory (docs/scaling.md), and when the kernel's OOM killer ends it, nothing of ours is printed.
-    None where /proc/meminfo does not exist (not Linux)."""
+    None where /proc/meminfo does not exist or lacks those fields."""
     try:
         with open("/proc/meminfo") as f:
-            info = dict(line.split(":", 1) for line in f)
-    except OSError:
+            info = dict(line.split(":", 1) for line in f if ":" in line)
+        gib = lambda key: int(info[key].split()[0]) * 1024 / GIB  # "MemAvailable:   22904448 kB"
+        available, swap = gib("MemAvailable"), gib("SwapFree")
+    except (OSError, KeyError, ValueError, IndexError):  # no such file, or a kernel without these fields
         return None
-    gib = lambda key: int(info[key].split()[0]) * 1024 / GIB  # "MemAvailable:   22904448 kB"
-    return (f"[aot] host memory: {gib('MemAvailable'):.1f} GiB available + {gib('SwapFree'):.1f} GiB "
+    return (f"[aot] host memory: {available:.1f} GiB available + {swap:.1f} GiB "
             f"swap; a full-size TPU compile can take more than 24 GiB (if this ends in 'Killed', see docs/scaling.md)")
 
 
